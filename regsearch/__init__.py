@@ -1,0 +1,60 @@
+"""regsearch: search combinations of neural-network regularizers with Optuna, tracked in MLflow.
+
+The public API is imported lazily, so that `import regsearch` (and the CLI's start-up) stays cheap until a
+name that needs torch, Optuna or MLflow is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Regularizer": "regsearch._regularizer",
+    "LoopState": "regsearch._regularizer",
+    "TrialContext": "regsearch._regularizer",
+    "register": "regsearch._registry",
+    "default_registry": "regsearch._registry",
+    "RegularizerRegistry": "regsearch._registry",
+    "RegularizerInfo": "regsearch._registry",
+    "optimize": "regsearch._study",
+    "leaderboard": "regsearch._study",
+    "StudySpec": "regsearch._spec",
+    "Range": "regsearch._spec",
+    "parse_range": "regsearch._spec",
+    "load_study": "regsearch._spec",
+    "spec_from_dict": "regsearch._spec",
+    "TensorData": "regsearch.data._tensors",
+    "RegsearchError": "regsearch._errors",
+    "ConfigError": "regsearch._errors",
+    "PluginError": "regsearch._errors",
+    "DataError": "regsearch._errors",
+    "StorageError": "regsearch._errors",
+    "StudyError": "regsearch._errors",
+    "TrialError": "regsearch._errors",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+if TYPE_CHECKING:
+    from regsearch._errors import (ConfigError, DataError, PluginError, RegsearchError, StorageError, StudyError,
+                                   TrialError)
+    from regsearch._registry import RegularizerInfo, RegularizerRegistry, default_registry, register
+    from regsearch._regularizer import LoopState, Regularizer, TrialContext
+    from regsearch._spec import Range, StudySpec, load_study, parse_range, spec_from_dict
+    from regsearch._study import leaderboard, optimize
+    from regsearch.data._tensors import TensorData
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'regsearch' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,66 @@
+"""Optuna storage from a URL or a file path; the URL's password never leaves this module unmasked."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from regsearch._errors import StorageError
+
+DEFAULT_STORAGE = "regsearch.journal"
+"""The default: an Optuna journal file in the current folder (safe for several local worker processes)."""
+
+_RDB_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mariadb", "oracle", "mssql")
+_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][\w+.-]*://[^:/@]*:)(?P<password>[^@/]*)@")
+
+
+def mask_url(url: str) -> str:
+    """`postgresql://user:secret@host/db` -> `postgresql://user:***@host/db`."""
+    return _PASSWORD.sub(lambda m: f"{m.group('head')}***@", str(url))
+
+
+def describe_storage(url: str | None) -> str:
+    return mask_url(url or DEFAULT_STORAGE)
+
+
+def open_storage(url: str | None = None) -> Any:
+    """An Optuna storage: an RDB URL (sqlite:///, postgresql://, ...) or a journal file path."""
+    import optuna
+
+    url = url or DEFAULT_STORAGE
+    if "://" not in url:
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        path = Path(url).expanduser()
+        if path.is_dir():
+            raise StorageError(f"--storage {url}: is a folder; give a file path such as {path / DEFAULT_STORAGE}")
+        folder = path.parent if str(path.parent) else Path(".")
+        if not folder.is_dir():
+            raise StorageError(f"--storage {url}: folder {folder} does not exist")
+        if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise StorageError(f"--storage {url}: cannot write to {path}")
+        try:
+            return JournalStorage(JournalFileBackend(str(path)))
+        except OSError as exc:
+            raise StorageError(f"--storage {url}: cannot open the journal file ({exc})") from None
+    scheme = url.split("://", 1)[0].split("+", 1)[0].lower()
+    if scheme not in _RDB_SCHEMES:
+        raise StorageError(f"--storage {mask_url(url)}: unknown scheme {scheme!r}; use a file path (journal), "
+                           f"sqlite:///FILE, postgresql://USER@HOST/DB or mysql://USER@HOST/DB")
+    try:
+        return optuna.storages.RDBStorage(
+            url,
+            # a worker that dies stops beating; its trial is failed and retried by the next optimize() call
+            heartbeat_interval=30,
+            grace_period=90,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
+            engine_kwargs={"pool_pre_ping": True} if scheme != "sqlite" else None,
+        )
+    except ImportError as exc:
+        raise StorageError(f"--storage {mask_url(url)}: the database driver is not installed ({exc.name}); "
+                           f"for PostgreSQL: pip install psycopg2-binary") from None
+    except Exception as exc:  # SQLAlchemy/driver errors carry the URL; report them masked, in one line
+        reason = mask_url(str(getattr(exc, "orig", None) or exc)).strip().splitlines()[0]
+        raise StorageError(f"--storage {mask_url(url)}: cannot open the database: {reason}") from None

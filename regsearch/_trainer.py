@@ -1,0 +1,170 @@
+"""One trial's training: optimizer from the regularizers' parameter groups, the loop, eval-mode gap metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from regsearch._errors import TrialError
+from regsearch._regularizer import LoopState, Regularizer
+from regsearch._spec import TrainingSpec
+from regsearch.data._tensors import Batcher, TensorData
+
+
+class TrialDiverged(TrialError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass(frozen=True)
+class Applied:
+    """A regularizer switched on in a trial, with the values its search space returned."""
+
+    regularizer: Regularizer
+    params: dict[str, Any]
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' picks CUDA, then MPS, then CPU."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def _overrides(reg: Regularizer, hook: str) -> bool:
+    return getattr(type(reg), hook) is not getattr(Regularizer, hook)
+
+
+def build_optimizer(model: nn.Module, applied: Sequence[Applied], training: TrainingSpec, lr: float
+                    ) -> torch.optim.Optimizer:
+    """SGD (Nesterov momentum) or AdamW over the parameter groups the regularizers shaped."""
+    groups: list[dict] = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    for a in applied:
+        groups = a.regularizer.param_groups(model, a.params, groups)
+    if training.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=training.momentum, nesterov=training.momentum > 0,
+                               weight_decay=0.0)
+    # AdamW's own default decay is 0.01; decay is the l2 plugin's business, so it is 0 unless a group sets it.
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
+
+
+def _schedule(optimizer: torch.optim.Optimizer, training: TrainingSpec, lr: float, total_steps: int):
+    if training.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps, pct_start=0.25,
+                                                   cycle_momentum=False)
+    if training.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    return None
+
+
+def _autocast(device: torch.device):
+    # bf16 autocast only on CUDA: on CPUs without AVX-512 it runs many times slower than fp32.
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def evaluate(model: nn.Module, batcher: Batcher, x: torch.Tensor, y: torch.Tensor, batch_size: int
+             ) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) in eval mode, without augmentation or penalty."""
+    model.eval()
+    loss_sum = torch.zeros((), device=y.device)
+    right = torch.zeros((), device=y.device, dtype=torch.long)
+    with torch.no_grad(), _autocast(y.device):
+        for start in range(0, len(y), batch_size):
+            out = model(batcher.inputs(x[start:start + batch_size])).float()
+            target = y[start:start + batch_size]
+            loss_sum += F.cross_entropy(out, target, reduction="sum")
+            right += (out.argmax(1) == target).sum()
+    n = max(len(y), 1)
+    return loss_sum.item() / n, right.item() / n
+
+
+def fit(model: nn.Module, data: TensorData, applied: Sequence[Applied], training: TrainingSpec, *, lr: float,
+        device: torch.device, seed: int, on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+        epochs: int | None = None) -> dict[str, float]:
+    """Train `model` on `data` (already on `device`); returns the last epoch's metrics.
+
+    Each epoch ends with eval-mode metrics on a fixed training subset the size of the validation split and on
+    the validation split; `on_epoch(epoch, metrics)` receives them (1-based epoch) and may raise to stop.
+    """
+    epochs = epochs or training.epochs
+    torch.manual_seed(seed)
+    channels_last = device.type == "cuda" and data.is_image
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    batcher = Batcher(data, channels_last=channels_last)
+    optimizer = build_optimizer(model, applied, training, lr)
+    n = len(data.y_train)
+    bs = min(training.batch_size, n)
+    steps = n // bs + (1 if n % bs >= 2 else 0)  # a last batch of one breaks BatchNorm: drop it
+    scheduler = _schedule(optimizer, training, lr, steps * epochs)
+    gen = torch.Generator().manual_seed(seed)
+    subset = torch.randperm(n, generator=gen)[:len(data.y_val)].to(device)
+    x_fixed, y_fixed = data.x_train[subset], data.y_train[subset]
+    penalizers = [a for a in applied if _overrides(a.regularizer, "penalty")]
+    batch_hooks = [a for a in applied if _overrides(a.regularizer, "on_batch_end")]
+    augment = training.augment and data.is_image
+    state = LoopState(model=model, optimizer=optimizer, epochs=epochs)
+    for a in applied:
+        a.regularizer.on_train_start(state, a.params)
+    metrics: dict[str, float] = {}
+    for epoch in range(1, epochs + 1):
+        state.epoch = epoch
+        for a in applied:
+            a.regularizer.on_epoch_start(state, a.params)
+        model.train()
+        order = torch.randperm(n, generator=gen).to(device)
+        loss_sum = torch.zeros((), device=device)
+        penalty_sum = torch.zeros((), device=device)
+        for i in range(steps):
+            idx = order[i * bs:(i + 1) * bs]
+            x = batcher.inputs(data.x_train[idx], augment=augment)
+            with _autocast(device):
+                out = model(x)
+                loss = F.cross_entropy(out.float(), data.y_train[idx], label_smoothing=training.label_smoothing)
+            total = loss
+            for a in penalizers:
+                term = a.regularizer.penalty(model, a.params)
+                if term is not None:
+                    total = total + term
+                    penalty_sum += term.detach()
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            loss_sum += loss.detach()
+            state.step += 1
+            for a in batch_hooks:
+                a.regularizer.on_batch_end(state, a.params)
+        fit_loss = loss_sum.item() / steps
+        if not math.isfinite(fit_loss):
+            raise TrialDiverged(f"loss is NaN/inf at epoch {epoch}")
+        train_loss, train_acc = evaluate(model, batcher, x_fixed, y_fixed, training.eval_batch_size)
+        val_loss, val_acc = evaluate(model, batcher, data.x_val, data.y_val, training.eval_batch_size)
+        if not math.isfinite(val_loss) or not math.isfinite(train_loss):
+            raise TrialDiverged(f"loss is NaN/inf at epoch {epoch}")
+        metrics = {
+            "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc,
+            "gap_loss": val_loss - train_loss, "gap_acc": train_acc - val_acc,
+            "fit_loss": fit_loss, "penalty": penalty_sum.item() / steps,
+        }
+        state.metrics = metrics
+        for a in applied:
+            a.regularizer.on_epoch_end(state, a.params)
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+    for a in applied:
+        a.regularizer.on_train_end(state, a.params)
+    return metrics

@@ -1,0 +1,197 @@
+"""The `regsearch` command line. Errors become one line and an exit code here, and only here."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from regsearch._errors import RegsearchError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+
+class _Failure(click.ClickException):
+    """One line on stderr and the error's exit code (2 for bad input, 1 for run-time failures)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class RegsearchGroup(click.Group):
+    """Maps regsearch's errors to exit codes in one place; tracebacks only with --debug."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            if ctx.meta.get("debug"):
+                raise
+            raise _Failure("interrupted; rerun the same command to resume", 130) from None
+        except RegsearchError as exc:
+            if ctx.meta.get("debug"):
+                raise
+            raise _Failure(str(exc), exc.exit_code) from None
+        except Exception as exc:
+            if ctx.meta.get("debug"):
+                raise
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise _Failure(f"internal error: {type(exc).__name__}: {text} (rerun with --debug for the traceback)",
+                           1) from None
+
+
+def _positive(kind: type) -> Callable:
+    def check(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is not None and value <= 0:
+            raise click.BadParameter(f"must be positive; got {value}")
+        return value
+    return check
+
+
+def _key_value(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[tuple[str, str]]:
+    pairs = []
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"expected KEY=VALUE (e.g. training.epochs=5); got {item!r}")
+        pairs.append((key.strip(), value))
+    return pairs
+
+
+study_option = click.option("--study", "study", required=True, metavar="NAME_OR_PATH",
+                            help="A shipped study's name (see `regsearch studies`) or a study file's path.")
+storage_option = click.option("--storage", metavar="URL",
+                              help="Optuna storage: a journal file path (default ./regsearch.journal), "
+                                   "sqlite:///FILE or postgresql://USER@HOST/DB.")
+plugin_option = click.option("--plugin", "plugins", multiple=True, metavar="PATH.py",
+                             type=click.Path(dir_okay=False), help="Load regularizers from a file (repeatable).")
+study_name_option = click.option("--study-name", metavar="NAME",
+                                 help="Name of the study in the storage (default: the study file's name).")
+
+
+def _setup_logging(debug: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log = logging.getLogger("regsearch")
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if debug else logging.INFO)
+    log.propagate = False
+    if not debug:
+        for noisy in ("mlflow", "alembic"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@click.group(cls=RegsearchGroup, context_settings=CONTEXT)
+@click.option("--debug", is_flag=True, help="Show tracebacks and library logs.")
+@click.version_option(package_name="regsearch")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Search combinations of regularizers for a neural network with Optuna; every trial tracked in MLflow."""
+    ctx.meta["debug"] = debug
+    _setup_logging(debug)
+
+
+@cli.command()
+def studies() -> None:
+    """List the shipped studies with their descriptions."""
+    from regsearch._spec import available_studies, describe
+
+    found = available_studies()
+    width = max((len(n) for n in found), default=0)
+    for name, path in found.items():
+        click.echo(f"{name:<{width}}  {describe(path)}")
+
+
+@cli.command()
+@plugin_option
+def plugins(plugins: tuple[str, ...]) -> None:
+    """List the registered regularizers, where each came from and its search space."""
+    from regsearch._registry import default_registry
+    from regsearch._introspect import search_space_lines
+
+    registry = default_registry()
+    for path in plugins:
+        registry.load_file(path)
+    for info in registry:
+        click.echo(f"{info.name}  [{info.source}]")
+        click.echo(f"    {info.description}")
+        for line in search_space_lines(info):
+            click.echo(f"    {line}")
+
+
+@cli.command()
+@study_option
+@click.option("--n-trials", type=int, callback=_positive(int), metavar="N",
+              help="The study's total number of finished trials (across resumes and workers).")
+@click.option("--timeout", type=float, callback=_positive(float), metavar="SECONDS",
+              help="Stop starting new trials after this many seconds.")
+@storage_option
+@click.option("--tracking-uri", metavar="URI", help="MLflow tracking URI (default: sqlite:///mlflow.db here).")
+@study_name_option
+@click.option("--data-dir", type=click.Path(), metavar="PATH", help="Local dataset copy (CIFAR-10 archive or folder).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
+@click.option("--seed", type=int, help="The study's seed (overrides the study file's).")
+@click.option("--set", "overrides", multiple=True, callback=_key_value, metavar="KEY=VALUE",
+              help="Override a study-file key, e.g. --set training.epochs=5 (repeatable).")
+@plugin_option
+def optimize(study: str, n_trials: int | None, timeout: float | None, storage: str | None,
+             tracking_uri: str | None, study_name: str | None, data_dir: str | None, device: str,
+             seed: int | None, overrides: list[tuple[str, str]], plugins: tuple[str, ...]) -> None:
+    """Run or resume a study; rerunning the same command adds only the missing trials."""
+    from regsearch._errors import ConfigError
+
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda: no CUDA device is available here (use --device auto or cpu)")
+    if device == "mps":
+        import torch
+
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ConfigError("--device mps: no MPS device is available here (use --device auto or cpu)")
+    import optuna
+
+    from regsearch._display import TqdmProgress, print_leaderboard
+    from regsearch._study import optimize as run
+
+    debug = click.get_current_context().meta.get("debug")
+    optuna.logging.set_verbosity(optuna.logging.INFO if debug else optuna.logging.ERROR)
+    result = run(study, n_trials=n_trials, timeout=timeout, storage=storage, tracking_uri=tracking_uri,
+                 study_name=study_name, data_dir=data_dir, device=device, seed=seed, overrides=overrides,
+                 plugins=plugins, progress=TqdmProgress())
+    print_leaderboard(result)
+
+
+@cli.command()
+@study_option
+@storage_option
+@study_name_option
+@click.option("--top", type=int, default=10, show_default=True, callback=_positive(int), help="Rows to show.")
+def show(study: str, storage: str | None, study_name: str | None, top: int) -> None:
+    """Print the leaderboard of a stored study."""
+    import optuna
+
+    from regsearch._display import print_leaderboard
+    from regsearch._study import load_stored_study
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    print_leaderboard(load_stored_study(study, storage, study_name), top=top)
+
+
+def main() -> None:
+    try:
+        cli(prog_name="regsearch")
+    except BrokenPipeError:  # output piped into `head` and closed early: not an error
+        sys.stderr.close()
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
