@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -50,17 +51,20 @@ def open_storage(url: str | None = None) -> Any:
         raise StorageError(f"--storage {mask_url(url)}: unknown scheme {scheme!r}; use a file path (journal), "
                            f"sqlite:///FILE, postgresql://USER@HOST/DB or mysql://USER@HOST/DB")
     try:
-        return optuna.storages.RDBStorage(
-            url,
-            # a worker that dies stops beating; its trial is failed and retried by the next optimize() call
-            heartbeat_interval=30,
-            grace_period=90,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
-            engine_kwargs={"pool_pre_ping": True} if scheme != "sqlite" else None,
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat: stable in use
+            return optuna.storages.RDBStorage(
+                url,
+                # a worker that dies stops beating; its trial is failed and retried by the next optimize() call
+                heartbeat_interval=30,
+                grace_period=90,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
+                engine_kwargs={"pool_pre_ping": True} if scheme != "sqlite" else None,
+            )
     except ImportError as exc:
-        raise StorageError(f"--storage {mask_url(url)}: the database driver is not installed ({exc.name}); "
-                           f"for PostgreSQL: pip install psycopg2-binary") from None
+        driver = getattr(exc.__cause__, "name", None) or exc.name or "its driver"
+        raise StorageError(f"--storage {mask_url(url)}: the database driver is not installed ({driver}); "
+                           f"for PostgreSQL: pip install 'regsearch[postgres]'") from None
     except Exception as exc:  # SQLAlchemy/driver errors carry the URL; report them masked, in one line
         reason = mask_url(str(getattr(exc, "orig", None) or exc)).strip().splitlines()[0]
         raise StorageError(f"--storage {mask_url(url)}: cannot open the database: {reason}") from None

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import lzma
 import os
+import posixpath
 import shutil
 import tarfile
 import urllib.request
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -66,9 +69,13 @@ def _read_archive(path: Path, md5: str | None) -> dict[str, bytes]:
     try:
         with tarfile.open(path, "r:*") as tar:
             for member in tar:
-                if member.name in wanted and member.isfile():
-                    found[member.name.rsplit("/", 1)[1]] = tar.extractfile(member).read()
-    except (tarfile.TarError, EOFError, OSError) as exc:
+                name = posixpath.normpath(member.name)  # "./cifar-10-batches-bin/x" -> "cifar-10-batches-bin/x"
+                if name in wanted and member.isfile():
+                    found[name.rsplit("/", 1)[1]] = tar.extractfile(member).read()
+            # the tar ends before the compressed stream does: read the rest so gzip/bz2/xz check their CRC
+            while tar.fileobj.read(1 << 20):
+                pass
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as exc:
         raise DataError(f"{path}: cannot read the archive ({exc}); it is truncated or not a tar.gz") from None
     return found
 

@@ -1,0 +1,92 @@
+"""Shared fixtures: offline runs, the shared CIFAR sample, a real MLflow tracking server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_CIFAR = REPO.parent / "shared" / "datasets" / "cifar-10-sample-binary.tar.gz"
+STRICT_ENV = "REGSEARCH_TEST_STRICT"
+"""Set by .ci/run: a test that would skip for a missing resource (shared data, PostgreSQL) fails instead."""
+
+# Nothing may download at test time; the CIFAR loader raises a clear error instead.
+os.environ["REGSEARCH_OFFLINE"] = "1"
+
+
+def require(condition: bool, reason: str) -> None:
+    """Skip with `reason` on a user's machine; fail in CI, where every resource must be there."""
+    if condition:
+        return
+    if os.environ.get(STRICT_ENV):
+        pytest.fail(f"{reason} ({STRICT_ENV} is set: CI must not skip this)")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    """Run the test inside an empty folder (default storage and tracking files land there)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def cifar_sample() -> Path:
+    """The real CIFAR-10 sample (5,000 train, 1,000 test) in the official binary layout."""
+    require(SHARED_CIFAR.is_file(), f"the shared CIFAR-10 sample is not at {SHARED_CIFAR}")
+    return SHARED_CIFAR
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 (one uvicorn worker), stopped by its process group at the end."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    mlflow = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    log = open(root / "server.log", "wb")
+    proc = subprocess.Popen(
+        [mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=root)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("mlflow server did not answer /health within 120 s")
+            time.sleep(0.5)
+        yield url
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        log.close()

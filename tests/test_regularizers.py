@@ -1,0 +1,233 @@
+"""The four seed regularizers, on the built-in models and on a hand-written nn.Module."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+import torch
+from torch import nn
+
+from regsearch import ConfigError, default_registry
+from regsearch._regularizer import NamespacedTrial, TrialContext
+from regsearch._trainer import Applied, build_optimizer
+from regsearch._spec import TrainingSpec
+from regsearch.surgery import Chain, trace
+
+BUILTINS = ["l1", "l2", "dropout", "batchnorm"]
+
+
+class TwoTowers(nn.Module):
+    """A user's own module: attribute names, a conv trunk and a functional flatten in forward()."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        self.head = nn.Linear(8 * 4 * 4, 16)
+        self.head_act = nn.GELU()
+        self.out = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.pool(self.act(self.stem(x)))
+        return self.out(self.head_act(self.head(x.flatten(1))))
+
+
+def context_for(model: nn.Module, example: torch.Tensor) -> TrialContext:
+    return TrialContext(example_input=example, device=torch.device("cpu"), trial_number=0, seed=0, model=model,
+                        sites=trace(model, example))
+
+
+def apply(name: str, model: nn.Module, example: torch.Tensor, params: dict | None = None, **options):
+    """Instantiate a built-in with options, run its search space on a fixed trial, transform the model."""
+    reg = default_registry().create(name, options)
+    reg.context = context_for(model, example)
+    if params is None:
+        study = optuna.create_study(direction="maximize")
+        params = reg.search_space(NamespacedTrial(study.ask(), name))
+    model = reg.transform_model(model, params)
+    return reg, model, params
+
+
+def mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 3))
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_builtins_come_from_the_package_entry_points(name):
+    info = default_registry().get(name)
+    assert info.source == "built-in"
+    assert info.description  # shown by `regsearch plugins`
+
+
+# --- l1 ------------------------------------------------------------------------------------------------------
+
+def test_l1_penalty_is_strength_times_abs_weights_of_linear_and_conv_only():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    reg = default_registry().create("l1", {})
+    by_hand = 1e-3 * (model[0].weight.abs().sum() + model[3].weight.abs().sum())
+    got = reg.penalty(model, {"strength": 1e-3})
+    assert torch.allclose(got, by_hand)
+    # biases and BatchNorm parameters stay out of it
+    with torch.no_grad():
+        model[0].bias.fill_(100.0)
+        model[1].weight.fill_(100.0)
+        model[3].bias.fill_(100.0)
+    assert torch.allclose(reg.penalty(model, {"strength": 1e-3}), by_hand)
+
+
+def test_l1_searches_strength_on_a_log_scale():
+    study = optuna.create_study()
+    trial = study.ask()
+    reg = default_registry().create("l1", {"strength": [1e-6, 1e-2]})
+    reg.search_space(NamespacedTrial(trial, "l1"))
+    dist = trial.distributions["l1.strength"]
+    assert dist.log and (dist.low, dist.high) == (1e-6, 1e-2)
+
+
+def test_l1_rejects_a_log_range_containing_zero():
+    with pytest.raises(ConfigError, match=r"regularizers\.l1\.strength: .*log"):
+        default_registry().create("l1", {"strength": [0, 1e-3]})
+
+
+# --- l2 ------------------------------------------------------------------------------------------------------
+
+def _groups(optimizer):
+    return [(g["weight_decay"], sorted(tuple(p.shape) for p in g["params"])) for g in optimizer.param_groups]
+
+
+@pytest.mark.parametrize("optimizer, cls", [("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW)])
+def test_l2_is_weight_decay_on_weights_not_biases_or_norms(optimizer, cls):
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    reg = default_registry().create("l2", {})
+    opt = build_optimizer(model, [Applied(reg, {"weight_decay": 0.01})], TrainingSpec(optimizer=optimizer), 0.1)
+    assert type(opt) is cls
+    groups = dict((wd, shapes) for wd, shapes in _groups(opt))
+    assert groups[0.01] == [(2, 8), (8, 4)]
+    assert groups[0.0] == [(2,), (8,), (8,), (8,)]  # biases and BatchNorm weight/bias
+
+
+def test_without_l2_no_parameter_decays_even_with_adamw():
+    model = nn.Linear(4, 2)
+    opt = build_optimizer(model, [], TrainingSpec(optimizer="adamw"), 0.1)
+    assert all(g["weight_decay"] == 0.0 for g in opt.param_groups)
+
+
+def test_l2_can_decay_every_parameter():
+    model = nn.Linear(4, 2)
+    reg = default_registry().create("l2", {"exclude_1d": False})
+    opt = build_optimizer(model, [Applied(reg, {"weight_decay": 0.5})], TrainingSpec(), 0.1)
+    assert _groups(opt) == [(0.5, [(2,), (2, 4)])]
+
+
+# --- dropout -------------------------------------------------------------------------------------------------
+
+def test_dropout_goes_after_activations_with_rank_matched_kind():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 8),
+                          nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(2, 3, 8, 8)
+    _, model, _ = apply("dropout", model, x, params={"rates": {"1": 0.3, "4": 0.2}})
+    assert isinstance(model[1], Chain) and isinstance(model[1][1], nn.Dropout2d) and model[1][1].p == 0.3
+    assert isinstance(model[4], Chain) and type(model[4][1]) is nn.Dropout and model[4][1].p == 0.2
+    assert model(x).shape == (2, 2)
+
+
+def test_dropout_is_active_in_train_and_off_in_eval():
+    torch.manual_seed(0)
+    model = mlp()
+    x = torch.randn(64, 6)
+    reference = model(x).detach()
+    _, model, _ = apply("dropout", model, x, params={"rates": {"1": 0.5, "3": 0.5}})
+    model.eval()
+    assert torch.equal(model(x), reference)
+    model.train()
+    assert not torch.allclose(model(x), reference)
+
+
+def test_dropout_per_site_suggests_a_switch_and_rate_per_site():
+    reg, _, params = apply("dropout", mlp(), torch.randn(2, 6), per_site=True)
+    assert set(reg.context.sites[i].name for i in (1, 3)) == {"1", "3"}
+    study = optuna.create_study()
+    trial = study.ask()
+    reg.search_space(NamespacedTrial(trial, "dropout"))
+    names = set(trial.distributions)
+    assert {"dropout.1.on", "dropout.3.on"} <= names
+    for site in ("1", "3"):
+        assert (f"dropout.{site}.p" in names) == trial.params[f"dropout.{site}.on"]
+
+
+def test_dropout_never_sits_directly_before_a_batchnorm_and_never_after_the_output():
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.BatchNorm1d(8), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2),
+                          nn.ReLU())
+    reg, _, _ = apply("dropout", model, torch.randn(2, 6), params={"rates": {}})
+    assert [s.name for s in reg.candidate_sites()] == ["4"]
+
+
+def test_dropout_sites_by_name_pattern_on_a_user_module():
+    model = TwoTowers()
+    x = torch.randn(2, 3, 8, 8)
+    reg, model, params = apply("dropout", model, x, types=[], sites=["head*", "stem"])
+    assert set(params["rates"]) == {"stem", "head", "head_act"}
+    if params["rates"]["stem"] > 0:
+        assert isinstance(model.stem[1], nn.Dropout2d)
+    assert model(x).shape == (2, 5)
+
+
+def test_dropout_pattern_that_matches_nothing_is_a_config_error():
+    model = mlp()
+    with pytest.raises(ConfigError, match="no dropout site matches classifier"):
+        apply("dropout", model, torch.randn(2, 6), types=[], sites=["classifier.*"])
+
+
+# --- batchnorm -----------------------------------------------------------------------------------------------
+
+def test_batchnorm_dimension_follows_the_layer_and_skips_the_output_layer():
+    model = TwoTowers()
+    x = torch.randn(4, 3, 8, 8)
+    reg, model, params = apply("batchnorm", model, x)
+    assert params["sites"] == ["stem", "head"]
+    assert isinstance(model.stem, Chain) and isinstance(model.stem[1], nn.BatchNorm2d)
+    assert model.stem[1].num_features == 8
+    assert isinstance(model.head[1], nn.BatchNorm1d) and model.head[1].num_features == 16
+    assert isinstance(model.out, nn.Linear)
+    # before the activation by default, and the layer's bias is dropped (BatchNorm re-centres right after)
+    assert model.stem[0].bias is None and model.head[0].bias is None
+    assert model(x).shape == (4, 5)
+
+
+def test_batchnorm_after_activation_keeps_the_bias():
+    model = mlp()
+    reg, model, params = apply("batchnorm", model, torch.randn(4, 6), position="after_activation")
+    assert isinstance(model[1], Chain) and isinstance(model[1][0], nn.ReLU)
+    assert isinstance(model[1][1], nn.BatchNorm1d)
+    assert model[0].bias is not None
+
+
+def test_batchnorm_uses_running_statistics_in_eval():
+    torch.manual_seed(0)
+    model = mlp()
+    _, model, _ = apply("batchnorm", model, torch.randn(4, 6), params={"sites": ["0"]})
+    model.train()
+    for _ in range(20):
+        model(torch.randn(32, 6) * 3 + 5)
+    model.eval()
+    one = torch.randn(1, 6)
+    batch = torch.cat([one, torch.randn(7, 6) * 100])
+    # eval output of a row does not depend on the rest of the batch
+    assert torch.allclose(model(one), model(batch)[:1], atol=1e-5)
+    norm = model[0][1]
+    assert norm.num_batches_tracked.item() == 20
+    assert torch.all(norm.running_mean != 0)
+
+
+def test_batchnorm_then_dropout_compose_in_order():
+    model = mlp()
+    x = torch.randn(4, 6)
+    bn, model, bn_params = apply("batchnorm", model, x, params={"sites": ["0", "2"]})
+    dropout = default_registry().create("dropout", {})
+    dropout.context = context_for(mlp(), x)
+    model = dropout.transform_model(model, {"rates": {"0": 0.1, "1": 0.2}})
+    # Linear -> BatchNorm -> Dropout at site 0: the dropout comes after the norm, never right before it
+    assert [type(m).__name__ for m in model[0]] == ["Linear", "BatchNorm1d", "Dropout"]
+    assert [type(m).__name__ for m in model[1]] == ["ReLU", "Dropout"]
+    assert model(x).shape == (4, 3)

@@ -1,0 +1,101 @@
+"""Study files: validation with messages that name the key, the value and what was expected."""
+
+from __future__ import annotations
+
+import pytest
+
+from regsearch import ConfigError, load_study, spec_from_dict
+from regsearch._spec import Range, apply_overrides, available_studies
+
+
+def test_shipped_studies_are_found_by_name_and_valid():
+    found = available_studies()
+    assert {"digits", "cifar"} <= set(found)
+    for name in found:
+        spec = load_study(name)
+        assert spec.name == name and spec.description
+        assert {r.name for r in spec.regularizers} >= {"l1", "l2", "dropout", "batchnorm"}
+
+
+def test_defaults_fill_what_a_file_leaves_out():
+    spec = spec_from_dict({"regularizers": {"l1": None}}, name="s")
+    assert spec.training.epochs == 30 and spec.search.n_trials == 20
+    assert spec.regularizers[0].name == "l1" and spec.regularizers[0].enabled == "search"
+    assert spec.training.lr == Range(0.01, 0.3, log=True)
+
+
+def test_enabled_is_taken_out_of_the_plugin_options():
+    spec = spec_from_dict({"regularizers": {"batchnorm": {"enabled": True, "position": "after_activation"}}},
+                          name="s")
+    reg = spec.regularizers[0]
+    assert reg.enabled == "on" and dict(reg.options) == {"position": "after_activation"}
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"trainig": {}}, r"^trainig: unknown key \(did you mean 'training'\?\)"),
+    ({"training": {"epochz": 3}}, r"^training\.epochz: unknown key \(did you mean 'epochs'\?\)"),
+    ({"training": {"epochs": 0}}, r"^training\.epochs: must be >= 1; got 0"),
+    ({"training": {"epochs": "many"}}, r"^training\.epochs: expected a whole number; got 'many'"),
+    ({"training": {"epochs": 2.5}}, r"^training\.epochs: expected a whole number"),
+    ({"training": {"optimizer": "adamm"}}, r"^training\.optimizer: unknown value 'adamm' \(did you mean 'adamw'\?\)"),
+    ({"training": {"lr": [0.1, 0.01]}}, r"^training\.lr: low must not exceed high"),
+    ({"training": {"lr": [0, 0.1]}}, r"^training\.lr: a log-scale range must be above 0"),
+    ({"training": {"lr": [0.1, 0.2, 0.3]}}, r"^training\.lr: a range is \[low, high\]"),
+    ({"training": {"augment": "yes"}}, r"^training\.augment: expected true or false; got 'yes'"),
+    ({"data": {"name": "mnist"}}, r"^data\.name: unknown value 'mnist'; known: cifar10, digits"),
+    ({"data": {"val_fraction": 1.5}}, r"^data\.val_fraction: must be <= 0\.9"),
+    ({"search": {"sampler": {"name": "cmaes"}}}, r"^search\.sampler\.name: unknown value 'cmaes'"),
+    ({"search": {"pruner": {"name": "medain"}}}, r"^search\.pruner\.name: unknown value 'medain' \(did you mean 'median'\?\)"),
+    ({"search": {"pruner": "median"}}, r"^search\.pruner: expected a mapping of keys"),
+    ({"regularizers": ["l1", "l2"]}, r"^regularizers: expected a mapping of plugin name to its options"),
+    ({"regularizers": {"l1": 3}}, r"^regularizers\.l1: expected a mapping of the plugin's options"),
+    ({"regularizers": {"l1": {"enabled": "maybe"}}}, r"^regularizers\.l1\.enabled: expected search, true or false"),
+    ({"plugins": "my.py"}, r"^plugins: expected a list of plugin file paths"),
+    ({"name": "x"}, r"^name: unknown key"),
+    ({"model": "mlp"}, r"^model: expected a mapping with a 'name'"),
+])
+def test_bad_values_name_the_key_and_what_was_expected(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        spec_from_dict(raw, name="s")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", r"the study file is empty"),
+    ("- a\n- b\n", r"a study file is a mapping of keys; got a list"),
+    ("training: {epochs: [1, 2\n", r"not valid YAML at line \d+"),
+    ("!!python/object/apply:os.system ['echo owned']\n", r"not valid YAML"),
+])
+def test_unusable_files_are_reported_with_the_file(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_study(str(path))
+
+
+def test_unknown_study_name_lists_the_known_ones_and_suggests():
+    with pytest.raises(ConfigError, match=r"unknown study 'digts' \(did you mean 'digits'\?\); known: .*cifar.*digits"):
+        load_study("digts")
+
+
+def test_overrides_set_dotted_keys_as_yaml_scalars():
+    raw = apply_overrides({"training": {"epochs": 30}}, [("training.epochs", "5"), ("training.lr", "[0.1, 0.2]"),
+                                                        ("search.pruner.name", "none"), ("training.augment", "true")])
+    spec = spec_from_dict(raw, name="s")
+    assert spec.training.epochs == 5 and spec.training.lr == Range(0.1, 0.2, log=True)
+    assert spec.search.pruner.name == "none" and spec.training.augment is True
+
+
+def test_an_override_into_a_scalar_is_an_error():
+    with pytest.raises(ConfigError, match=r"--set training\.epochs\.x: training\.epochs is not a mapping"):
+        apply_overrides({"training": {"epochs": 30}}, [("training.epochs.x", "1")])
+
+
+def test_an_override_with_an_unknown_key_gets_did_you_mean():
+    with pytest.raises(ConfigError, match=r"training\.epoch: unknown key \(did you mean 'epochs'\?\)"):
+        load_study("digits", [("training.epoch", "3")])
+
+
+def test_plugin_paths_are_relative_to_the_study_file(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("plugins: [plugs/mine.py]\n")
+    assert load_study(str(path)).plugins == (str(tmp_path / "plugs" / "mine.py"),)

@@ -1,0 +1,210 @@
+"""Studies through the Python API: user models and tensors, totals across resumes, failures, pruning."""
+
+from __future__ import annotations
+
+import textwrap
+
+import numpy as np
+import optuna
+import pytest
+import torch
+from torch import nn
+
+import regsearch
+from regsearch import PluginError, StudyError, TensorData, spec_from_dict
+from regsearch._spec import TrainingSpec
+from regsearch._trainer import evaluate, fit
+from regsearch.data._tensors import Batcher
+
+COMPLETE, PRUNED, FAIL = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
+                          optuna.trial.TrialState.FAIL)
+
+
+class Tabular(nn.Module):
+    """A hand-written model with named layers, as a user would write it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(10, 32)
+        self.act = nn.ReLU()
+        self.hidden = nn.Linear(32, 32)
+        self.act2 = nn.Tanh()
+        self.classifier = nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.classifier(self.act2(self.hidden(self.act(self.encoder(x)))))
+
+
+def blobs(n: int = 600, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    centres = rng.normal(0, 2.0, (3, 10))
+    x = (centres[y] + rng.normal(0, 1.5, (n, 10))).astype(np.float32)
+    return x, y
+
+
+def small_spec(**training):
+    return spec_from_dict({
+        "training": {"epochs": 4, "batch_size": 64, "lr": [0.01, 0.1], **training},
+        "search": {"n_trials": 3, "pruner": {"name": "none"}},
+        "regularizers": {"batchnorm": {}, "dropout": {"per_site": True}, "l1": {}, "l2": {}},
+    }, name="api")
+
+
+@pytest.fixture
+def data():
+    x, y = blobs()
+    xt, yt = blobs(200, seed=1)
+    return TensorData.from_arrays(x, y, xt, yt, val_fraction=0.25, seed=0)
+
+
+def test_a_users_module_and_tensors_run_a_study_and_return_the_optuna_study(in_tmp, data):
+    study = regsearch.optimize(small_spec(), data=data, model=Tabular, n_trials=4, tracking=False,
+                               storage=str(in_tmp / "api.journal"))
+    assert isinstance(study, optuna.Study)
+    trials = study.get_trials(states=(COMPLETE,))
+    assert len(trials) == 4
+    names = set().union(*(t.params for t in trials))
+    # sites are named after the user's own attributes
+    assert names & {"dropout.act.on", "dropout.act2.on"}
+    assert all(name.split(".")[0] in {"batchnorm", "dropout", "l1", "l2", "lr"} for name in names)
+    assert study.best_value > 0.6
+    for t in trials:
+        m = t.user_attrs["metrics"]
+        assert m["gap_acc"] == pytest.approx(m["train_acc"] - m["val_acc"])
+        assert m["gap_loss"] == pytest.approx(m["val_loss"] - m["train_loss"])
+    assert study.user_attrs["best_test"]["trial"] == study.best_trial.number
+
+
+def test_n_trials_is_the_studys_total_across_resumes(in_tmp, data):
+    storage = str(in_tmp / "total.journal")
+    run = dict(data=data, model=Tabular, tracking=False, storage=storage)
+    regsearch.optimize(small_spec(), n_trials=2, **run)
+    study = regsearch.optimize(small_spec(), n_trials=5, **run)
+    assert len(study.get_trials(states=(COMPLETE, PRUNED))) == 5
+    study = regsearch.optimize(small_spec(), n_trials=5, **run)
+    assert len(study.trials) == 5  # nothing more to do
+    assert sorted(t.number for t in study.trials) == list(range(5))
+
+
+def test_gap_metrics_are_measured_in_eval_mode_on_a_fixed_training_subset(data):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Dropout(0.9), nn.Linear(64, 3))
+    training = TrainingSpec(epochs=3, batch_size=64)
+    seen = []
+    metrics = fit(model, data, [], training, lr=0.05, device=torch.device("cpu"), seed=7,
+                  on_epoch=lambda epoch, m: seen.append(epoch))
+    assert seen == [1, 2, 3]
+    batcher = Batcher(data)
+    val_loss, val_acc = evaluate(model, batcher, data.x_val, data.y_val, 1024)
+    subset = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(7))[:len(data.y_val)]
+    train_loss, train_acc = evaluate(model, batcher, data.x_train[subset], data.y_train[subset], 1024)
+    assert metrics["val_acc"] == pytest.approx(val_acc) and metrics["val_loss"] == pytest.approx(val_loss)
+    assert metrics["train_acc"] == pytest.approx(train_acc) and metrics["train_loss"] == pytest.approx(train_loss)
+    # the loss seen during training (dropout 0.9 active) is far worse than the eval-mode one
+    assert metrics["fit_loss"] > metrics["train_loss"]
+
+
+def test_a_diverging_trial_fails_with_the_reason_and_the_study_goes_on(in_tmp, data):
+    spec = spec_from_dict({"training": {"epochs": 3, "lr": [0.05, 1.0e30], "schedule": "constant"},
+                           "search": {"n_trials": 2, "pruner": {"name": "none"}, "max_consecutive_failures": 100,
+                                      "sampler": {"name": "random"}},
+                           "regularizers": {}}, name="diverge")
+    study = regsearch.optimize(spec, data=data, model=Tabular, tracking=False, storage=str(in_tmp / "d.journal"))
+    failed = study.get_trials(states=(FAIL,))
+    assert len(study.get_trials(states=(COMPLETE,))) == 2
+    assert failed, "lr up to 1e30 overflows float32 weights"
+    for t in failed:
+        assert t.user_attrs["fail_reason"].startswith("loss is NaN/inf at epoch ")
+        assert t.params["lr"] > 1.0
+
+
+PLUGIN = """
+    import regsearch
+
+    @regsearch.register("{name}")
+    class Flaky(regsearch.Regularizer):
+        '''Raises in the training loop of {which} trials.'''
+
+        def search_space(self, trial):
+            return {{}}
+
+        def on_epoch_end(self, state, params):
+            if {condition}:
+                raise RuntimeError("flaky plugin gave up")
+"""
+
+
+def _plugin(tmp, name, which, condition):
+    path = tmp / f"{name}.py"
+    path.write_text(textwrap.dedent(PLUGIN.format(name=name, which=which, condition=condition)))
+    return str(path)
+
+
+def test_a_plugin_raising_in_a_trial_fails_that_trial_only(in_tmp, data):
+    path = _plugin(in_tmp, "flaky_odd", "odd", "self.context.trial_number % 2 == 1")
+    spec = spec_from_dict({"training": {"epochs": 2}, "search": {"n_trials": 3, "pruner": {"name": "none"}},
+                           "regularizers": {"flaky_odd": {"enabled": True}}, "plugins": [path]}, name="flaky")
+    study = regsearch.optimize(spec, data=data, model=Tabular, tracking=False, storage=str(in_tmp / "f.journal"))
+    assert [t.number for t in study.get_trials(states=(COMPLETE,))] == [0, 2, 4]
+    for t in study.get_trials(states=(FAIL,)):
+        assert t.user_attrs["fail_reason"] == "RuntimeError: flaky plugin gave up"
+
+
+def test_a_plugin_failing_every_trial_stops_the_study_with_a_summary(in_tmp, data):
+    path = _plugin(in_tmp, "always_broken", "all", "True")
+    spec = spec_from_dict({"training": {"epochs": 1}, "search": {"n_trials": 20, "max_consecutive_failures": 3},
+                           "regularizers": {"always_broken": {"enabled": True}}, "plugins": [path]}, name="broken")
+    storage = str(in_tmp / "b.journal")
+    with pytest.raises(StudyError, match=r"3 trials failed in a row; the last: RuntimeError: flaky plugin gave up"):
+        regsearch.optimize(spec, data=data, model=Tabular, tracking=False, storage=storage)
+    study = optuna.load_study(study_name="broken", storage=regsearch._storage.open_storage(storage))
+    assert [t.state for t in study.trials] == [FAIL] * 3
+
+
+def test_a_penalty_that_is_not_a_scalar_is_refused_before_any_trial(in_tmp, data):
+    path = in_tmp / "vector_penalty.py"
+    path.write_text(textwrap.dedent("""
+        import regsearch
+
+        @regsearch.register("vector_penalty")
+        class VectorPenalty(regsearch.Regularizer):
+            '''Returns a vector penalty (a contract violation).'''
+
+            def search_space(self, trial):
+                return {}
+
+            def penalty(self, model, params):
+                return next(model.parameters()).sum(dim=1)
+    """))
+    spec = spec_from_dict({"regularizers": {"vector_penalty": {"enabled": True}}, "plugins": [str(path)]},
+                          name="vector")
+    storage = in_tmp / "v.journal"
+    with pytest.raises(PluginError, match=r"'vector_penalty' \(file .*\): penalty must return a scalar"):
+        regsearch.optimize(spec, data=data, model=Tabular, tracking=False, storage=str(storage))
+    assert not storage.exists() or "vector" not in optuna.get_all_study_names(regsearch._storage.open_storage(str(storage)))
+
+
+def test_pruned_trials_are_recorded_with_their_last_metrics(in_tmp, data):
+    spec = spec_from_dict({"training": {"epochs": 6, "lr": [1e-4, 0.3]},
+                           "search": {"n_trials": 10, "sampler": {"name": "random"},
+                                      "pruner": {"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0}},
+                           "regularizers": {}}, name="prune")
+    study = regsearch.optimize(spec, data=data, model=Tabular, tracking=False, storage=str(in_tmp / "p.journal"))
+    pruned = study.get_trials(states=(PRUNED,))
+    assert pruned, "a median pruner with no warm-up over lr in [1e-4, 0.3] prunes some trials"
+    for t in pruned:
+        assert t.user_attrs["epochs"] < 6
+        assert set(t.user_attrs["metrics"]) >= {"val_acc", "gap_acc", "train_acc"}
+    assert len(study.get_trials(states=(COMPLETE, PRUNED))) == 10
+
+
+def test_trial_seeds_make_a_trial_reproducible(in_tmp, data):
+    from regsearch._study import prepare, retrain
+
+    storage = str(in_tmp / "r.journal")
+    study = regsearch.optimize(small_spec(), data=data, model=Tabular, n_trials=1, tracking=False, storage=storage)
+    exp = prepare(small_spec(), data=data, model=Tabular)
+    model = retrain(exp, study.trials[0])
+    _, val_acc = evaluate(model, Batcher(exp.data), exp.data.x_val, exp.data.y_val, 1024)
+    assert val_acc == pytest.approx(study.trials[0].value)

@@ -1,0 +1,255 @@
+"""End to end: small digits studies tracked on a real `mlflow server`, checked the way a user sees them in MLflow.
+
+One study (six trials, aggressive median pruning) is shared by the structure, pruning and summary tests; the
+resume test runs its own study twice through the CLI. Every study gets its own name, so its experiment on the
+session's server holds nothing else.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+EPOCHS = 4
+HISTORY_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "gap_loss", "gap_acc")
+
+
+@dataclass
+class Tracked:
+    """One finished study and what MLflow holds for it."""
+
+    url: str
+    name: str
+    study: Any  # optuna.Study
+    client: Any  # mlflow.MlflowClient
+    experiment_id: str
+    parent: Any  # mlflow.entities.Run
+    children: list  # the trial runs
+
+
+def experiment_runs(client: Any, name: str) -> tuple[str, Any, list]:
+    """(experiment id, the single study run, the trial runs) of the experiment named `name`."""
+    experiment = client.get_experiment_by_name(name)
+    assert experiment is not None, f"no MLflow experiment named {name!r}"
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("regsearch.role") == "study"]
+    assert len(parents) == 1, f"expected one study run, got {[r.info.run_name for r in parents]}"
+    children = [r for r in runs if r.data.tags.get("regsearch.role") != "study"]
+    return experiment.experiment_id, parents[0], children
+
+
+def by_trial_number(children: list) -> dict[int, Any]:
+    numbers = [r.data.tags.get("trial_number") for r in children]
+    assert None not in numbers, "a trial run has no trial_number tag"
+    assert len(set(numbers)) == len(numbers), f"duplicate trial runs: {sorted(numbers)}"
+    return {int(r.data.tags["trial_number"]): r for r in children}
+
+
+@pytest.fixture(scope="module")
+def pruned_study(mlflow_server, tmp_path_factory) -> Tracked:
+    """A digits study from its own study file (so the experiment is named after that file), some trials pruned."""
+    import optuna
+    from mlflow import MlflowClient
+
+    import regsearch
+
+    tmp = tmp_path_factory.mktemp("tracked")
+    name = f"digits_{uuid.uuid4().hex[:8]}"
+    study_file = tmp / f"{name}.yaml"
+    study_file.write_text((REPO / "studies" / "digits.yaml").read_text(encoding="utf-8"), encoding="utf-8")
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.chdir(tmp)  # anything written to the current folder stays in tmp
+            study = regsearch.optimize(
+                str(study_file), n_trials=6, storage=str(tmp / "s.journal"), tracking_uri=mlflow_server,
+                device="cpu", overrides=[("training.epochs", str(EPOCHS)), ("search.pruner.name", "median"),
+                                         ("search.pruner.n_startup_trials", "0"),
+                                         ("search.pruner.n_warmup_steps", "0")])
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    client = MlflowClient(tracking_uri=mlflow_server)
+    experiment_id, parent, children = experiment_runs(client, name)
+    return Tracked(mlflow_server, name, study, client, experiment_id, parent, children)
+
+
+def test_one_experiment_one_study_run_and_a_child_run_per_trial(pruned_study):
+    import optuna
+
+    t = pruned_study
+    study = t.study
+    assert study.study_name == t.name
+    trials = study.get_trials(deepcopy=False)
+    assert len(trials) == 6
+    assert all(tr.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for tr in trials)
+
+    parent = t.parent
+    assert parent.info.run_name == t.name
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["regsearch.study"] == t.name
+    assert parent.data.params["epochs"] == str(EPOCHS)
+    assert parent.data.params["data"] == "digits"
+    assert parent.data.params["study_file"].endswith(f"{t.name}.yaml")
+    assert study.user_attrs["mlflow_parent_run_id"] == parent.info.run_id
+
+    runs = by_trial_number(t.children)
+    assert sorted(runs) == [tr.number for tr in trials], "one MLflow run per Optuna trial, no more, no less"
+    for tr in trials:
+        run = runs[tr.number]
+        where = f"trial {tr.number}"
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id, where
+        assert run.info.run_name == f"trial-{tr.number}", where
+        assert tr.user_attrs["mlflow_run_id"] == run.info.run_id, where
+        assert tr.params, where
+        for key, value in tr.params.items():
+            assert run.data.params.get(key) == str(value), f"{where}: param {key}"
+        assert run.data.params["seed"] == str(tr.user_attrs["seed"]), where
+
+        epochs = tr.user_attrs["epochs"]
+        if tr.state == optuna.trial.TrialState.COMPLETE:
+            assert epochs == EPOCHS, where
+        history = {}
+        for key in HISTORY_KEYS:
+            points = t.client.get_metric_history(run.info.run_id, key)
+            assert sorted(p.step for p in points) == list(range(1, epochs + 1)), f"{where}: {key} steps"
+            history[key] = {p.step: p.value for p in points}
+        for step in range(1, epochs + 1):
+            h = {k: v[step] for k, v in history.items()}
+            assert h["gap_acc"] == pytest.approx(h["train_acc"] - h["val_acc"], abs=1e-12), f"{where} step {step}"
+            assert h["gap_loss"] == pytest.approx(h["val_loss"] - h["train_loss"], abs=1e-12), f"{where} step {step}"
+            assert 0.0 <= h["val_acc"] <= 1.0 and 0.0 <= h["train_acc"] <= 1.0
+        # What Optuna saw each epoch is what MLflow shows.
+        assert history["val_acc"] == pytest.approx(tr.intermediate_values, abs=1e-12), where
+        if tr.state == optuna.trial.TrialState.COMPLETE:
+            assert history["val_acc"][EPOCHS] == pytest.approx(tr.value, abs=1e-12), where
+
+
+def test_pruned_trials_show_as_killed_runs(pruned_study):
+    import optuna
+
+    t = pruned_study
+    runs = by_trial_number(t.children)
+    trials = t.study.get_trials(deepcopy=False)
+    pruned = [tr for tr in trials if tr.state == optuna.trial.TrialState.PRUNED]
+    complete = [tr for tr in trials if tr.state == optuna.trial.TrialState.COMPLETE]
+    # Seeded sampler, seeded CPU training: the median pruner (no start-up trials, no warm-up) prunes some.
+    assert pruned, f"no trial was pruned: {[(tr.number, tr.state.name) for tr in trials]}"
+    assert complete, "no trial completed"
+    assert any(tr.user_attrs["epochs"] < EPOCHS for tr in pruned), "no trial was stopped before its last epoch"
+    for tr in pruned:
+        run = runs[tr.number]
+        assert run.info.status == "KILLED", f"trial {tr.number}"
+        assert run.info.end_time is not None, f"trial {tr.number}"
+        assert run.data.tags["regsearch.state"] == "PRUNED", f"trial {tr.number}"
+        assert run.data.tags["regsearch.reason"].startswith(f"pruned at epoch {tr.user_attrs['epochs']}")
+    for tr in complete:
+        run = runs[tr.number]
+        assert run.info.status == "FINISHED", f"trial {tr.number}"
+        assert run.data.tags["regsearch.state"] == "COMPLETE", f"trial {tr.number}"
+
+
+def test_study_run_has_best_metrics_and_a_loadable_best_model(pruned_study):
+    import mlflow
+    import torch
+    from mlflow.entities import LoggedModelStatus
+
+    from regsearch.data._tensors import load_dataset
+
+    t = pruned_study
+    study = t.study
+    parent = t.parent
+    best = study.best_trial
+    metrics = parent.data.metrics
+    assert metrics["best_val_acc"] == pytest.approx(best.value, abs=1e-12)
+    test_report = study.user_attrs["best_test"]
+    assert test_report["trial"] == best.number
+    assert metrics["best_test_acc"] == pytest.approx(test_report["test_acc"], abs=1e-12)
+    assert 0.5 < metrics["best_test_acc"] <= 1.0
+    assert "best_test_loss" in metrics and "best_gap_acc" in metrics
+    assert parent.data.tags["best_trial"] == str(best.number)
+
+    # MLflow 3: `log_model(name=...)` makes a LoggedModel whose source is the study run (not a run artifact).
+    models = t.client.search_logged_models(experiment_ids=[t.experiment_id])
+    assert [m.name for m in models] == ["best_model"]
+    model = models[0]
+    assert model.source_run_id == parent.info.run_id
+    assert model.status == LoggedModelStatus.READY
+    assert [o.model_id for o in parent.outputs.model_outputs] == [model.model_id]
+
+    # A user can load it and it is the best trial's model: its test accuracy is the one reported.
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(t.url)
+    try:
+        loaded = mlflow.pytorch.load_model(model.model_uri)
+    finally:
+        mlflow.set_tracking_uri(previous)
+    data = load_dataset("digits", val_fraction=0.2, seed=0)
+    with torch.no_grad():
+        logits = loaded(data.x_test)
+    assert tuple(logits.shape) == (len(data.y_test), 10)
+    accuracy = (logits.argmax(1) == data.y_test).float().mean().item()
+    assert accuracy == pytest.approx(metrics["best_test_acc"], abs=1e-6)
+
+
+@pytest.fixture
+def restore_logging():
+    """The CLI points the `regsearch` logger at its (CliRunner's, soon closed) stderr; put it back afterwards."""
+    import logging
+
+    import optuna
+
+    log = logging.getLogger("regsearch")
+    saved = (log.handlers[:], log.level, log.propagate, optuna.logging.get_verbosity())
+    yield
+    log.handlers[:], log.level, log.propagate = saved[:3]
+    optuna.logging.set_verbosity(saved[3])
+
+
+def test_resume_adds_only_the_missing_trials_under_the_same_study_run(mlflow_server, in_tmp, restore_logging):
+    import optuna
+    from click.testing import CliRunner
+    from mlflow import MlflowClient
+
+    from regsearch.cli import cli
+
+    name = f"resume_{uuid.uuid4().hex[:8]}"
+    storage = str(in_tmp / "s.journal")
+    args = ["optimize", "--study", "digits", "--study-name", name, "--storage", storage, "--tracking-uri",
+            mlflow_server, "--device", "cpu", "--set", f"training.epochs={EPOCHS}", "--set", "search.pruner.name=none"]
+    client = MlflowClient(tracking_uri=mlflow_server)
+    runner = CliRunner()
+
+    first = runner.invoke(cli, [*args, "--n-trials", "3"])
+    assert first.exit_code == 0, first.output
+    assert f"study {name}: 3 complete" in first.output
+    _, parent, children = experiment_runs(client, name)
+    first_parent = parent.info.run_id
+    assert sorted(by_trial_number(children)) == [0, 1, 2]
+
+    second = runner.invoke(cli, [*args, "--n-trials", "5"])
+    assert second.exit_code == 0, second.output
+    assert f"study {name}: 5 complete" in second.output
+
+    study = optuna.load_study(study_name=name, storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(storage)))
+    assert [tr.state for tr in study.trials] == [optuna.trial.TrialState.COMPLETE] * 5
+
+    experiment_id, parent, children = experiment_runs(client, name)
+    assert parent.info.run_id == first_parent, "the resumed study made a new study run"
+    assert parent.info.status == "FINISHED"
+    runs = by_trial_number(children)
+    assert sorted(runs) == [0, 1, 2, 3, 4], "expected exactly one run per trial, none duplicated"
+    for number, run in runs.items():
+        assert run.data.tags["mlflow.parentRunId"] == first_parent, f"trial {number}"
+        assert run.info.status == "FINISHED" and run.data.tags["regsearch.state"] == "COMPLETE", f"trial {number}"
+        assert run.info.run_id == study.trials[number].user_attrs["mlflow_run_id"], f"trial {number}"
+    assert parent.data.metrics["best_val_acc"] == pytest.approx(study.best_value, abs=1e-12)
+    assert parent.data.tags["best_trial"] == str(study.best_trial.number)
