@@ -1,75 +1,74 @@
-"""Speed of the core on digits: one 30-epoch trial, and the whole default `regsearch optimize --study digits`.
+"""Target 2: a digits trial of regsearch vs the peer's digits trial (same MLP, same epochs, same data split).
 
-usage: python benchmarks/digits_speed.py [--repeats 5] [--out benchmarks/results/digits_speed.json] [--quick]
-Prints a table and writes JSON. `--quick` uses tiny sizes (CI smoke run: the script must not rot).
+Both sides run a small study in a fresh child process, alternating: the peer script itself
+(`--data digits --n-trials T --epochs E`, its `s_per_trial`), and regsearch's Python API on the peer's MLP
+(Linear 64-256-256-10 with ReLU, dropout and weight decay always on, their values searched; no pruning),
+tracked to MLflow like the peer. A trial's time is its Optuna duration (start to finish, tracking included);
+start-up (imports, data) is reported apart.
+
+usage: python benchmarks/digits_speed.py [--repeats 3] [--trials 3] [--epochs 20] [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as common  # noqa: E402
 
 
-def one_trial_seconds(epochs: int) -> float:
-    from regsearch._spec import load_study
-    from regsearch._study import build_trial, prepare, trial_seed
-    from regsearch._trainer import fit
-    import optuna
-
-    spec = load_study("digits", [("training.epochs", str(epochs))])
-    exp = prepare(spec, device="cpu")
-    trial = optuna.create_study(direction="maximize").ask()
+def child_regsearch(trials: int, epochs: int) -> dict:
     start = time.perf_counter()
-    seed = trial_seed(spec.seed, 0)
-    model, applied, lr = build_trial(exp, trial, seed)
-    fit(model, exp.data, applied, spec.training, lr=lr, device=exp.device, seed=seed)
-    return time.perf_counter() - start
+    import regsearch
+    from regsearch._spec import load_study
 
-
-def whole_study_seconds(extra: list[str]) -> float:
-    exe = Path(sys.executable).parent / "regsearch"
+    overrides = [("training.epochs", str(epochs)), ("model.hidden", "[256, 256]"),
+                 ("search.pruner", "{name: none}"),
+                 ("regularizers", "{dropout: {enabled: true, per_site: false, p: [0.0, 0.5]}, "
+                                  "l2: {enabled: true, weight_decay: [1.0e-6, 1.0e-2]}}")]
+    spec = load_study("digits", overrides)
     with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        subprocess.run([str(exe), "optimize", "--study", "digits", *extra], cwd=tmp, check=True,
-                       capture_output=True)
-        return time.perf_counter() - start
-
-
-def summary(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+        study = regsearch.optimize(spec, n_trials=trials, storage=f"{tmp}/s.journal",
+                                   tracking_uri=f"sqlite:///{tmp}/mlflow.db", device="cpu")
+        durations = [t.duration.total_seconds() for t in study.trials]
+        best, test = study.best_value, study.user_attrs["best_test"]["test_acc"]
+    return {"s_per_trial": statistics.median(durations), "durations": durations,
+            "process_s": time.perf_counter() - start, "best_val_acc": best, "test_acc": test}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out", default="benchmarks/results/digits_speed.json")
-    ap.add_argument("--quick", action="store_true", help="tiny sizes, for the CI smoke run")
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        print(json.dumps(child_regsearch(int(sys.argv[2]), int(sys.argv[3]))))
+        return
+    ap = common.parser(__doc__, "digits_speed")
+    ap.add_argument("--trials", type=int, default=3, help="trials per study run")
+    ap.add_argument("--epochs", type=int, default=20)
     a = ap.parse_args()
-    epochs = 2 if a.quick else 30
+    trials, epochs = (1, 2) if a.quick else (a.trials, a.epochs)
     repeats = 1 if a.quick else a.repeats
-    study_args = ["--n-trials", "2", "--set", "training.epochs=2"] if a.quick else []
-    trial = summary([one_trial_seconds(epochs) for _ in range(repeats)])
-    study = summary([whole_study_seconds(study_args) for _ in range(1 if a.quick else 3)])
-    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
-              f"{os.cpu_count()} cores, torch {torch.__version__}", "quick": a.quick,
-              f"digits_trial_{epochs}_epochs_s": trial, "digits_default_study_s": study}
-    print(f"{'measure':<34} {'median':>8} {'min':>8} {'max':>8}")
-    for key in (f"digits_trial_{epochs}_epochs_s", "digits_default_study_s"):
-        s = result[key]
-        print(f"{key:<34} {s['median']:>8.2f} {s['min']:>8.2f} {s['max']:>8.2f}")
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    sides = {"regsearch": lambda: common.run_json([sys.executable, __file__, "--child", str(trials), str(epochs)])}
+    if Path(a.peer).is_file():
+        sides["peer"] = lambda: common.run_json([sys.executable, a.peer, "--data", "digits", "--n-trials",
+                                                 str(trials), "--epochs", str(epochs)])
+    runs = common.alternate(sides, repeats)
+    trial = {k: common.summary([r["s_per_trial"] for r in v]) for k, v in runs.items()}
+    process = {k: common.summary([r["process_wall_s"] for r in v]) for k, v in runs.items()}
+    extra = {"trials_per_run": trials, "epochs": epochs,
+             "speedup_per_trial_vs_peer": common.ratio(trial.get("peer"), trial["regsearch"]),
+             "regsearch_best_val_acc": statistics.median(r["best_val_acc"] for r in runs["regsearch"]),
+             "peer_best_val_acc": statistics.median(r["best_val_acc"] for r in runs["peer"]) if "peer" in runs
+             else None, "runs": runs}
+    common.report("digits_speed", a, [
+        (f"regsearch, one {epochs}-epoch trial", trial["regsearch"], "s"),
+        (f"peer, one {epochs}-epoch trial", trial.get("peer"), "s"),
+        (f"regsearch, whole process ({trials} trials)", process["regsearch"], "s"),
+        (f"peer, whole process ({trials} trials)", process.get("peer"), "s"),
+    ], extra)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,168 @@
+"""Target 1: CIFAR training throughput (img/s) of regsearch's trainer vs the peer's DataLoader loop.
+
+Both train the peer's CNN (`cnn` in the peer script: 3 conv stages 32/64/128 + Linear 256, batch 128, random
+flip + translate by 4) on the same images, each in a fresh child process, alternating. An epoch's rate counts
+training only (regsearch's per-epoch eval-mode metrics are timed and taken out); the first epoch of each run
+is warm-up and is left out. The ceiling is sgemm GFLOP/s (measured in the same run) / FLOPs per training
+image (forward + backward, counted by torch.utils.flop_counter).
+
+usage: python benchmarks/cifar_throughput.py [--repeats 3] [--epochs 3] [--quick]
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as common  # noqa: E402
+
+BATCH = 128
+
+
+def child_regsearch(folder: str, epochs: int, train_size: int) -> dict:
+    import optuna
+
+    import regsearch._trainer as trainer
+    from regsearch._spec import load_study
+    from regsearch._study import build_trial, prepare
+
+    overrides = [("training.epochs", str(epochs)), ("regularizers", "{}"), ("model.name", "cnn"),
+                 ("model.channels", "[32, 64, 128]"), ("model.hidden", "256"),
+                 ("training.batch_size", str(BATCH)), ("training.augment", "true"),
+                 ("data.train_size", str(train_size) if train_size else "null")]
+    spec = load_study("cifar", overrides)
+    exp = prepare(spec, device="cpu", data_dir=folder)
+    model, applied, lr = build_trial(exp, optuna.trial.FixedTrial({"lr": 0.05}), 1)
+    eval_s = [0.0]
+    evaluate = trainer.evaluate
+
+    def timed_evaluate(*a, **k):
+        start = time.perf_counter()
+        try:
+            return evaluate(*a, **k)
+        finally:
+            eval_s[0] += time.perf_counter() - start
+
+    trainer.evaluate = timed_evaluate
+    marks = [(time.perf_counter(), 0.0)]
+
+    def on_epoch(epoch, metrics):
+        marks.append((time.perf_counter(), eval_s[0]))
+
+    trainer.fit(model, exp.data, applied, spec.training, lr=lr, device=exp.device, seed=1, on_epoch=on_epoch)
+    n = len(exp.data.y_train)
+    per_epoch = [n / ((t1 - t0) - (e1 - e0)) for (t0, e0), (t1, e1) in zip(marks, marks[1:])]
+    import torch
+
+    return {"img_per_s": per_epoch, "threads": torch.get_num_threads(), "images": n}
+
+
+def child_peer(peer: str, folder: str, epochs: int, train_size: int) -> dict:
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader
+
+    spec = importlib.util.spec_from_file_location("peer", peer)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    torch.manual_seed(0)
+    np.random.seed(0)
+    xtr, ytr, _, _ = mod.load_cifar(folder)
+    if train_size:
+        xtr, ytr = xtr[:train_size], ytr[:train_size]
+    n_val = int(len(ytr) * 0.1)
+    tr = np.random.RandomState(0).permutation(len(ytr))[n_val:]
+    train_set = mod.CifarSet(xtr[tr], ytr[tr], augment=True)
+    # exactly the peer's objective: its CNN, SGD with momentum, a DataLoader with 2 persistent workers
+    model = mod.cnn(0.25)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    loader = DataLoader(train_set, batch_size=BATCH, shuffle=True, num_workers=2, persistent_workers=True)
+    rates = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        model.train()
+        for x, y in loader:
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        rates.append(len(train_set) / (time.perf_counter() - start))
+    return {"img_per_s": rates, "threads": torch.get_num_threads(), "images": len(train_set)}
+
+
+def child_ceiling(quick: bool) -> dict:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from regsearch.models import cnn
+
+    size = 512 if quick else 2048
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    times = []
+    for _ in range(3 if quick else 7):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    gflops = 2 * size**3 / statistics.median(times[1:]) / 1e9
+    model = cnn((3, 32, 32), 10)
+    x, y = torch.randn(BATCH, 3, 32, 32), torch.randint(0, 10, (BATCH,))
+    with FlopCounterMode(display=False) as counter:
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    per_image = counter.get_total_flops() / BATCH / 1e9
+    return {"sgemm_gflops": gflops, "gflop_per_image": per_image, "ceiling_img_per_s": gflops / per_image,
+            "threads": torch.get_num_threads()}
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        kind, rest = sys.argv[2], sys.argv[3:]
+        if kind == "regsearch":
+            out = child_regsearch(rest[0], int(rest[1]), int(rest[2]))
+        elif kind == "peer":
+            out = child_peer(rest[0], rest[1], int(rest[2]), int(rest[3]))
+        else:
+            out = child_ceiling(rest[0] == "quick")
+        print(json.dumps(out))
+        return
+    ap = common.parser(__doc__, "cifar_throughput")
+    ap.add_argument("--epochs", type=int, default=3, help="epochs per run; the first is warm-up")
+    a = ap.parse_args()
+    epochs = 2 if a.quick else a.epochs
+    repeats = 1 if a.quick else a.repeats
+    train_size = 0
+    me = [sys.executable, __file__, "--child"]
+    with common.temp_dir() as tmp:
+        folder, what = common.cifar_folder(a.data, Path(tmp), a.quick)
+        sides = {"regsearch": lambda: common.run_json([*me, "regsearch", str(folder), str(epochs), str(train_size)]),
+                 "ceiling": lambda: common.run_json([*me, "ceiling", "quick" if a.quick else "full"])}
+        if Path(a.peer).is_file():
+            sides["peer"] = lambda: common.run_json([*me, "peer", a.peer, str(folder), str(epochs), str(train_size)])
+        runs = common.alternate(sides, repeats)
+    # per run, the median of its epochs after the first
+    rate = {k: common.summary([statistics.median(r["img_per_s"][1:]) for r in runs[k]])
+            for k in ("regsearch", "peer") if k in runs}
+    ceiling = common.summary([r["ceiling_img_per_s"] for r in runs["ceiling"]])
+    sgemm = common.summary([r["sgemm_gflops"] for r in runs["ceiling"]])
+    rs = rate["regsearch"]
+    extra = {
+        "data": what,
+        "gflop_per_training_image": runs["ceiling"][0]["gflop_per_image"],
+        "regsearch_threads": runs["regsearch"][0]["threads"],
+        "speedup_vs_peer": common.ratio(rs, rate.get("peer")),
+        "fraction_of_ceiling": common.ratio(rs, ceiling),
+        "runs": runs,
+    }
+    common.report("cifar_throughput", a, [
+        ("regsearch training", rs, "img/s"),
+        ("peer training (DataLoader, 2 workers)", rate.get("peer"), "img/s"),
+        ("sgemm", sgemm, "GFLOP/s"),
+        ("ceiling (sgemm / FLOPs per image)", ceiling, "img/s"),
+    ], extra)
+
+
+if __name__ == "__main__":
+    main()
