@@ -1,0 +1,540 @@
+"""Every bad input gets exit 2 and one line on stderr naming what is wrong and where; nothing stored is lost.
+
+One table, one test: each case writes its own files (study YAML, plugin .py, tiny CIFAR-10 files) into its own
+folder, runs `regsearch` there (in-process with click's CliRunner unless a real process matters) and checks
+the answer. Cases marked `keep` first run a tiny real study in the same folder and check afterwards that the
+bad command lost none of its trials or MLflow runs.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tarfile
+import textwrap
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+import pytest
+from click.testing import CliRunner
+
+from regsearch import _registry
+from regsearch.cli import cli
+from regsearch.data.cifar import ARCHIVE, FOLDER, RECORD, TEST_FILE, TRAIN_FILES
+
+TINY_RUN = ("--set", "training.epochs=1", "--n-trials", "1")
+"""Bounds a command that should fail but might not: wrongly accepted input trains one epoch, not a study."""
+
+TINY_STUDY = """\
+data: {name: digits}
+model: {name: mlp, hidden: [16]}
+training: {epochs: 1}
+search: {n_trials: 1}
+"""
+"""A valid study file the study-file and plugin cases add to (one trial of one epoch if it ever runs)."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# what a case writes
+
+
+def cifar_batch(n: int = 2, labels: tuple[int, ...] = (), seed: int = 0) -> bytes:
+    """`n` CIFAR-10 binary records (label byte + 3072 pixel bytes); `labels` overrides the first labels."""
+    pixels = random.Random(seed).randbytes  # noise: an archive of these files is as large as the files
+    return b"".join(bytes([labels[i] if i < len(labels) else i % 10]) + pixels(RECORD - 1) for i in range(n))
+
+
+def cifar_folder(**damaged: bytes) -> dict[str, bytes]:
+    """The official extracted layout with tiny batch files; keyword arguments replace files by name."""
+    files = {f"{FOLDER}/{name}": cifar_batch(seed=i) for i, name in enumerate((*TRAIN_FILES, TEST_FILE))}
+    for name, raw in damaged.items():
+        files[f"{FOLDER}/{name}.bin"] = raw
+    return files
+
+
+def tar_gz(files: dict[str, bytes]) -> bytes:
+    """A .tar.gz holding `files` (name -> bytes)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, raw in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    return buffer.getvalue()
+
+
+def plugin(name: str, *methods: str, header: str = "") -> str:
+    """A plugin file registering one `Regularizer` subclass under `name` with the given methods."""
+    body = "".join(textwrap.indent(textwrap.dedent(m), "    ") for m in methods)
+    return (f"import torch\nimport regsearch\n{header}\n\n\n@regsearch.register({name!r})\n"
+            f"class Plugin(regsearch.Regularizer):\n    '''A test plugin.'''\n\n{body}")
+
+
+SPACE = "def search_space(self, trial):\n    return {'a': trial.suggest_float('a', 0.1, 1.0)}\n"
+
+
+def uses(name: str) -> str:
+    """A tiny study that switches on the regularizer `name` from the plugin file next to it."""
+    return TINY_STUDY + f"regularizers: {{{name}: {{enabled: true}}}}\nplugins: [plugin.py]\n"
+
+
+def symlink_loop(tmp: Path) -> None:
+    (tmp / "loop.py").symlink_to(tmp / "loop.py")
+
+
+def no_read_permission(tmp: Path) -> None:
+    (tmp / "secret.py").write_text(plugin("unreadable", SPACE))
+    (tmp / "secret.py").chmod(0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the table
+
+
+@dataclass(frozen=True)
+class Case:
+    args: tuple[str, ...]
+    """The command line after `regsearch`; `{tmp}` is the case's folder."""
+    message: str
+    """A fragment of the one `Error:` line that names what is wrong and where."""
+    files: dict[str, str | bytes] = field(default_factory=dict)
+    """Files written into the case's folder before the command (text may use `{tmp}`)."""
+    setup: Callable[[Path], None] | None = None
+    """Anything files cannot say (a symlink, a permission), done to the case's folder."""
+    keep: bool = False
+    """Run a tiny real study in the folder first; the bad command must lose none of it."""
+    secret: str | None = None
+    """A password given on the command line that must appear nowhere in the output."""
+    absent: str | None = None
+    """A file the command must not have created (a YAML tag that tried to run a command)."""
+    process: bool = False
+    """Run the real `regsearch` executable without the capability to read files regardless of permissions."""
+
+
+def case(case_id: str, args: str | list[str], message: str, *, bug: str | None = None, bounded: bool = True,
+         **kwargs) -> pytest.param:
+    """A row of the table; `optimize` gets TINY_RUN first (an option repeated by the case wins) if `bounded`.
+
+    `bug` marks a case that fails today: it keeps the right expectation and is a strict xfail until fixed.
+    """
+    args = tuple(args.split()) if isinstance(args, str) else tuple(args)
+    if bounded and args[0] == "optimize":
+        args = (args[0], *TINY_RUN, *args[1:])
+    marks = [pytest.mark.xfail(strict=True, reason=bug)] if bug else []
+    return pytest.param(Case(args, message, **kwargs), id=case_id, marks=marks)
+
+
+BANNER = ("click prints its 'Usage: ... / Try ... for help.' banner before the Error line: four lines on stderr, "
+          "not one")
+
+CASES = [
+    # --- the command line ------------------------------------------------------------------------------------
+    case("cli-unknown-study-suggests-closest", "optimize --study digts",
+         "unknown study 'digts' (did you mean 'digits'?); known: cifar, digits"),
+    case("cli-missing-study-file", "optimize --study {tmp}/nope.yaml", "study file {tmp}/nope.yaml does not exist"),
+    case("cli-n-trials-zero", "optimize --study digits --n-trials 0",
+         "Invalid value for '--n-trials': must be positive; got 0", bug=BANNER),
+    case("cli-n-trials-negative", "optimize --study digits --n-trials -3",
+         "Invalid value for '--n-trials': must be positive; got -3", bug=BANNER),
+    case("cli-n-trials-not-integer", "optimize --study digits --n-trials 2.5",
+         "Invalid value for '--n-trials': '2.5' is not a valid integer", bug=BANNER),
+    case("cli-n-trials-not-a-number", "optimize --study digits --n-trials many",
+         "Invalid value for '--n-trials': 'many' is not a valid integer", bug=BANNER),
+    case("cli-timeout-zero", "optimize --study digits --timeout 0",
+         "Invalid value for '--timeout': must be positive; got 0", bug=BANNER),
+    case("cli-timeout-negative", "optimize --study digits --timeout -5",
+         "Invalid value for '--timeout': must be positive; got -5", bug=BANNER),
+    case("cli-timeout-not-a-number", "optimize --study digits --timeout soon",
+         "Invalid value for '--timeout': 'soon' is not a valid float", bug=BANNER),
+    case("cli-timeout-nan", "optimize --study digits --timeout nan",
+         "Invalid value for '--timeout': must be positive; got nan",
+         bug="nan <= 0 is False, so --timeout nan passes the positive check and the study runs"),
+    case("cli-set-without-equals", "optimize --study digits --set training.epochs",
+         "Invalid value for '--set': expected KEY=VALUE (e.g. training.epochs=5); got 'training.epochs'",
+         bug=BANNER),
+    case("cli-set-empty-key", "optimize --study digits --set =5",
+         "Invalid value for '--set': expected KEY=VALUE", bug=BANNER),
+    case("cli-set-empty-key-part", "optimize --study digits --set training..epochs=5",
+         "--set training..epochs=5: the key must be dotted names like training.epochs"),
+    case("cli-set-unknown-key-keeps-study", "optimize --study digits --set training.epoch=3",
+         "training.epoch: unknown key (did you mean 'epochs'?)", keep=True),
+    case("cli-set-wrong-type", "optimize --study digits --set training.epochs=three",
+         "--set training.epochs=three: training.epochs: expected a whole number; got 'three'",
+         bug="a bad --set value is reported as 'digits.yaml: training.epochs: ...', blaming the shipped file"),
+    case("cli-set-into-a-list", "optimize --study digits --set training.lr.low=0.1",
+         "--set training.lr.low: training.lr is not a mapping"),
+    case("cli-set-value-not-yaml", "optimize --study digits --set training.lr=[0.1",
+         "--set training.lr=[0.1: the value is not a YAML scalar"),
+    case("cli-set-yaml-tag", ["optimize", "--study", "digits", "--set",
+                              "seed=!!python/object/apply:os.system ['touch {tmp}/owned']"],
+         "the value is not a YAML scalar", absent="owned"),
+    case("cli-device-cuda-without-cuda", "optimize --study digits --device cuda",
+         "--device cuda: no CUDA device is available here", keep=True),
+    case("cli-device-mps-without-mps", "optimize --study digits --device mps",
+         "--device mps: no MPS device is available here"),
+    case("cli-device-unknown", "optimize --study digits --device tpu",
+         "Invalid value for '--device': 'tpu' is not one of 'auto', 'cpu', 'cuda', 'mps'", bug=BANNER),
+    case("cli-plugin-missing", "optimize --study digits --plugin {tmp}/nowhere.py",
+         "plugin file {tmp}/nowhere.py does not exist"),
+    case("cli-plugin-is-a-folder", "optimize --study digits --plugin {tmp}",
+         "Invalid value for '--plugin': File '{tmp}' is a directory", bug=BANNER),
+    case("cli-plugin-not-a-py-file", "optimize --study digits --plugin {tmp}/plugin.txt",
+         "plugin file {tmp}/plugin.txt cannot be imported (is it a .py file?)",
+         files={"plugin.txt": plugin("txt_plugin", SPACE)}),
+    case("cli-plugin-symlink-loop", "optimize --study digits --plugin {tmp}/loop.py",
+         "plugin file {tmp}/loop.py cannot be read", setup=symlink_loop,
+         bug="Path.resolve() raises RuntimeError on a symlink loop: exit 1 'internal error'"),
+    case("cli-plugin-without-read-permission", "optimize --study digits --plugin {tmp}/secret.py",
+         "Invalid value for '--plugin': File '{tmp}/secret.py' is not readable", setup=no_read_permission,
+         process=True, bug=BANNER),
+    case("cli-storage-unknown-scheme", "optimize --study digits --storage redis://127.0.0.1/0",
+         "--storage redis://127.0.0.1/0: unknown scheme 'redis'"),
+    case("cli-storage-unknown-scheme-masks-password",
+         "optimize --study digits --storage redis://bob:hunter2@127.0.0.1/0",
+         "--storage redis://bob:***@127.0.0.1/0: unknown scheme 'redis'", secret="hunter2"),
+    case("cli-storage-unreachable-host-masks-password",
+         "optimize --study digits --storage postgresql://alice:s3cret@127.0.0.1:1/db",
+         "--storage postgresql://alice:***@127.0.0.1:1/db: cannot open the database", secret="s3cret", keep=True),
+    case("cli-storage-sqlite-missing-folder", "optimize --study digits --storage sqlite:///{tmp}/no/such/dir/x.db",
+         "--storage sqlite:///{tmp}/no/such/dir/x.db: cannot open the database"),
+    case("cli-storage-journal-missing-folder", "optimize --study digits --storage {tmp}/no/x.journal",
+         "--storage {tmp}/no/x.journal: folder {tmp}/no does not exist"),
+    case("cli-storage-is-a-folder", "optimize --study digits --storage {tmp}",
+         "--storage {tmp}: is a folder"),
+    case("cli-tracking-uri-unknown-scheme-keeps-study", "optimize --study digits --tracking-uri nosuch://tracker",
+         "--tracking-uri nosuch://tracker: cannot use the MLflow tracking store", keep=True),
+    case("cli-show-unknown-stored-study", "show --study digts --storage {tmp}/empty.journal",
+         "unknown study in {tmp}/empty.journal: 'digts'"),
+
+    # --- study files -----------------------------------------------------------------------------------------
+    case("study-not-yaml", "optimize --study {tmp}/s.yaml", "s.yaml: not valid YAML at line",
+         files={"s.yaml": "training: {epochs: [1, 2\n"}),
+    case("study-tab-indented", "optimize --study {tmp}/s.yaml", "s.yaml: not valid YAML at line 2",
+         files={"s.yaml": "training:\n\tepochs: 1\n"}),
+    case("study-not-utf8", "optimize --study {tmp}/s.yaml", "cannot read study file {tmp}/s.yaml",
+         files={"s.yaml": b"description: caf\xe9\n"}),
+    case("study-empty", "optimize --study {tmp}/s.yaml", "s.yaml: the study file is empty", files={"s.yaml": ""},
+         bounded=False),
+    case("study-only-comments", "optimize --study {tmp}/s.yaml", "s.yaml: the study file is empty",
+         files={"s.yaml": "# nothing yet\n"}, bounded=False),
+    case("study-a-list", "optimize --study {tmp}/s.yaml", "s.yaml: a study file is a mapping of keys; got a list",
+         files={"s.yaml": "- training\n- search\n"}, bounded=False),
+    case("study-a-scalar", "optimize --study {tmp}/s.yaml", "s.yaml: a study file is a mapping of keys; got a str",
+         files={"s.yaml": "just some words\n"}, bounded=False),
+    case("study-a-list-with-set", "optimize --study {tmp}/s.yaml",
+         "s.yaml: a study file is a mapping of keys; got a list", files={"s.yaml": "- training\n"}),
+    case("study-empty-with-set", "optimize --study {tmp}/s.yaml", "s.yaml: the study file is empty",
+         files={"s.yaml": ""},
+         bug="with any --set an empty study file becomes {} plus the overrides: the defaults run silently"),
+    case("study-unknown-top-level-key", "optimize --study {tmp}/s.yaml",
+         "s.yaml: trainig: unknown key (did you mean 'training'?)", files={"s.yaml": "trainig: {epochs: 1}\n"}),
+    case("study-unknown-nested-key", "optimize --study {tmp}/s.yaml",
+         "s.yaml: training.epochz: unknown key (did you mean 'epochs'?)",
+         files={"s.yaml": "training: {epochz: 1}\n"}),
+    case("study-duplicate-key", "optimize --study {tmp}/s.yaml",
+         "s.yaml: not valid YAML at line 5, column 1: duplicate key 'training'",
+         files={"s.yaml": TINY_STUDY + "training: {epochs: 2}\n"},
+         bug="PyYAML's safe loader keeps the last of two equal keys: the first block is dropped silently"),
+    case("study-unknown-regularizer", "optimize --study {tmp}/s.yaml",
+         "unknown regularizer 'dropuot' (did you mean 'dropout'?)",
+         files={"s.yaml": TINY_STUDY + "regularizers: {dropuot: {}}\n"}),
+    case("study-unknown-regularizer-option", "optimize --study {tmp}/s.yaml",
+         "regularizers.l1.strenght: unknown option (did you mean 'strength'?)",
+         files={"s.yaml": TINY_STUDY + "regularizers: {l1: {strenght: 1.0e-4}}\n"}),
+    case("study-range-low-above-high", "optimize --study {tmp}/s.yaml",
+         "s.yaml: training.lr: low must not exceed high; got [0.3, 0.01]",
+         files={"s.yaml": "training: {lr: [0.3, 0.01]}\n"}),
+    case("study-plugin-range-low-above-high", "optimize --study {tmp}/s.yaml",
+         "regularizers.l1.strength: low must not exceed high; got [0.001, 1e-06]",
+         files={"s.yaml": TINY_STUDY + "regularizers: {l1: {strength: [1.0e-3, 1.0e-6]}}\n"}),
+    case("study-log-range-with-zero", "optimize --study {tmp}/s.yaml",
+         "s.yaml: training.lr: a log-scale range must be above 0; got [0, 0.1]",
+         files={"s.yaml": "training: {lr: [0, 0.1]}\n"}),
+    case("study-plugin-log-range-with-zero", "optimize --study {tmp}/s.yaml",
+         "regularizers.l2.weight_decay: a log-scale range must be above 0; got [0, 0.01]",
+         files={"s.yaml": TINY_STUDY + "regularizers: {l2: {weight_decay: [0, 0.01]}}\n"}),
+    case("study-dropout-p-above-1", "optimize --study {tmp}/s.yaml",
+         "regularizers.dropout.p: must be in [0.0, 1.0); got [0.2, 1.5]",
+         files={"s.yaml": TINY_STUDY + "regularizers: {dropout: {p: [0.2, 1.5]}}\n"}),
+    case("study-dropout-p-exactly-1", "optimize --study {tmp}/s.yaml",
+         "regularizers.dropout.p: must be in [0.0, 1.0); got 1.0",
+         files={"s.yaml": TINY_STUDY + "regularizers: {dropout: {p: 1.0}}\n"}),
+    case("study-dropout-p-negative", "optimize --study {tmp}/s.yaml",
+         "regularizers.dropout.p: must be >= 0.0; got [-0.1, 0.5]",
+         files={"s.yaml": TINY_STUDY + "regularizers: {dropout: {p: [-0.1, 0.5]}}\n"}),
+    case("study-val-fraction-above-range", "optimize --study {tmp}/s.yaml",
+         "s.yaml: data.val_fraction: must be <= 0.9; got 1.5", files={"s.yaml": "data: {val_fraction: 1.5}\n"}),
+    case("study-unknown-model", "optimize --study {tmp}/s.yaml",
+         "model.name: unknown model 'mpl' (did you mean 'mlp'?); known: cnn, mlp, resnet",
+         files={"s.yaml": TINY_STUDY.replace("name: mlp", "name: mpl")}),
+    case("study-unknown-model-option", "optimize --study {tmp}/s.yaml",
+         "model.hiden: unknown option (did you mean 'hidden'?)",
+         files={"s.yaml": TINY_STUDY.replace("hidden:", "hiden:")}),
+    case("study-unknown-dataset", "optimize --study {tmp}/s.yaml",
+         "s.yaml: data.name: unknown value 'mnist'; known: cifar10, digits", files={"s.yaml": "data: {name: mnist}\n"}),
+    case("study-unknown-optimizer", "optimize --study {tmp}/s.yaml",
+         "s.yaml: training.optimizer: unknown value 'adamm' (did you mean 'adamw'?)",
+         files={"s.yaml": "training: {optimizer: adamm}\n"}),
+    case("study-unknown-sampler", "optimize --study {tmp}/s.yaml",
+         "s.yaml: search.sampler.name: unknown value 'cmaes'; known: random, tpe",
+         files={"s.yaml": "search: {sampler: {name: cmaes}}\n"}),
+    case("study-unknown-pruner", "optimize --study {tmp}/s.yaml",
+         "s.yaml: search.pruner.name: unknown value 'medain' (did you mean 'median'?)",
+         files={"s.yaml": "search: {pruner: {name: medain}}\n"}),
+    case("study-dropout-site-matches-nothing", "optimize --study {tmp}/s.yaml",
+         "regularizers.dropout: no dropout site matches encoder.* in this model",
+         files={"s.yaml": TINY_STUDY + "regularizers: {dropout: {types: [], sites: ['encoder.*']}}\n"}),
+    case("study-batchnorm-site-matches-nothing", "optimize --study {tmp}/s.yaml",
+         "regularizers.batchnorm: no batchnorm site matches conv* in this model",
+         files={"s.yaml": TINY_STUDY + "regularizers: {batchnorm: {types: [], sites: ['conv*']}}\n"}),
+    case("study-yaml-tag-builds-no-object", "optimize --study {tmp}/s.yaml", "s.yaml: not valid YAML at line 1",
+         files={"s.yaml": "seed: !!python/object/apply:os.system ['touch {tmp}/owned']\n"}, absent="owned"),
+    case("study-plugin-listed-without-read-permission", "optimize --study {tmp}/s.yaml",
+         "plugin file {tmp}/secret.py is not readable", files={"s.yaml": TINY_STUDY + "plugins: [secret.py]\n"},
+         setup=no_read_permission, process=True),
+    case("study-plugin-listed-symlink-loop", "optimize --study {tmp}/s.yaml",
+         "plugin file {tmp}/loop.py cannot be read", files={"s.yaml": TINY_STUDY + "plugins: [loop.py]\n"},
+         setup=symlink_loop, bug="Path.resolve() of the study's plugin paths raises RuntimeError on a symlink loop"),
+    case("study-plugin-listed-but-missing", "optimize --study {tmp}/s.yaml",
+         "plugin file {tmp}/plugs/missing.py does not exist",
+         files={"s.yaml": TINY_STUDY + "plugins: [plugs/missing.py]\n"}),
+
+    # --- plugins ---------------------------------------------------------------------------------------------
+    case("plugin-syntax-error-keeps-study", "optimize --study digits --plugin {tmp}/plugin.py",
+         "plugin file {tmp}/plugin.py: syntax error at line 2", files={"plugin.py": "import regsearch\ndef (:\n"},
+         keep=True),
+    case("plugin-import-error", "optimize --study digits --plugin {tmp}/plugin.py",
+         "plugin file {tmp}/plugin.py: cannot be imported: ModuleNotFoundError: No module named 'no_such_module_x'",
+         files={"plugin.py": plugin("import_error", SPACE, header="import no_such_module_x")}),
+    case("plugin-raises-at-import", "optimize --study digits --plugin {tmp}/plugin.py",
+         "plugin file {tmp}/plugin.py: cannot be imported: RuntimeError: no licence key",
+         files={"plugin.py": "raise RuntimeError('no licence key')\n"}),
+    case("plugin-from-study-file-syntax-error", "optimize --study {tmp}/s.yaml",
+         "plugin file {tmp}/plugin.py: syntax error at line 1",
+         files={"s.yaml": TINY_STUDY + "plugins: [plugin.py]\n", "plugin.py": "def broken(:\n"}),
+    case("plugin-class-not-a-regularizer", "optimize --study digits --plugin {tmp}/plugin.py",
+         "regularizer 'plain_class' (file {tmp}/plugin.py): <class",
+         files={"plugin.py": "import regsearch\n\n@regsearch.register('plain_class')\nclass Plain:\n"
+                             "    def search_space(self, trial):\n        return {}\n"}),
+    case("plugin-no-search-space", "optimize --study digits --plugin {tmp}/plugin.py",
+         "regularizer 'no_space' (file {tmp}/plugin.py): Plugin does not define search_space(self, trial)",
+         files={"plugin.py": plugin("no_space", "def penalty(self, model, params):\n    return None\n")}),
+    case("plugin-hook-wrong-signature", "optimize --study digits --plugin {tmp}/plugin.py",
+         "regularizer 'bad_hook' (file {tmp}/plugin.py): Plugin.on_epoch_end(self, state) does not take "
+         "(self, state, params)",
+         files={"plugin.py": plugin("bad_hook", SPACE, "def on_epoch_end(self, state):\n    pass\n")}),
+    case("plugin-penalty-wrong-signature", "optimize --study digits --plugin {tmp}/plugin.py",
+         "regularizer 'bad_penalty' (file {tmp}/plugin.py): Plugin.penalty(self, params) does not take",
+         files={"plugin.py": plugin("bad_penalty", SPACE, "def penalty(self, params):\n    return None\n")}),
+    case("plugin-bad-name", "optimize --study digits --plugin {tmp}/plugin.py",
+         "regularizer 'My-Reg' (file {tmp}/plugin.py): a name is lower-case letters",
+         files={"plugin.py": plugin("My-Reg", SPACE)}),
+    case("plugin-registers-nothing", "optimize --study digits --plugin {tmp}/plugin.py",
+         "plugin file {tmp}/plugin.py registers no regularizer", files={"plugin.py": "x = 1\n"}),
+    case("plugin-duplicate-of-builtin", "optimize --study digits --plugin {tmp}/plugin.py",
+         "regularizer 'l2' is registered twice: by built-in and by file {tmp}/plugin.py",
+         files={"plugin.py": plugin("l2", SPACE)}),
+    case("plugin-duplicate-across-files", "optimize --study digits --plugin {tmp}/a.py --plugin {tmp}/b.py",
+         "regularizer 'twin' is registered twice: by file {tmp}/a.py and by file {tmp}/b.py",
+         files={"a.py": plugin("twin", SPACE), "b.py": plugin("twin", SPACE)}),
+    case("plugin-same-parameter-two-ranges", "optimize --study {tmp}/s.yaml",
+         "regularizer 'twice' (file {tmp}/plugin.py): search_space failed: PluginError: parameter 'twice.a' is "
+         "suggested twice with different ranges",
+         files={"s.yaml": uses("twice"), "plugin.py": plugin("twice", """\
+             def search_space(self, trial):
+                 return {'a': trial.suggest_float('a', 0.1, 1.0), 'b': trial.suggest_float('a', 0.1, 2.0)}
+             """)}),
+    case("plugin-search-space-not-a-dict", "optimize --study {tmp}/s.yaml",
+         "regularizer 'listy' (file {tmp}/plugin.py): search_space failed: PluginError: search_space returned "
+         "list, not a dict",
+         files={"s.yaml": uses("listy"), "plugin.py": plugin("listy", """\
+             def search_space(self, trial):
+                 return [trial.suggest_float('a', 0.1, 1.0)]
+             """)}),
+    case("plugin-transform-returns-none", "optimize --study {tmp}/s.yaml",
+         "regularizer 'forgetful' (file {tmp}/plugin.py): transform_model failed: PluginError: transform_model "
+         "returned NoneType, not an nn.Module",
+         files={"s.yaml": uses("forgetful"), "plugin.py": plugin("forgetful", SPACE, """\
+             def transform_model(self, model, params):
+                 model.add_module('extra', torch.nn.Identity())
+             """)}),
+    case("plugin-penalty-not-scalar", "optimize --study {tmp}/s.yaml",
+         "regularizer 'vector_penalty' (file {tmp}/plugin.py): penalty must return a scalar tensor or None; got (3,)",
+         files={"s.yaml": uses("vector_penalty"), "plugin.py": plugin("vector_penalty", SPACE, """\
+             def penalty(self, model, params):
+                 return torch.ones(3)
+             """)}),
+    case("plugin-penalty-a-float", "optimize --study {tmp}/s.yaml",
+         "regularizer 'float_penalty' (file {tmp}/plugin.py): penalty must return a scalar tensor or None; got float",
+         files={"s.yaml": uses("float_penalty"), "plugin.py": plugin("float_penalty", SPACE, """\
+             def penalty(self, model, params):
+                 return 0.5
+             """)}),
+    case("plugin-penalty-on-another-device", "optimize --study {tmp}/s.yaml",
+         "regularizer 'meta_penalty' (file {tmp}/plugin.py): penalty returned a tensor on meta, the model trains "
+         "on cpu",
+         files={"s.yaml": uses("meta_penalty"), "plugin.py": plugin("meta_penalty", SPACE, """\
+             def penalty(self, model, params):
+                 return torch.zeros((), device='meta')
+             """)}),
+    case("plugin-penalty-raises", "optimize --study {tmp}/s.yaml",
+         "regularizer 'raising_penalty' (file {tmp}/plugin.py): penalty failed: KeyError: 'strength'",
+         files={"s.yaml": uses("raising_penalty"), "plugin.py": plugin("raising_penalty", SPACE, """\
+             def penalty(self, model, params):
+                 return params['strength'] * sum(p.abs().sum() for p in model.parameters())
+             """)}),
+    case("plugin-unknown-option", "optimize --study {tmp}/s.yaml",
+         "regularizers.opt_plugin.strenght: unknown option (did you mean 'strength'?); opt_plugin takes: strength",
+         files={"s.yaml": TINY_STUDY + "regularizers: {opt_plugin: {strenght: 2}}\nplugins: [plugin.py]\n",
+                "plugin.py": plugin("opt_plugin", "def __init__(self, strength=1.0):\n    self.strength = strength\n",
+                                    SPACE)}),
+    case("plugins-listing-syntax-error", "plugins --plugin {tmp}/plugin.py",
+         "plugin file {tmp}/plugin.py: syntax error at line 1", files={"plugin.py": "def broken(:\n"}),
+
+    # --- data ------------------------------------------------------------------------------------------------
+    case("data-missing-folder", "optimize --study cifar --data-dir {tmp}/nowhere",
+         "CIFAR-10 data folder {tmp}/nowhere does not exist"),
+    case("data-folder-without-cifar", "optimize --study cifar --data-dir {tmp}/empty",
+         "no CIFAR-10 data in {tmp}/empty: expected cifar-10-binary.tar.gz", files={"empty/readme.txt": "hi\n"}),
+    case("data-no-download-offline", "optimize --study cifar",
+         "CIFAR-10 is not in {tmp}/cache/cifar10 and downloads are off"),
+    case("data-archive-wrong-checksum", f"optimize --study cifar --data-dir {{tmp}}/{ARCHIVE}",
+         f"{{tmp}}/{ARCHIVE}: checksum mismatch", files={ARCHIVE: tar_gz(cifar_folder())}),
+    case("data-folder-with-archive-wrong-checksum", "optimize --study cifar --data-dir {tmp}",
+         f"{{tmp}}/{ARCHIVE}: checksum mismatch", files={ARCHIVE: b"not the archive"}),
+    case("data-archive-truncated", "optimize --study cifar --data-dir {tmp}/sample.tar.gz",
+         "{tmp}/sample.tar.gz: cannot read the archive",
+         files={"sample.tar.gz": tar_gz(cifar_folder())[:20_000]}),
+    case("data-archive-not-gzip", "optimize --study cifar --data-dir {tmp}/sample.tar.gz",
+         "{tmp}/sample.tar.gz: cannot read the archive", files={"sample.tar.gz": b"<html>404</html>\n"},
+         bug="tarfile's ReadError for a file that no method opens spans five lines; it goes out as is"),
+    case("data-batch-truncated", "optimize --study cifar --data-dir {tmp}",
+         f"CIFAR-10 file data_batch_1.bin is {2 * RECORD - 1} bytes, not a whole number of {RECORD}-byte records",
+         files=cifar_folder(data_batch_1=cifar_batch(2)[:-1])),
+    case("data-batch-empty", "optimize --study cifar --data-dir {tmp}",
+         "CIFAR-10 file test_batch.bin is 0 bytes", files=cifar_folder(test_batch=b"")),
+    case("data-batch-size-not-a-record-multiple", "optimize --study cifar --data-dir {tmp}",
+         f"CIFAR-10 file data_batch_3.bin is {3 * RECORD + 100} bytes, not a whole number of {RECORD}-byte",
+         files=cifar_folder(data_batch_3=cifar_batch(3) + bytes(100))),
+    case("data-batch-in-archive-truncated", "optimize --study cifar --data-dir {tmp}/sample.tar.gz",
+         f"CIFAR-10 file data_batch_2.bin is {RECORD // 2} bytes",
+         files={"sample.tar.gz": tar_gz(cifar_folder(data_batch_2=cifar_batch(1)[:RECORD // 2]))}),
+    case("data-label-out-of-range", "optimize --study cifar --data-dir {tmp}",
+         "CIFAR-10 file test_batch.bin: record 1 has label 10, outside 0-9",
+         files=cifar_folder(test_batch=cifar_batch(2, labels=(3, 10)))),
+    case("data-label-out-of-range-in-archive", "optimize --study cifar --data-dir {tmp}/sample.tar.gz",
+         "CIFAR-10 file data_batch_5.bin: record 0 has label 255, outside 0-9",
+         files={"sample.tar.gz": tar_gz(cifar_folder(data_batch_5=cifar_batch(2, labels=(255,))))}),
+    case("data-test-batch-missing", "optimize --study cifar --data-dir {tmp}",
+         f"{{tmp}}/{FOLDER}: CIFAR-10 files missing: test_batch.bin",
+         files={f"{FOLDER}/data_batch_1.bin": cifar_batch()}),
+]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# running a case
+
+
+@dataclass
+class Outcome:
+    exit_code: int
+    stdout: str
+    stderr: str
+    exception: BaseException | None = None
+
+
+def invoke(args: list[str]) -> Outcome:
+    result = CliRunner().invoke(cli, args)
+    return Outcome(result.exit_code, result.stdout, result.stderr, result.exception)
+
+
+def run_without_dac(args: list[str], cwd: Path) -> Outcome:
+    """The real executable with file-permission checks in force even for root (tests often run as root)."""
+    exe = os.path.join(os.path.dirname(sys.executable), "regsearch")
+    command = [exe, *args]
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root, which reads any file, and setpriv (util-linux) is not there to drop "
+                        "CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH")
+        command = [setpriv, "--bounding-set=-dac_override,-dac_read_search", "--", *command]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=120)
+    return Outcome(done.returncode, done.stdout, done.stderr)
+
+
+@pytest.fixture(scope="module")
+def mlflow_store(tmp_path_factory) -> Path:
+    """An empty MLflow store with its tables made (MLflow's migrations take seconds for each new store)."""
+    from mlflow import MlflowClient
+
+    folder = tmp_path_factory.mktemp("mlflow-store")
+    cwd = os.getcwd()
+    os.chdir(folder)  # the default experiment's artifact folder is relative to where the store is made
+    try:
+        MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}").search_experiments()
+    finally:
+        os.chdir(cwd)
+    return folder / "mlflow.db"
+
+
+def stored(folder: Path) -> tuple[list[tuple], int]:
+    """The digits study's trials in the folder's journal, and the number of MLflow runs in its mlflow.db."""
+    storage = optuna.storages.journal.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(folder / "regsearch.journal")))
+    trials = [(t.number, t.state.name, t.value, t.params)
+              for t in optuna.load_study(study_name="digits", storage=storage).trials]
+    with sqlite3.connect(folder / "mlflow.db") as db:
+        runs = db.execute("select count(*) from runs").fetchone()[0]
+    return trials, runs
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_line_and_exit_2(case: Case, tmp_path, monkeypatch, mlflow_store):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("REGSEARCH_CACHE", str(tmp_path / "cache"))  # no shared download cache
+    # a fresh process-wide registry: a case's plugins meet only the built-ins, and leave with the case
+    monkeypatch.setattr(_registry, "_default", None)
+    tmp = str(tmp_path)
+    # every case runs where an MLflow store exists: a wrongly accepted input or a `keep` study skips its migrations
+    shutil.copy(mlflow_store, tmp_path / "mlflow.db")
+    for name, content in case.files.items():
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content.replace("{tmp}", tmp))
+    if case.setup:
+        case.setup(tmp_path)
+    before = None
+    if case.keep:
+        first = invoke(["optimize", "--study", "digits", *TINY_RUN])
+        assert first.exit_code == 0, first.stderr
+        before = stored(tmp_path)
+        assert [t[1] for t in before[0]] == ["COMPLETE"] and before[1] >= 1
+
+    args = [a.replace("{tmp}", tmp) for a in case.args]
+    result = run_without_dac(args, tmp_path) if case.process else invoke(args)
+
+    everything = result.stdout + result.stderr
+    assert result.exit_code == 2, everything
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in everything
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error: "), result.stderr
+    assert case.message.replace("{tmp}", tmp) in lines[0]
+    assert result.stdout == ""
+    if case.secret:
+        assert case.secret not in everything
+    if case.absent:
+        assert not (tmp_path / case.absent).exists()
+    if case.keep:
+        assert stored(tmp_path) == before
