@@ -103,6 +103,13 @@ class ThreadChooser:
             return None
         return [self.many] * (1 + self.probe_steps) + [1] * (1 + self.probe_steps)
 
+    def too_small(self, first_step_s: float) -> bool:
+        """Steps of a few milliseconds (small MLPs) gain nothing and lose to switching: stop probing, keep as is."""
+        if first_step_s < 0.02:
+            self.active = False
+            torch.set_num_threads(self.chosen)
+        return not self.active
+
     def choose(self, seconds: dict[int, float]) -> None:
         self.chosen = min(seconds, key=seconds.get)
         torch.set_num_threads(self.chosen)
@@ -190,6 +197,8 @@ def fit(model: nn.Module, data: TensorData, applied: Sequence[Applied], training
             state.step += 1
             for a in batch_hooks:
                 a.regularizer.on_batch_end(state, a.params)
+            if probing and i == 0 and threads.too_small(time.perf_counter() - began):
+                plan, probing = None, False
             if probing:
                 if i % (len(plan) // 2):  # the first step after a switch is warm-up
                     timed[plan[i]] = timed.get(plan[i], 0.0) + time.perf_counter() - began
