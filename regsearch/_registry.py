@@ -121,7 +121,10 @@ class RegularizerRegistry:
 
     def load_file(self, path: str | os.PathLike[str]) -> list[RegularizerInfo]:
         """Import a plugin file; every class it decorates with `@regsearch.register` joins this registry."""
-        path = Path(path).expanduser().resolve()
+        try:
+            path = Path(path).expanduser().resolve()
+        except (OSError, RuntimeError) as exc:  # a symlink loop: RuntimeError before Python 3.13
+            raise PluginError(f"plugin file {path} cannot be read: {exc}") from None
         if path in self._files:
             return []
         if not path.is_file():

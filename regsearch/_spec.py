@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from collections.abc import Mapping
@@ -158,6 +159,10 @@ class SearchSpec:
     sampler: SamplerSpec = field(default_factory=SamplerSpec)
     pruner: PrunerSpec = field(default_factory=PrunerSpec)
     max_consecutive_failures: int = field(default=5, metadata=_check(minimum=1))
+    heartbeat_interval: int = field(default=30, metadata=_check(minimum=1))
+    """Seconds between a running trial's heartbeats (RDB storages)."""
+    grace_period: int = field(default=90, metadata=_check(minimum=2))
+    """Seconds without a heartbeat after which a trial counts as dead, is failed and queued again."""
 
 
 @dataclass(frozen=True)
@@ -287,7 +292,7 @@ def spec_from_dict(raw: Any, *, name: str, source: str = "<python>") -> StudySpe
     if isinstance(plugins, str) or not all(isinstance(p, str) for p in plugins):
         raise ConfigError(f"plugins: expected a list of plugin file paths; got {plugins!r}")
     base = Path(source).parent if source != "<python>" else Path.cwd()
-    plugins = tuple(str((base / p).resolve()) for p in plugins)
+    plugins = tuple(os.path.abspath(base / p) for p in plugins)  # links are resolved (and loops reported) on load
     spec = _build(StudySpec, raw, "", given={"name": name})
     return dataclasses.replace(spec, model=model, regularizers=regularizers, plugins=plugins, source=source)
 
@@ -364,6 +369,26 @@ def resolve_study(name_or_path: str) -> Path:
     return known[name_or_path]
 
 
+class _StudyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key written twice in one mapping (PyYAML keeps the last silently)."""
+
+
+def _unique_keys(loader: _StudyLoader, node: yaml.MappingNode) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden on purpose
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        if isinstance(key, typing.Hashable):
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+    return loader.construct_mapping(node, deep=True)
+
+
+_StudyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_keys)
+
+
 def read_study_file(path: Path) -> Any:
     """The parsed YAML of a study file, loaded safely (no object construction)."""
     try:
@@ -371,7 +396,7 @@ def read_study_file(path: Path) -> Any:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read study file {path}: {exc}") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_StudyLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -384,13 +409,20 @@ def load_study(name_or_path: str, overrides: Mapping[str, str] | list[tuple[str,
     path = resolve_study(name_or_path)
     raw = read_study_file(path)
     if overrides:
-        if raw is not None and not isinstance(raw, Mapping):
+        if raw is None:
+            raise ConfigError(f"{path}: the study file is empty")
+        if not isinstance(raw, Mapping):
             raise ConfigError(f"{path}: a study file is a mapping of keys; got a {type(raw).__name__}")
         raw = apply_overrides(raw, overrides)
     try:
         return spec_from_dict(raw, name=path.stem, source=str(path))
     except ConfigError as exc:
-        raise ConfigError(f"{path.name}: {exc}") from None
+        text = str(exc)
+        items = overrides.items() if isinstance(overrides, Mapping) else overrides
+        for key, value in reversed(list(items)):  # a value given with --set is named as the user typed it
+            if text.startswith((f"{key}:", f"{key}.")):
+                raise ConfigError(f"--set {key}={value}: {text}") from None
+        raise ConfigError(f"{path.name}: {text}") from None
 
 
 def describe(path: Path) -> str:

@@ -29,6 +29,9 @@ class RegsearchGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:
+            # bad input is one line, as everywhere else: no "Usage: ... / Try ... for help." banner
+            raise _Failure(exc.format_message(), exc.exit_code) from None
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except KeyboardInterrupt:
@@ -49,7 +52,7 @@ class RegsearchGroup(click.Group):
 
 def _positive(kind: type) -> Callable:
     def check(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
-        if value is not None and value <= 0:
+        if value is not None and not value > 0:  # `not >` also refuses nan
             raise click.BadParameter(f"must be positive; got {value}")
         return value
     return check
@@ -142,9 +145,11 @@ def plugins(plugins: tuple[str, ...]) -> None:
 @click.option("--set", "overrides", multiple=True, callback=_key_value, metavar="KEY=VALUE",
               help="Override a study-file key, e.g. --set training.epochs=5 (repeatable).")
 @plugin_option
+@click.option("--workers", type=int, default=1, show_default=True, callback=_positive(int), metavar="N",
+              help="Worker processes on this machine sharing the study (torch threads are split among them).")
 def optimize(study: str, n_trials: int | None, timeout: float | None, storage: str | None,
              tracking_uri: str | None, study_name: str | None, data_dir: str | None, device: str,
-             seed: int | None, overrides: list[tuple[str, str]], plugins: tuple[str, ...]) -> None:
+             seed: int | None, overrides: list[tuple[str, str]], plugins: tuple[str, ...], workers: int) -> None:
     """Run or resume a study; rerunning the same command adds only the missing trials."""
     from regsearch._errors import ConfigError
 
@@ -167,7 +172,7 @@ def optimize(study: str, n_trials: int | None, timeout: float | None, storage: s
     optuna.logging.set_verbosity(optuna.logging.INFO if debug else optuna.logging.ERROR)
     result = run(study, n_trials=n_trials, timeout=timeout, storage=storage, tracking_uri=tracking_uri,
                  study_name=study_name, data_dir=data_dir, device=device, seed=seed, overrides=overrides,
-                 plugins=plugins, progress=TqdmProgress())
+                 plugins=plugins, progress=TqdmProgress(), workers=workers)
     print_leaderboard(result)
 
 
@@ -187,7 +192,14 @@ def show(study: str, storage: str | None, study_name: str | None, top: int) -> N
     print_leaderboard(load_stored_study(study, storage, study_name), top=top)
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM ends a study like Ctrl-C: the running trial is failed, its run KILLED
+
+
 def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         cli(prog_name="regsearch")
     except BrokenPipeError:  # output piped into `head` and closed early: not an error

@@ -76,7 +76,8 @@ def _read_archive(path: Path, md5: str | None) -> dict[str, bytes]:
             while tar.fileobj.read(1 << 20):
                 pass
     except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as exc:
-        raise DataError(f"{path}: cannot read the archive ({exc}); it is truncated or not a tar.gz") from None
+        reason = " ".join(str(exc).split())  # tarfile lists each method it tried on a line of its own
+        raise DataError(f"{path}: cannot read the archive ({reason}); it is truncated or not a tar.gz") from None
     return found
 
 
