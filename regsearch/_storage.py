@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import random
 import re
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,32 @@ def describe_storage(url: str | None) -> str:
     return mask_url(url or DEFAULT_STORAGE)
 
 
-def open_storage(url: str | None = None) -> Any:
+def _rdb_storage(url: str, scheme: str, heartbeat_interval: int, grace_period: int) -> Any:
+    import optuna
+
+    for attempt in range(8):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat: stable in use
+                return optuna.storages.RDBStorage(
+                    url,
+                    # a worker that dies stops beating; its trial is failed and retried by a later optimize()
+                    heartbeat_interval=heartbeat_interval,
+                    grace_period=grace_period,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
+                    engine_kwargs={"pool_pre_ping": True} if scheme != "sqlite" else None,
+                )
+        except Exception as exc:
+            # Workers started together on a brand-new database race to create its tables: the losers see a
+            # duplicate-key error and succeed on a second try, once the tables exist.
+            text = str(exc).lower()
+            if attempt == 7 or not any(k in text for k in ("duplicate", "unique constraint", "already exists")):
+                raise
+            time.sleep(0.2 + random.random() * (attempt + 1) * 0.3)
+    raise AssertionError("unreachable")
+
+
+def open_storage(url: str | None = None, *, heartbeat_interval: int = 30, grace_period: int = 90) -> Any:
     """An Optuna storage: an RDB URL (sqlite:///, postgresql://, ...) or a journal file path."""
     import optuna
 
@@ -51,16 +78,7 @@ def open_storage(url: str | None = None) -> Any:
         raise StorageError(f"--storage {mask_url(url)}: unknown scheme {scheme!r}; use a file path (journal), "
                            f"sqlite:///FILE, postgresql://USER@HOST/DB or mysql://USER@HOST/DB")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat: stable in use
-            return optuna.storages.RDBStorage(
-                url,
-                # a worker that dies stops beating; its trial is failed and retried by the next optimize() call
-                heartbeat_interval=30,
-                grace_period=90,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
-                engine_kwargs={"pool_pre_ping": True} if scheme != "sqlite" else None,
-            )
+        return _rdb_storage(url, scheme, heartbeat_interval, grace_period)
     except ImportError as exc:
         driver = getattr(exc.__cause__, "name", None) or exc.name or "its driver"
         raise StorageError(f"--storage {mask_url(url)}: the database driver is not installed ({driver}); "

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
 import math
+import multiprocessing
 import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -21,7 +28,7 @@ from regsearch._errors import ConfigError, PluginError, RegsearchError, StudyErr
 from regsearch._registry import RegularizerRegistry, default_registry
 from regsearch._regularizer import NamespacedTrial, Regularizer, TrialContext
 from regsearch._spec import RegularizerSpec, StudySpec, load_study
-from regsearch._storage import describe_storage, open_storage
+from regsearch._storage import describe_storage, mask_url, open_storage
 from regsearch._tracking import Tracker, default_tracking_uri
 from regsearch._trainer import Applied, TrialDiverged, build_optimizer, evaluate, fit, resolve_device
 from regsearch.data._tensors import Batcher, TensorData, load_dataset
@@ -32,6 +39,9 @@ logger = logging.getLogger("regsearch")
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 """Trials that count toward `n_trials` (failed ones are retried, not counted)."""
+RUNNING = optuna.trial.TrialState.RUNNING
+WORKER_ATTR = "worker"
+SURPLUS = "surplus: the study already had its total when this trial started"
 METRIC_ATTR = "metrics"
 FAIL_REASON_ATTR = "fail_reason"
 TEST_ATTR = "best_test"
@@ -260,14 +270,36 @@ def fixed_settings(spec: StudySpec) -> dict[str, Any]:
 
 
 class _Objective:
-    def __init__(self, exp: Experiment, study_name: str, tracker: Tracker | None, parent_run_id: str | None):
+    def __init__(self, exp: Experiment, study_name: str, tracker: Tracker | None, parent_run_id: str | None,
+                 total: int, keep_dir: str | None = None):
         self.exp = exp
         self.study_name = study_name
         self.tracker = tracker
         self.parent_run_id = parent_run_id
+        self.total = total
+        self.keep_dir = keep_dir
         self.best: tuple[float, int, nn.Module] | None = None
 
+    def _keep(self, number: int, value: float, model: nn.Module) -> None:
+        """Remember this process's best model (on disk too, for the main process of a multi-worker run)."""
+        if self.best is not None and value <= self.best[0]:
+            return
+        previous = self.best
+        self.best = (value, number, model)
+        if self.keep_dir:
+            torch.save(model.state_dict(), os.path.join(self.keep_dir, f"trial-{number}.pt"))
+            if previous is not None:
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(self.keep_dir, f"trial-{previous[1]}.pt"))
+
     def __call__(self, trial: optuna.Trial) -> float:
+        trial.set_user_attr(WORKER_ATTR, {"host": socket.gethostname(), "pid": os.getpid()})
+        ahead = [t for t in trial.study.get_trials(deepcopy=False, states=(*FINISHED, RUNNING))
+                 if t.number < trial.number]
+        if len(ahead) >= self.total:
+            # another worker asked for the last trial at the same moment: this one is not needed
+            trial.set_user_attr(FAIL_REASON_ATTR, SURPLUS)
+            raise _Surplus(SURPLUS)
         seed = trial_seed(self.exp.spec.seed, trial.number)
         trial.set_user_attr("seed", seed)
         tracker = self.tracker
@@ -293,8 +325,7 @@ class _Objective:
                           seed=seed, on_epoch=on_epoch)
             trial.set_user_attr(METRIC_ATTR, metrics)
             trial.set_user_attr("epochs", self.exp.spec.training.epochs)
-            if self.best is None or metrics["val_acc"] > self.best[0]:
-                self.best = (metrics["val_acc"], trial.number, model)
+            self._keep(trial.number, metrics["val_acc"], model)
             status, tags = "FINISHED", {"regsearch.state": "COMPLETE"}
             return metrics["val_acc"]
         except optuna.TrialPruned as exc:
@@ -315,30 +346,102 @@ class _Objective:
                 tracker.end_trial(run_id, status, tags)
 
 
-class _StopWhenDone:
-    """Stops this worker once the study holds `total` finished trials, or after too many failures in a row."""
+class _Surplus(Exception):
+    """A trial asked for after the study already had its total (a race between workers)."""
 
-    def __init__(self, total: int, max_failures: int, progress: Progress | None):
+
+class _StopWhenDone:
+    """Stops this worker once finished + running trials reach `total`, or after too many failures in a row.
+
+    Counting running trials (other workers') keeps the study at exactly `total`: a worker does not start a
+    trial that another worker's running one will complete. After each trial it also fails the trials of
+    workers on this host that died, and queues them again.
+    """
+
+    def __init__(self, total: int, max_failures: int, progress: Progress | None, tracker: Tracker | None):
         self.total = total
         self.max_failures = max_failures
         self.failures: list[str] = []
         self.progress = progress
+        self.tracker = tracker
         self.gave_up = False
+        self.checked: set[int] = set()
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if self.progress is not None:
             self.progress.trial_done(trial, study)
-        if trial.state == optuna.trial.TrialState.FAIL:
-            reason = trial.user_attrs.get(FAIL_REASON_ATTR, "unknown")
-            if not reason.startswith("loss is NaN"):  # divergence is the search's business, not a broken setup
-                self.failures.append(reason)
-        else:
+        reason = trial.user_attrs.get(FAIL_REASON_ATTR, "unknown")
+        if trial.state == optuna.trial.TrialState.FAIL and reason != SURPLUS:
+            self.failures.append(reason)
+        elif trial.state != optuna.trial.TrialState.FAIL:
             self.failures.clear()
+        recover_dead_trials(study, self.tracker)
+        _close_stale_runs(study, self.tracker, self.checked)
         if len(self.failures) >= self.max_failures:
             self.gave_up = True
             study.stop()
-        elif len(study.get_trials(deepcopy=False, states=FINISHED)) >= self.total:
+        elif reason == SURPLUS or _committed(study) >= self.total:
             study.stop()
+
+
+def _committed(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(*FINISHED, RUNNING)))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed process its parent has not reaped yet is a zombie: dead for our purpose
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def recover_dead_trials(study: optuna.Study, tracker: Tracker | None, max_retry: int = 3) -> list[int]:
+    """Fail the RUNNING trials whose worker process on this host is gone, and queue each again once.
+
+    Optuna's journal storage has no heartbeat, so a killed worker's trial would stay RUNNING forever; RDB
+    storages also have Optuna's heartbeat, which catches workers on other machines.
+    """
+    host, me = socket.gethostname(), os.getpid()
+    recovered = []
+    for t in study.get_trials(deepcopy=False, states=(RUNNING,)):
+        worker = t.user_attrs.get(WORKER_ATTR) or {}
+        if worker.get("host") != host or worker.get("pid") in (None, me) or _pid_alive(worker["pid"]):
+            continue
+        try:
+            if not study._storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker got there first
+        recovered.append(t.number)
+        logger.warning("trial %d: its worker (pid %s) died; the trial is failed and queued again", t.number,
+                       worker["pid"])
+        if tracker is not None and t.user_attrs.get("mlflow_run_id"):
+            tracker.end_trial(t.user_attrs["mlflow_run_id"], "KILLED",
+                              {"regsearch.state": "FAIL", "regsearch.reason": f"worker pid {worker['pid']} died"})
+        # the same retry Optuna's heartbeat applies on RDB storages: a WAITING copy with the same parameters
+        optuna.storages.RetryFailedTrialCallback(max_retry=max_retry)(study, study._storage.get_trial(t._trial_id))
+    return recovered
+
+
+def _close_stale_runs(study: optuna.Study, tracker: Tracker | None, checked: set[int]) -> None:
+    """End the MLflow runs of trials that Optuna's heartbeat failed (they died without closing their run)."""
+    if tracker is None:
+        return
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
+        run_id = t.user_attrs.get("mlflow_run_id")
+        if run_id and FAIL_REASON_ATTR not in t.user_attrs and t.number not in checked:
+            checked.add(t.number)
+            with contextlib.suppress(Exception):
+                if tracker.client.get_run(run_id).info.status == "RUNNING":
+                    tracker.end_trial(run_id, "KILLED", {"regsearch.state": "FAIL",
+                                                         "regsearch.reason": "worker stopped beating"})
 
 
 def prepare(spec: StudySpec, *, data: TensorData | None = None, model: Callable[[], nn.Module] | None = None,
@@ -389,11 +492,13 @@ def optimize(study: str | StudySpec, *, n_trials: int | None = None, timeout: fl
              seed: int | None = None, overrides: Mapping[str, Any] | Sequence[tuple[str, Any]] = (),
              plugins: Iterable[str] = (), data: TensorData | None = None,
              model: Callable[[], nn.Module] | None = None, registry: RegularizerRegistry | None = None,
-             progress: Progress | None = None) -> optuna.Study:
+             progress: Progress | None = None, workers: int = 1) -> optuna.Study:
     """Run (or resume) a study until it holds `n_trials` finished trials in total; returns the Optuna study.
 
     `study` is a shipped study's name, a study file's path or a `StudySpec`. `data` (a `TensorData`) and
     `model` (a zero-argument factory of your own `nn.Module`) replace the study's dataset and model.
+    `workers` > 1 runs that many worker processes on this machine (they must be able to pickle `data` and
+    `model`); the same call on other machines with a shared `storage` joins the same study.
     """
     spec = study if isinstance(study, StudySpec) else load_study(study, overrides)
     if seed is not None:
@@ -402,45 +507,34 @@ def optimize(study: str | StudySpec, *, n_trials: int | None = None, timeout: fl
         raise ConfigError(f"n_trials must be at least 1; got {n_trials}")
     if timeout is not None and timeout <= 0:
         raise ConfigError(f"timeout must be positive; got {timeout}")
+    if workers < 1:
+        raise ConfigError(f"workers must be at least 1; got {workers}")
     total = n_trials or spec.search.n_trials
     name = study_name or spec.name
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     exp = prepare(spec, data=data, model=model, data_dir=data_dir, device=device, registry=registry,
                   plugins=plugins)
-    optuna_storage = open_storage(storage)
-    try:
-        created = optuna.create_study(storage=optuna_storage, study_name=name, direction="maximize",
-                                      load_if_exists=True)
-    except Exception as exc:
-        raise StudyError(f"cannot create study {name!r} in {describe_storage(storage)}: {exc}") from exc
-    if created.direction != optuna.study.StudyDirection.MAXIMIZE:
-        raise ConfigError(f"study {name!r} in {describe_storage(storage)} is not a regsearch study (it minimizes)")
-    already = len(created.trials)
-    opt_study = optuna.load_study(study_name=name, storage=optuna_storage,
-                                  sampler=_sampler(spec, spec.seed + already), pruner=_pruner(spec))
-    opt_study.set_user_attr("regsearch.source", spec.source)
-    tracker = parent = None
-    if tracking:
-        uri = tracking_uri or default_tracking_uri()
-        try:
-            tracker = Tracker(uri, name)
-            parent = tracker.parent_run(opt_study, name, fixed_settings(spec))
-        except Exception as exc:
-            from regsearch._storage import mask_url
-
-            raise ConfigError(f"--tracking-uri {mask_url(uri)}: cannot use the MLflow tracking store: "
-                              f"{mask_url(str(exc)).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    opt_study, tracker, parent = _open_study(spec, name, storage, tracking, tracking_uri, create=True)
     finished = len(opt_study.get_trials(deepcopy=False, states=FINISHED))
-    objective = _Objective(exp, name, tracker, parent)
-    stopper = _StopWhenDone(total, spec.search.max_consecutive_failures, progress)
     if finished < total:
-        logger.info("study %s: %d of %d trials finished; running the rest (storage %s)", name, finished, total,
-                    describe_storage(storage))
+        logger.info("study %s: %d of %d trials finished; running the rest (storage %s%s)", name, finished, total,
+                    describe_storage(storage), f", {workers} workers" if workers > 1 else "")
     if progress is not None:
         progress.start(name, finished, total)
-    interrupted = False
+    keep_dir = tempfile.mkdtemp(prefix="regsearch-best-") if workers > 1 else None
+    objective = _Objective(exp, name, tracker, parent, total, keep_dir)
+    interrupted = gave_up = False
     try:
-        if finished < total:
-            opt_study.optimize(objective, timeout=timeout, catch=(Exception,), callbacks=[stopper])
+        if finished < total and workers == 1:
+            stopper = _run_trials(opt_study, objective, total, timeout, spec, progress, tracker)
+            gave_up = stopper.gave_up
+        elif finished < total:
+            job = dict(study=spec, n_trials=total, timeout=timeout, storage=storage, tracking=tracking,
+                       tracking_uri=tracking_uri, study_name=name, data_dir=data_dir, device=device, data=data,
+                       model=model, plugins=tuple(plugins), keep_dir=keep_dir,
+                       threads=max(1, (os.cpu_count() or 1) // workers))
+            gave_up = _run_workers(opt_study, job, workers, progress)
     except KeyboardInterrupt:
         interrupted = True
         raise
@@ -448,16 +542,144 @@ def optimize(study: str | StudySpec, *, n_trials: int | None = None, timeout: fl
         if progress is not None:
             progress.close()
         try:
-            if not interrupted and not stopper.gave_up:
+            if not interrupted and not gave_up:
                 _final_report(opt_study, exp, objective, tracker, parent)
         finally:
+            if keep_dir:
+                shutil.rmtree(keep_dir, ignore_errors=True)
             if tracker is not None:
                 tracker.end_parent(parent, "KILLED" if interrupted else "FINISHED")
                 tracker.close()
-    if stopper.gave_up:
-        raise StudyError(f"study {name!r} stopped: {len(stopper.failures)} trials failed in a row; the last: "
-                         f"{stopper.failures[-1]}")
+    if gave_up:
+        failed = [t for t in opt_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
+                  if t.user_attrs.get(FAIL_REASON_ATTR, SURPLUS) != SURPLUS]
+        last = failed[-1].user_attrs[FAIL_REASON_ATTR] if failed else "unknown"
+        raise StudyError(f"study {name!r} stopped: {spec.search.max_consecutive_failures} trials failed in a row; "
+                         f"the last: {last}")
     return opt_study
+
+
+def _open_study(spec: StudySpec, name: str, storage: str | None, tracking: bool, tracking_uri: str | None,
+                *, create: bool, salt: int = 0) -> tuple[optuna.Study, Tracker | None, str | None]:
+    """The Optuna study (created once, by the first process) and its MLflow parent run."""
+    optuna_storage = open_storage(storage, heartbeat_interval=spec.search.heartbeat_interval,
+                                  grace_period=spec.search.grace_period)
+    try:
+        if create:
+            created = optuna.create_study(storage=optuna_storage, study_name=name, direction="maximize",
+                                          load_if_exists=True)
+        else:
+            created = optuna.load_study(study_name=name, storage=optuna_storage)
+    except Exception as exc:
+        raise StudyError(f"cannot open study {name!r} in {describe_storage(storage)}: {exc}") from exc
+    if created.direction != optuna.study.StudyDirection.MAXIMIZE:
+        raise ConfigError(f"study {name!r} in {describe_storage(storage)} is not a regsearch study (it minimizes)")
+    # a different sampler seed per worker and per resume: workers must not replay each other's draws
+    sampler_seed = spec.seed + len(created.trials) * 7_919 + salt * 104_729
+    opt_study = optuna.load_study(study_name=name, storage=optuna_storage,
+                                  sampler=_sampler(spec, sampler_seed % (2**31 - 1)), pruner=_pruner(spec))
+    if create:
+        opt_study.set_user_attr("regsearch.source", spec.source)
+    tracker = parent = None
+    if tracking:
+        uri = tracking_uri or default_tracking_uri()
+        try:
+            tracker = Tracker(uri, name)
+            parent = tracker.parent_run(opt_study, name, fixed_settings(spec))
+        except Exception as exc:
+            raise ConfigError(f"--tracking-uri {mask_url(uri)}: cannot use the MLflow tracking store: "
+                              f"{mask_url(str(exc)).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    return opt_study, tracker, parent
+
+
+def _run_trials(study: optuna.Study, objective: _Objective, total: int, timeout: float | None, spec: StudySpec,
+                progress: Progress | None, tracker: Tracker | None) -> _StopWhenDone:
+    """This process's share of the study: trials until the study holds `total` finished ones (or gives up).
+
+    When only other workers' trials are left running, this worker waits for them instead of leaving: if one
+    of them died, its retry is queued and this worker runs it.
+    """
+    stopper = _StopWhenDone(total, spec.search.max_consecutive_failures, progress, tracker)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        recover_dead_trials(study, tracker)
+        _close_stale_runs(study, tracker, stopper.checked)
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            break
+        if _committed(study) < total:
+            study.optimize(objective, timeout=left, catch=(Exception,), callbacks=[stopper])
+            if stopper.gave_up:
+                break
+            continue
+        if len(study.get_trials(deepcopy=False, states=FINISHED)) >= total:
+            break
+        time.sleep(1.0)
+        optuna.storages.fail_stale_trials(study)  # RDB heartbeat: fails (and queues again) dead workers' trials
+    return stopper
+
+
+def _worker_main(job: dict[str, Any]) -> None:
+    """One worker process of `optimize(workers=N)`: attach to the study and run trials until it is done."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    torch.set_num_threads(job["threads"])
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    spec = job["study"]
+    try:
+        exp = prepare(spec, data=job["data"], model=job["model"], data_dir=job["data_dir"], device=job["device"],
+                      plugins=job["plugins"])
+        study, tracker, parent = _open_study(spec, job["study_name"], job["storage"], job["tracking"],
+                                             job["tracking_uri"], create=False, salt=job["index"] + 1)
+        objective = _Objective(exp, job["study_name"], tracker, parent, job["n_trials"], job["keep_dir"])
+        try:
+            stopper = _run_trials(study, objective, job["n_trials"], job["timeout"], spec, None, tracker)
+        finally:
+            if tracker is not None:
+                tracker.close()
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except RegsearchError as exc:
+        logger.error("worker %d: %s", os.getpid(), exc)
+        sys.exit(exc.exit_code)
+    sys.exit(3 if stopper.gave_up else 0)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _run_workers(study: optuna.Study, job: dict[str, Any], workers: int, progress: Progress | None) -> bool:
+    """Start `workers` processes, follow the study's progress until they end; True when they gave up."""
+    ctx = multiprocessing.get_context("spawn")
+    gpus = torch.cuda.device_count() if job["device"] in ("auto", "cuda") and torch.cuda.is_available() else 0
+    jobs = [{**job, "index": i, **({"device": f"cuda:{i % gpus}"} if gpus > 1 else {})} for i in range(workers)]
+    procs = [ctx.Process(target=_worker_main, args=(j,), name=f"regsearch-worker-{j['index']}") for j in jobs]
+    for proc in procs:
+        proc.start()
+    seen: set[int] = {t.number for t in study.get_trials(deepcopy=False, states=FINISHED)}
+    try:
+        while True:
+            alive = [p for p in procs if p.is_alive()]
+            for t in study.get_trials(deepcopy=False):
+                if t.state.is_finished() and t.number not in seen:
+                    seen.add(t.number)
+                    if progress is not None:
+                        progress.trial_done(t, study)
+            if not alive:
+                break
+            alive[0].join(timeout=1.0)
+    except KeyboardInterrupt:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in procs:
+            proc.join(timeout=30)
+        raise
+    codes = [p.exitcode for p in procs]
+    if all(code not in (0, 3) for code in codes) and _committed(study) < job["n_trials"]:
+        raise StudyError(f"every worker failed (exit codes {codes}); the trials finished so far are kept")
+    return 3 in codes and _committed(study) < job["n_trials"]
 
 
 def retrain(exp: Experiment, trial: optuna.trial.FrozenTrial) -> nn.Module:
@@ -481,8 +703,13 @@ def _final_report(study: optuna.Study, exp: Experiment, objective: _Objective, t
     done = study.user_attrs.get(TEST_ATTR) or {}
     if done.get("trial") == best.number and done.get("mlflow_run_id") == parent:
         return  # this best trial's test score and model are already on this study run
+    kept = os.path.join(objective.keep_dir, f"trial-{best.number}.pt") if objective.keep_dir else None
     if objective.best is not None and objective.best[1] == best.number:
         model = objective.best[2]
+    elif kept and os.path.exists(kept):
+        fixed = optuna.trial.FixedTrial(best.params, number=best.number)
+        model, _, _ = build_trial(exp, fixed, best.user_attrs.get("seed", 0))
+        model.load_state_dict(torch.load(kept, map_location=exp.device))
     else:
         logger.info("retraining the best trial (%d) of an earlier run for the test report", best.number)
         model = retrain(exp, best)

@@ -6,6 +6,7 @@ on the tracking store inside the training loop. A tracking failure is a warning,
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -73,22 +74,50 @@ class Tracker:
     # --- runs --------------------------------------------------------------------------------------------
 
     def parent_run(self, study: Any, run_name: str, params: Mapping[str, Any]) -> str:
-        """The study's parent run, created once and remembered in the study's user attributes."""
-        run_id = study.user_attrs.get(PARENT_RUN_ATTR)
+        """The study's parent run, created once and remembered in the study's user attributes.
+
+        Processes started at the same moment on several machines agree on one parent run: creating an Optuna
+        study is atomic in every storage, so a marker study decides which process creates the run; the
+        others wait for its id to appear.
+        """
+        run_id = self._existing_parent(study)
         if run_id:
-            try:
-                run = self.client.get_run(run_id)
-                if run.info.experiment_id == self.experiment_id and run.info.lifecycle_stage == "active":
-                    self.client.update_run(run_id, status="RUNNING")
+            return run_id
+        import optuna
+
+        digest = hashlib.sha1(f"{self.uri}|{self.experiment_id}".encode()).hexdigest()[:10]
+        marker = f"{study.study_name}.regsearch-parent-run.{digest}"
+        try:
+            optuna.create_study(study_name=marker, storage=study._storage)
+        except optuna.exceptions.DuplicatedStudyError:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                time.sleep(0.2)
+                run_id = self._existing_parent(study)
+                if run_id:
                     return run_id
-            except Exception:  # the run is gone (another tracking store, deleted): make a new one
-                pass
+            logger.warning("MLflow: no parent run appeared for study %s within 60 s; creating one",
+                           study.study_name)
         run = self.client.create_run(self.experiment_id, run_name=run_name,
                                      tags={"regsearch.study": run_name, "regsearch.role": "study"})
         run_id = run.info.run_id
         self._log_now(run_id, params=params)
         study.set_user_attr(PARENT_RUN_ATTR, run_id)
         return run_id
+
+    def _existing_parent(self, study: Any) -> str | None:
+        study_id = study._study_id
+        run_id = study._storage.get_study_user_attrs(study_id).get(PARENT_RUN_ATTR)
+        if run_id:
+            try:
+                run = self.client.get_run(run_id)
+                if run.info.experiment_id == self.experiment_id and run.info.lifecycle_stage == "active":
+                    if run.info.status != "RUNNING":
+                        self.client.update_run(run_id, status="RUNNING")
+                    return run_id
+            except Exception:  # the run is gone (another tracking store, deleted): make a new one
+                pass
+        return None
 
     def start_trial(self, parent_run_id: str, number: int, study_name: str) -> str | None:
         try:
