@@ -159,6 +159,8 @@ class SearchSpec:
     sampler: SamplerSpec = field(default_factory=SamplerSpec)
     pruner: PrunerSpec = field(default_factory=PrunerSpec)
     max_consecutive_failures: int = field(default=5, metadata=_check(minimum=1))
+    first_trial: Mapping[str, Any] = field(default_factory=dict)
+    """Parameters of a sound recipe the study starts from (enqueued once, when the study is new)."""
     heartbeat_interval: int = field(default=30, metadata=_check(minimum=1))
     """Seconds between a running trial's heartbeats (RDB storages)."""
     grace_period: int = field(default=90, metadata=_check(minimum=2))
@@ -219,6 +221,10 @@ def _convert(tp: Any, value: Any, where: str, meta: Mapping[str, Any]) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false; got {value!r}")
         return value
+    if typing.get_origin(tp) is Mapping or tp is Mapping:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping; got {value!r}")
+        return dict(value)
     if tp in (int, float):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         if ok and tp is int and value != int(value):

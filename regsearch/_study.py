@@ -580,6 +580,8 @@ def _open_study(spec: StudySpec, name: str, storage: str | None, tracking: bool,
                                   sampler=_sampler(spec, sampler_seed % (2**31 - 1)), pruner=_pruner(spec))
     if create:
         opt_study.set_user_attr("regsearch.source", spec.source)
+        if not created.trials and spec.search.first_trial:
+            opt_study.enqueue_trial(dict(spec.search.first_trial), skip_if_exists=True)
     tracker = parent = None
     if tracking:
         uri = tracking_uri or default_tracking_uri()

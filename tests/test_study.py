@@ -208,3 +208,15 @@ def test_trial_seeds_make_a_trial_reproducible(in_tmp, data):
     model = retrain(exp, study.trials[0])
     _, val_acc = evaluate(model, Batcher(exp.data), exp.data.x_val, exp.data.y_val, 1024)
     assert val_acc == pytest.approx(study.trials[0].value)
+
+
+def test_a_study_starts_from_its_first_trial_recipe(in_tmp, data):
+    spec = spec_from_dict({"training": {"epochs": 2}, "search": {"n_trials": 2, "pruner": {"name": "none"},
+                           "first_trial": {"lr": 0.05, "l2.enabled": True, "l2.weight_decay": 1e-4}},
+                           "regularizers": {"l2": {}}}, name="first")
+    storage = str(in_tmp / "first.journal")
+    study = regsearch.optimize(spec, data=data, model=Tabular, tracking=False, storage=storage)
+    assert study.trials[0].params == {"lr": 0.05, "l2.enabled": True, "l2.weight_decay": 1e-4}
+    # enqueued once, when the study is new: a resume does not run the recipe again
+    study = regsearch.optimize(spec, data=data, model=Tabular, tracking=False, storage=storage, n_trials=4)
+    assert [t.params for t in study.trials].count(study.trials[0].params) == 1
