@@ -106,7 +106,7 @@ def _download(target: Path) -> None:
         raise DataError(f"CIFAR-10 is not in {target.parent} and downloads are off ({OFFLINE_ENV} is set): "
                         f"download {URL} and pass --data-dir PATH")
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".part")
+    partial = target.with_name(f"{target.name}.{os.getpid()}.part")  # workers sharing a cache may race
     logger.info("downloading CIFAR-10 (163 MB) from %s into %s", URL, target.parent)
     try:
         with urllib.request.urlopen(URL, timeout=30) as response, open(partial, "wb") as out:
