@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -40,6 +41,18 @@ class LoopState:
     epochs: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     """The metrics of the last finished epoch (train_acc, val_acc, gap_acc, ...)."""
+    num_classes: int = 0
+    """How many classes the labels have (soft targets are (N, num_classes) probabilities)."""
+    stop: bool = False
+    """Set it in `on_epoch_end` to end training after this epoch (early stopping)."""
+    inputs: Callable[[], Iterator[torch.Tensor]] | None = field(default=None, repr=False)
+    """Set by the trainer; see `batches`."""
+
+    def batches(self) -> Iterator[torch.Tensor]:
+        """The training inputs in batches, normalised, not augmented (e.g. for `swa_utils.update_bn`)."""
+        if self.inputs is None:
+            return iter(())
+        return self.inputs()
 
 
 class Regularizer(abc.ABC):
@@ -75,6 +88,11 @@ class Regularizer(abc.ABC):
         """A scalar added to the training loss at every step (logged on its own as `penalty`)."""
         return None
 
+    def transform_batch(self, x: torch.Tensor, y: torch.Tensor, params: dict[str, Any]
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Change a training batch (inputs, int labels or (N, C) soft targets) after augmentation; never in eval."""
+        return x, y
+
     def on_train_start(self, state: LoopState, params: dict[str, Any]) -> None:
         """Called once before the first epoch."""
 
@@ -88,7 +106,7 @@ class Regularizer(abc.ABC):
         """Called after every epoch's evaluation; `state.metrics` holds that epoch's metrics."""
 
     def on_train_end(self, state: LoopState, params: dict[str, Any]) -> None:
-        """Called once after the last epoch."""
+        """Called once after the last epoch; a model left in `state.model` becomes the trial's final model."""
 
     def __repr__(self) -> str:
         options = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k != "context")
@@ -100,6 +118,7 @@ HOOKS: dict[str, tuple[str, ...]] = {
     "transform_model": ("model", "params"),
     "param_groups": ("model", "params", "groups"),
     "penalty": ("model", "params"),
+    "transform_batch": ("x", "y", "params"),
     "on_train_start": ("state", "params"),
     "on_epoch_start": ("state", "params"),
     "on_batch_end": ("state", "params"),

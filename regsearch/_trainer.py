@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from regsearch._errors import TrialError
+from regsearch._errors import PluginError, TrialError
 from regsearch._regularizer import LoopState, Regularizer
 from regsearch._spec import TrainingSpec
 from regsearch.data._tensors import Batcher, TensorData
@@ -134,10 +134,12 @@ def evaluate(model: nn.Module, batcher: Batcher, x: torch.Tensor, y: torch.Tenso
 def fit(model: nn.Module, data: TensorData, applied: Sequence[Applied], training: TrainingSpec, *, lr: float,
         device: torch.device, seed: int, on_epoch: Callable[[int, dict[str, float]], None] | None = None,
         epochs: int | None = None) -> dict[str, float]:
-    """Train `model` on `data` (already on `device`); returns the last epoch's metrics.
+    """Train `model` on `data` (already on `device`); returns the final model's metrics.
 
     Each epoch ends with eval-mode metrics on a fixed training subset the size of the validation split and on
-    the validation split; `on_epoch(epoch, metrics)` receives them (1-based epoch) and may raise to stop.
+    the validation split; `on_epoch(epoch, metrics)` receives them (1-based epoch) and may raise to stop. A
+    regularizer may end training early (`state.stop`) or replace the model at `on_train_end` (SWA): the
+    replacement is evaluated once more, its metrics are returned, and its weights are loaded into `model`.
     """
     epochs = epochs or training.epochs
     torch.manual_seed(seed)
@@ -156,9 +158,16 @@ def fit(model: nn.Module, data: TensorData, applied: Sequence[Applied], training
     x_fixed, y_fixed = data.x_train[subset], data.y_train[subset]
     penalizers = [a for a in applied if _overrides(a.regularizer, "penalty")]
     batch_hooks = [a for a in applied if _overrides(a.regularizer, "on_batch_end")]
+    batch_transforms = [a for a in applied if _overrides(a.regularizer, "transform_batch")]
     augment = training.augment and data.is_image
     threads = ThreadChooser(device)
-    state = LoopState(model=model, optimizer=optimizer, epochs=epochs)
+
+    def inputs():
+        for start in range(0, n, training.eval_batch_size):
+            yield batcher.inputs(data.x_train[start:start + training.eval_batch_size])
+
+    state = LoopState(model=model, optimizer=optimizer, epochs=epochs, num_classes=data.num_classes,
+                      inputs=inputs)
     for a in applied:
         a.regularizer.on_train_start(state, a.params)
     metrics: dict[str, float] = {}
@@ -179,9 +188,13 @@ def fit(model: nn.Module, data: TensorData, applied: Sequence[Applied], training
                 began = time.perf_counter()
             idx = order[i * bs:(i + 1) * bs]
             x = batcher.inputs(data.x_train[idx], augment=augment)
+            y = data.y_train[idx]
+            for a in batch_transforms:
+                x, y = _transformed(a, x, y, checked=state.step > 0)
             with _autocast(device):
                 out = model(x)
-                loss = F.cross_entropy(out.float(), data.y_train[idx], label_smoothing=training.label_smoothing)
+                # y: int labels, or (N, C) probabilities once a plugin made them soft (mixup, label smoothing)
+                loss = F.cross_entropy(out.float(), y, label_smoothing=training.label_smoothing)
             total = loss
             for a in penalizers:
                 term = a.regularizer.penalty(model, a.params)
@@ -221,6 +234,43 @@ def fit(model: nn.Module, data: TensorData, applied: Sequence[Applied], training
             a.regularizer.on_epoch_end(state, a.params)
         if on_epoch is not None:
             on_epoch(epoch, metrics)
+        if state.stop:
+            break
     for a in applied:
         a.regularizer.on_train_end(state, a.params)
+    if state.model is not model:
+        final = state.model
+        train_loss, train_acc = evaluate(final, batcher, x_fixed, y_fixed, training.eval_batch_size)
+        val_loss, val_acc = evaluate(final, batcher, data.x_val, data.y_val, training.eval_batch_size)
+        metrics = {**metrics, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
+                   "val_acc": val_acc, "gap_loss": val_loss - train_loss, "gap_acc": train_acc - val_acc}
+        _adopt(model, final, applied)
     return metrics
+
+
+def _transformed(a: Applied, x: torch.Tensor, y: torch.Tensor, checked: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    result = a.regularizer.transform_batch(x, y, a.params)
+    if checked:
+        return result
+    # the first batch of a trial is checked, so that a broken plugin fails with its name, not deep in torch
+    who = f"regularizer {a.regularizer.name!r}: transform_batch"
+    if not (isinstance(result, tuple) and len(result) == 2 and all(isinstance(t, torch.Tensor) for t in result)):
+        raise PluginError(f"{who} must return (x, y) tensors; got {type(result).__name__}")
+    x2, y2 = result
+    if len(x2) != len(y2) or x2.device != x.device:
+        raise PluginError(f"{who} returned x {tuple(x2.shape)} on {x2.device} and y {tuple(y2.shape)} for a batch "
+                          f"of {len(x)} on {x.device}")
+    if not (y2.dtype == torch.long and y2.ndim == 1) and not (y2.is_floating_point() and y2.ndim == 2):
+        raise PluginError(f"{who} must return int64 labels (N,) or float probabilities (N, C); got y of dtype "
+                          f"{y2.dtype} and shape {tuple(y2.shape)}")
+    return result
+
+
+def _adopt(model: nn.Module, final: nn.Module, applied: Sequence[Applied]) -> None:
+    """Load the final model's weights into the model the caller holds (same structure), or say who broke it."""
+    try:
+        model.load_state_dict(final.state_dict())
+    except RuntimeError as exc:
+        who = [a.regularizer.name for a in applied if _overrides(a.regularizer, "on_train_end")]
+        raise PluginError(f"on_train_end of {', '.join(map(repr, who))} left a model whose weights do not fit the "
+                          f"trial's model (it must keep its structure, e.g. AveragedModel.module): {exc}") from None

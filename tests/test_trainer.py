@@ -1,0 +1,158 @@
+"""The trainer's hooks for loop-event plugins: batch transforms with soft targets, early stop, a final model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from regsearch import PluginError, Regularizer, TensorData
+from regsearch._spec import TrainingSpec
+from regsearch._trainer import Applied, evaluate, fit
+from regsearch.data._tensors import Batcher
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def data() -> TensorData:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(160, 6, generator=gen)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    return TensorData.from_arrays(x, y, val_fraction=0.25, num_classes=3)
+
+
+@pytest.fixture(scope="module")
+def images() -> TensorData:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(1, 256, (40, 3, 6, 6), generator=gen, dtype=torch.uint8)
+    return TensorData.from_arrays(x, torch.arange(40) % 2, val_fraction=0.25)
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+class Recorder(Regularizer):
+    """Records what the loop hands to its hooks."""
+
+    def __init__(self, soft: bool = False, stop_at: int = 0) -> None:
+        self.soft, self.stop_at = soft, stop_at
+        self.batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.epochs: list[int] = []
+
+    def search_space(self, trial):
+        return {}
+
+    def transform_batch(self, x, y, params):
+        self.batches.append((x.clone(), y.clone()))
+        if self.soft:
+            y = torch.nn.functional.one_hot(y, 3).float()
+        return x, y
+
+    def on_epoch_end(self, state, params):
+        self.epochs.append(state.epoch)
+        state.stop = state.epoch == self.stop_at
+
+
+def test_soft_targets_from_transform_batch_train_like_the_int_labels_they_encode(data):
+    training = TrainingSpec(epochs=2, batch_size=32, label_smoothing=0.1)
+    plain = fit(mlp(), data, [Applied(Recorder(), {})], training, lr=0.05, device=CPU, seed=3)
+    soft = Recorder(soft=True)
+    one_hot = fit(mlp(), data, [Applied(soft, {})], training, lr=0.05, device=CPU, seed=3)
+    assert one_hot["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-4)
+    assert one_hot["fit_loss"] == pytest.approx(plain["fit_loss"], rel=1e-4)
+    # every training batch went through the hook, labels first as int64; evaluation never did
+    assert len(soft.batches) == 2 * (len(data.y_train) // 32 + 1)
+    assert all(y.dtype == torch.long and len(x) == len(y) for x, y in soft.batches)
+
+
+def test_transform_batch_sees_augmented_normalised_images_and_eval_is_untouched(images):
+    class Blank(Recorder):
+        def transform_batch(self, x, y, params):
+            super().transform_batch(x, y, params)
+            return torch.zeros_like(x), y
+
+    blank = Blank()
+    training = TrainingSpec(epochs=1, batch_size=10, augment=True)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 6 * 6, 2))
+    metrics = fit(model, images, [Applied(blank, {})], training, lr=0.1, device=CPU, seed=0)
+    x, _ = blank.batches[0]
+    assert x.dtype == torch.float32 and x.shape == (10, 3, 6, 6)
+    # normalised, and translated: the data has no black pixel, the shifted-in border is black
+    black = (-images.mean / images.std).view(1, 3, 1, 1)
+    assert torch.isclose(x, black.expand_as(x), atol=1e-4).any()
+    # the model trained on blank inputs, yet evaluation fed it the real ones
+    val = evaluate(model, Batcher(images), images.x_val, images.y_val, 1024)
+    assert metrics["val_loss"] == pytest.approx(val[0])
+
+
+def test_a_transform_batch_returning_garbage_fails_naming_the_plugin(data):
+    class Broken(Recorder):
+        def transform_batch(self, x, y, params):
+            return x, y.float()
+
+    broken = Broken()
+    broken.name = "broken"
+    with pytest.raises(PluginError, match=r"'broken': transform_batch must return int64 labels .*torch.float32"):
+        fit(mlp(), data, [Applied(broken, {})], TrainingSpec(epochs=1), lr=0.05, device=CPU, seed=0)
+
+
+def test_state_stop_ends_training_after_that_epoch_was_reported(data):
+    stopper = Recorder(stop_at=2)
+    reported = []
+    fit(mlp(), data, [Applied(stopper, {})], TrainingSpec(epochs=6, batch_size=32), lr=0.05, device=CPU, seed=0,
+        on_epoch=lambda epoch, m: reported.append(epoch))
+    assert stopper.epochs == [1, 2] and reported == [1, 2]
+
+
+class Swap(Regularizer):
+    """Replaces the model at the end by a copy taken after the first epoch, BN statistics recomputed."""
+
+    def search_space(self, trial):
+        return {}
+
+    def on_train_start(self, state, params):
+        self.copy = None
+
+    def on_epoch_end(self, state, params):
+        if self.copy is None:
+            self.copy = copy.deepcopy(state.model)
+
+    def on_train_end(self, state, params):
+        self.seen = list(state.batches())
+        torch.optim.swa_utils.update_bn(self.seen, self.copy)
+        state.model = self.copy
+
+
+def test_a_model_swapped_at_train_end_is_evaluated_and_becomes_the_trials_model(data):
+    model = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    swap = Swap()
+    reported = {}
+    metrics = fit(model, data, [Applied(swap, {})], TrainingSpec(epochs=4, batch_size=32), lr=0.05, device=CPU,
+                  seed=0, on_epoch=lambda epoch, m: reported.update({epoch: m}))
+    # the caller's model now holds the swapped-in weights, and the returned metrics are that model's
+    for mine, final in zip(model.state_dict().values(), swap.copy.state_dict().values()):
+        assert torch.equal(mine, final)
+    val_loss, val_acc = evaluate(model, Batcher(data), data.x_val, data.y_val, 1024)
+    assert metrics["val_loss"] == pytest.approx(val_loss) and metrics["val_acc"] == pytest.approx(val_acc)
+    assert metrics["val_loss"] != pytest.approx(reported[4]["val_loss"])
+    assert metrics["gap_loss"] == pytest.approx(metrics["val_loss"] - metrics["train_loss"])
+    # batches(): every training input once, as the model sees them in eval
+    assert torch.equal(torch.cat(swap.seen), data.x_train)
+    bn = model[1]
+    assert torch.allclose(bn.running_mean, model[0](data.x_train).mean(0), atol=1e-4)
+
+
+def test_a_swapped_model_of_another_structure_is_a_plugin_error(data):
+    class Shrink(Swap):
+        def on_train_end(self, state, params):
+            state.model = nn.Linear(6, 3)
+
+    shrink = Shrink()
+    shrink.name = "shrink"
+    with pytest.raises(PluginError, match=r"on_train_end of 'shrink' left a model whose weights do not fit"):
+        fit(mlp(), data, [Applied(shrink, {})], TrainingSpec(epochs=1), lr=0.05, device=CPU, seed=0)
