@@ -1,0 +1,55 @@
+"""Early stopping on a validation metric."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import regsearch
+
+MONITORS = {"val_acc": 1.0, "val_loss": -1.0}
+"""Metric -> +1 where higher is better, -1 where lower is."""
+
+
+class EarlyStopping(regsearch.Regularizer):
+    """Early stopping: ends training when val_acc (or val_loss) has not improved for `patience` epochs."""
+
+    def __init__(self, patience: Any = (3, 10), min_delta: float = 0.0, monitor: str = "val_acc",
+                 restore_best: bool = False) -> None:
+        self.patience = regsearch.parse_range(patience, "patience", integer=True, minimum=1)
+        if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float)) or not min_delta >= 0:
+            raise ValueError(f"min_delta must be a number >= 0; got {min_delta!r}")
+        self.min_delta = float(min_delta)
+        if monitor not in MONITORS:
+            raise ValueError(f"monitor must be one of {', '.join(MONITORS)}; got {monitor!r}")
+        self.monitor = monitor
+        if not isinstance(restore_best, bool):
+            raise ValueError(f"restore_best must be true or false; got {restore_best!r}")
+        self.restore_best = restore_best
+
+    def search_space(self, trial: Any) -> dict[str, Any]:
+        return {"patience": self.patience.suggest(trial, "patience")}
+
+    def on_train_start(self, state: regsearch.LoopState, params: dict[str, Any]) -> None:
+        self.best = -math.inf
+        self.waited = 0
+        self.best_weights = None
+
+    def on_epoch_end(self, state: regsearch.LoopState, params: dict[str, Any]) -> None:
+        score = MONITORS[self.monitor] * state.metrics[self.monitor]
+        if score > self.best + self.min_delta:
+            self.best, self.waited = score, 0
+            if self.restore_best:
+                self.best_weights = copy.deepcopy(state.model.state_dict())
+            return
+        self.waited += 1
+        if self.waited >= params["patience"]:
+            state.stop = True
+
+    def on_train_end(self, state: regsearch.LoopState, params: dict[str, Any]) -> None:
+        if self.restore_best and self.best_weights is not None and self.waited > 0:
+            best = copy.deepcopy(state.model)
+            best.load_state_dict(self.best_weights)
+            state.model = best  # the trainer evaluates it again and makes it the trial's model
+        self.best_weights = None
