@@ -426,7 +426,10 @@ def recover_dead_trials(study: optuna.Study, tracker: Tracker | None, max_retry:
             tracker.end_trial(t.user_attrs["mlflow_run_id"], "KILLED",
                               {"regsearch.state": "FAIL", "regsearch.reason": f"worker pid {worker['pid']} died"})
         # the same retry Optuna's heartbeat applies on RDB storages: a WAITING copy with the same parameters
-        optuna.storages.RetryFailedTrialCallback(max_retry=max_retry)(study, study._storage.get_trial(t._trial_id))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+        retry(study, study._storage.get_trial(t._trial_id))
     return recovered
 
 
@@ -534,7 +537,8 @@ def optimize(study: str | StudySpec, *, n_trials: int | None = None, timeout: fl
                        tracking_uri=tracking_uri, study_name=name, data_dir=data_dir, device=device, data=data,
                        model=model, plugins=tuple(plugins), keep_dir=keep_dir,
                        threads=max(1, (os.cpu_count() or 1) // workers))
-            gave_up = _run_workers(opt_study, job, workers, progress)
+            gave_up = _run_workers(opt_study, job, workers, progress, lambda follower: _run_trials(
+                opt_study, objective, total, timeout, spec, follower, tracker))
     except KeyboardInterrupt:
         interrupted = True
         raise
@@ -617,7 +621,9 @@ def _run_trials(study: optuna.Study, objective: _Objective, total: int, timeout:
         if len(study.get_trials(deepcopy=False, states=FINISHED)) >= total:
             break
         time.sleep(1.0)
-        optuna.storages.fail_stale_trials(study)  # RDB heartbeat: fails (and queues again) dead workers' trials
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # RDB heartbeat: fails (and queues again) dead workers' trials
     return stopper
 
 
@@ -651,23 +657,47 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def _run_workers(study: optuna.Study, job: dict[str, Any], workers: int, progress: Progress | None) -> bool:
-    """Start `workers` processes, follow the study's progress until they end; True when they gave up."""
+class _Follower:
+    """Shows every worker's finished trials on this process's progress bar."""
+
+    def __init__(self, study: optuna.Study, progress: Progress | None) -> None:
+        self.study = study
+        self.progress = progress
+        self.seen = {t.number for t in study.get_trials(deepcopy=False, states=FINISHED)}
+
+    def start(self, study_name: str, finished: int, total: int) -> None:
+        pass
+
+    def trial_done(self, trial: optuna.trial.FrozenTrial, study: optuna.Study) -> None:
+        self.scan()
+
+    def scan(self) -> None:
+        for t in self.study.get_trials(deepcopy=False):
+            if t.state.is_finished() and t.number not in self.seen:
+                self.seen.add(t.number)
+                if self.progress is not None:
+                    self.progress.trial_done(t, self.study)
+
+    def close(self) -> None:
+        pass
+
+
+def _run_workers(study: optuna.Study, job: dict[str, Any], workers: int, progress: Progress | None,
+                 run_here: Callable[[Progress], _StopWhenDone]) -> bool:
+    """This process is worker 0 (already prepared, so it starts at once); start the others, run trials, wait
+    for the others to end. True when the study was given up (too many failures in a row)."""
     ctx = multiprocessing.get_context("spawn")
     gpus = torch.cuda.device_count() if job["device"] in ("auto", "cuda") and torch.cuda.is_available() else 0
-    jobs = [{**job, "index": i, **({"device": f"cuda:{i % gpus}"} if gpus > 1 else {})} for i in range(workers)]
+    jobs = [{**job, "index": i, **({"device": f"cuda:{i % gpus}"} if gpus > 1 else {})} for i in range(1, workers)]
     procs = [ctx.Process(target=_worker_main, args=(j,), name=f"regsearch-worker-{j['index']}") for j in jobs]
     for proc in procs:
         proc.start()
-    seen: set[int] = {t.number for t in study.get_trials(deepcopy=False, states=FINISHED)}
+    follower = _Follower(study, progress)
     try:
+        stopper = run_here(follower)
         while True:
+            follower.scan()
             alive = [p for p in procs if p.is_alive()]
-            for t in study.get_trials(deepcopy=False):
-                if t.state.is_finished() and t.number not in seen:
-                    seen.add(t.number)
-                    if progress is not None:
-                        progress.trial_done(t, study)
             if not alive:
                 break
             alive[0].join(timeout=1.0)
@@ -678,10 +708,11 @@ def _run_workers(study: optuna.Study, job: dict[str, Any], workers: int, progres
         for proc in procs:
             proc.join(timeout=30)
         raise
-    codes = [p.exitcode for p in procs]
-    if all(code not in (0, 3) for code in codes) and _committed(study) < job["n_trials"]:
-        raise StudyError(f"every worker failed (exit codes {codes}); the trials finished so far are kept")
-    return 3 in codes and _committed(study) < job["n_trials"]
+    failed = [p.exitcode for p in procs if p.exitcode not in (0, 3)]
+    if failed:
+        logger.warning("%d worker process(es) ended with exit codes %s; their finished trials are kept",
+                       len(failed), failed)
+    return stopper.gave_up or (3 in [p.exitcode for p in procs] and _committed(study) < job["n_trials"])
 
 
 def retrain(exp: Experiment, trial: optuna.trial.FrozenTrial) -> nn.Module:

@@ -83,9 +83,10 @@ def assert_exact_study(study: optuna.Study, tracking: str, name: str) -> None:
     assert not [r for r in runs if r.info.status == "RUNNING"]
 
 
-def kill_a_worker_mid_trial(storage: str, name: str, pids: set[int] | None, deadline_s: float = 120) -> int:
-    """SIGKILL the worker running a trial (one of `pids`, or any worker) after its trial has started; returns
-    the killed trial's number."""
+def kill_a_worker_mid_trial(storage: str, name: str, pids: set[int] | None, deadline_s: float = 120,
+                            spare: int | None = None) -> int:
+    """SIGKILL the worker running a trial (one of `pids`, or any worker but `spare`) after its trial has
+    started; returns the killed trial's number."""
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
         try:
@@ -96,7 +97,7 @@ def kill_a_worker_mid_trial(storage: str, name: str, pids: set[int] | None, dead
         done = len(study.get_trials(deepcopy=False, states=(COMPLETE,)))
         for t in study.get_trials(deepcopy=False, states=(RUNNING,)):
             pid = (t.user_attrs.get("worker") or {}).get("pid")
-            if done >= 2 and pid and (pids is None or pid in pids) and t.intermediate_values:
+            if done >= 2 and pid and pid != spare and (pids is None or pid in pids) and t.intermediate_values:
                 os.kill(pid, signal.SIGKILL)
                 return t.number
         time.sleep(0.05)
@@ -153,7 +154,8 @@ def test_a_killed_local_worker_loses_nothing(mlflow_server, tmp_path):
     args = study_args(name, str(tmp_path / "regsearch.journal"), mlflow_server, 15)
     main = subprocess.Popen([REGSEARCH, *args, "--workers", "3"], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    killed = kill_a_worker_mid_trial(str(tmp_path / "regsearch.journal"), name, None)
+    # the main process runs trials too; kill one of the worker processes it started
+    killed = kill_a_worker_mid_trial(str(tmp_path / "regsearch.journal"), name, None, spare=main.pid)
     out, err = main.communicate(timeout=400)
     assert main.returncode == 0, err[-2000:]
     study = load(str(tmp_path / "regsearch.journal"), name)
