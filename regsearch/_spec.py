@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -174,6 +175,8 @@ class RegularizerSpec:
     name: str
     enabled: Literal["search", "on", "off"] = "search"
     options: Mapping[str, Any] = field(default_factory=dict)
+    choice: str | None = None
+    """A group name: of the regularizers sharing it, at most one is on in a trial (`choice.<group>` picks it)."""
 
 
 @dataclass(frozen=True)
@@ -277,8 +280,18 @@ def _regularizers(raw: Any) -> tuple[RegularizerSpec, ...]:
         enabled = {True: "on", False: "off"}.get(enabled, enabled)
         if enabled not in ("search", "on", "off"):
             raise ConfigError(f"{where}.enabled: expected search, true or false; got {enabled!r}")
-        specs.append(RegularizerSpec(name=str(name), enabled=enabled, options=options))
+        choice = options.pop("choice", None)
+        if choice is not None:
+            if not isinstance(choice, str) or not _GROUP.match(choice):
+                raise ConfigError(f"{where}.choice: a group name of lower-case letters, digits and '_'; got {choice!r}")
+            if enabled == "on":
+                raise ConfigError(f"{where}: enabled: true contradicts choice: {choice} (the group's choice switches "
+                                  f"its members; drop one of the two)")
+        specs.append(RegularizerSpec(name=str(name), enabled=enabled, options=options, choice=choice))
     return tuple(specs)
+
+
+_GROUP = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
 def spec_from_dict(raw: Any, *, name: str, source: str = "<python>") -> StudySpec:

@@ -26,11 +26,11 @@ from torch import nn
 
 from regsearch._errors import ConfigError, PluginError, RegsearchError, StudyError
 from regsearch._registry import RegularizerRegistry, default_registry
-from regsearch._regularizer import NamespacedTrial, Regularizer, TrialContext
+from regsearch._regularizer import LoopState, NamespacedTrial, Regularizer, TrialContext
 from regsearch._spec import RegularizerSpec, StudySpec, load_study
 from regsearch._storage import describe_storage, mask_url, open_storage
 from regsearch._tracking import Tracker, default_tracking_uri
-from regsearch._trainer import Applied, TrialDiverged, build_optimizer, evaluate, fit, resolve_device
+from regsearch._trainer import Applied, TrialDiverged, _transformed, build_optimizer, evaluate, fit, resolve_device
 from regsearch.data._tensors import Batcher, TensorData, load_dataset
 from regsearch.models import model_factory
 from regsearch.surgery import trace
@@ -131,9 +131,17 @@ def build_trial(exp: Experiment, trial: Any, seed: int) -> tuple[nn.Module, list
     model = exp.build_model().to(exp.device)
     context = _context(exp, model, trial.number, seed)
     applied = []
+    chosen = {}
+    for rspec, _ in exp.regularizers:  # a choice group: one categorical, "none" or one of its members
+        if rspec.choice is not None and rspec.enabled == "search" and rspec.choice not in chosen:
+            members = [r.name for r, _ in exp.regularizers if r.choice == rspec.choice and r.enabled == "search"]
+            chosen[rspec.choice] = trial.suggest_categorical(f"choice.{rspec.choice}", ["none", *members])
     for rspec, reg in exp.regularizers:
-        on = rspec.enabled == "on" or (
-            rspec.enabled == "search" and trial.suggest_categorical(f"{rspec.name}.enabled", [True, False]))
+        if rspec.choice is not None and rspec.enabled == "search":
+            on = chosen[rspec.choice] == rspec.name
+        else:
+            on = rspec.enabled == "on" or (
+                rspec.enabled == "search" and trial.suggest_categorical(f"{rspec.name}.enabled", [True, False]))
         if on:
             reg.context = context
             params = reg.search_space(NamespacedTrial(trial, rspec.name))
@@ -185,6 +193,19 @@ def preflight(exp: Experiment, registry: RegularizerRegistry) -> float:
     except Exception as exc:
         raise PluginError(f"building the optimizer from the regularizers' parameter groups failed: "
                           f"{type(exc).__name__}: {exc}") from exc
+    state = LoopState(model=model, optimizer=optimizer, epochs=spec.training.epochs,
+                      num_classes=exp.data.num_classes)
+    for (rspec, reg), a in zip(exp.regularizers, applied):
+        if getattr(type(reg), "transform_batch") is getattr(Regularizer, "transform_batch"):
+            continue
+        try:  # a batch transform that breaks is reported here, naming the plugin, not in every trial
+            reg.on_train_start(state, a.params)
+            x, y = _transformed(a, x, y, checked=False)
+            reg.on_train_end(state, a.params)
+        except ConfigError as exc:
+            raise ConfigError(f"regularizers.{rspec.name}: {exc}") from None
+        except Exception as exc:
+            raise PluginError(f"{_who(rspec, registry)}: transform_batch failed: {type(exc).__name__}: {exc}") from exc
     model.train()
     def step() -> float:
         start = time.perf_counter()
@@ -312,7 +333,10 @@ class _Objective:
             if tracker:
                 tracker.log_params(run_id, {**trial.params, "seed": seed})
 
+            ran = [0]
+
             def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+                ran[0] = epoch
                 if tracker:
                     tracker.log_epoch(run_id, epoch, metrics)
                 trial.report(metrics["val_acc"], epoch)
@@ -324,7 +348,7 @@ class _Objective:
             metrics = fit(model, self.exp.data, applied, self.exp.spec.training, lr=lr, device=self.exp.device,
                           seed=seed, on_epoch=on_epoch)
             trial.set_user_attr(METRIC_ATTR, metrics)
-            trial.set_user_attr("epochs", self.exp.spec.training.epochs)
+            trial.set_user_attr("epochs", ran[0])  # fewer than training.epochs when a plugin stopped early
             self._keep(trial.number, metrics["val_acc"], model)
             status, tags = "FINISHED", {"regsearch.state": "COMPLETE"}
             return metrics["val_acc"]
