@@ -64,6 +64,8 @@ def open_storage(url: str | None = None, *, heartbeat_interval: int = 30, grace_
         path = Path(url).expanduser()
         if path.is_dir():
             raise StorageError(f"--storage {url}: is a folder; give a file path such as {path / DEFAULT_STORAGE}")
+        if path.exists() and not path.is_file():  # /dev/full reads as endless zeros: the journal never ends
+            raise StorageError(f"--storage {url}: {path} is not a regular file")
         folder = path.parent if str(path.parent) else Path(".")
         if not folder.is_dir():
             raise StorageError(f"--storage {url}: folder {folder} does not exist")

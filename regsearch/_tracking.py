@@ -1,7 +1,9 @@
 """MLflow tracking: an experiment per study, one parent run shared by all workers, a child run per trial.
 
 Per-epoch metrics are buffered and sent in batches from a background thread, so that logging never waits
-on the tracking store inside the training loop. A tracking failure is a warning, never a crashed study.
+on the tracking store inside the training loop. A tracking failure is a warning, never a crashed study: when
+the store stops answering, logging pauses (a background probe asks again every few seconds) and the trials
+finished meanwhile are logged from the Optuna storage once it answers (`regsearch._sync`).
 """
 
 from __future__ import annotations
@@ -9,11 +11,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
+import shutil
 import threading
 import time
+import urllib.parse
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+from regsearch._errors import StorageError
 from regsearch._storage import mask_url
 
 logger = logging.getLogger("regsearch")
@@ -21,6 +28,12 @@ logger = logging.getLogger("regsearch")
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 _MAX_PARAMS_PER_CALL = 100
 _MAX_METRICS_PER_CALL = 1000
+_MAX_PENDING_METRICS = 200_000
+"""At most this many metric values wait for an unreachable store (the oldest are dropped beyond)."""
+_PROBE_SECONDS = 5.0
+"""How often the background thread asks an unreachable tracking store whether it is back."""
+_MIN_FREE_BYTES = 1 << 20
+"""A local store on a disk with less free space than this is refused before training (it would fail midway)."""
 
 
 def default_tracking_uri() -> str:
@@ -28,13 +41,127 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{os.path.abspath('mlflow.db')}"
 
 
+def local_store_problem(path: str | os.PathLike[str], *, folder: bool = False) -> str | None:
+    """Why a local store cannot be written at `path` (a file; a folder when `folder`), or None when it can.
+
+    Checked before any training: a missing or read-only folder, a path that is not a regular file (`/dev/full`
+    reads as endless zeros and takes every write as "disk full"; `/dev/null` keeps nothing), a full disk.
+    """
+    path = Path(path).expanduser()
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.exists():
+        if folder and not path.is_dir():
+            return f"{path} is not a folder"
+        if not folder and path.is_dir():
+            return f"{path} is a folder, not a file"
+        if not folder and not path.is_file():
+            return f"{path} is not a regular file"
+        if not os.access(path, os.W_OK | (os.X_OK if folder else 0)):
+            return f"cannot write to {path}"
+    if not parent.is_dir():
+        return f"folder {parent} does not exist"
+    # a new file, or the journal files SQLite writes next to its database, need a writable folder
+    where = path if folder and path.exists() else parent
+    if not os.access(where, os.W_OK | os.X_OK):
+        return f"cannot write to folder {where}"
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return None
+    if free < _MIN_FREE_BYTES:
+        return f"no space left on the disk holding {where} ({free // 1024} KiB free)"
+    return None
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a `sqlite:///` URL (relative with three slashes, absolute with four); None in memory."""
+    rest = url.split(":", 1)[1].split("?", 1)[0]
+    path = rest[len("//"):].lstrip("/")
+    if not path or path == ":memory:":
+        return None
+    return Path("/" + path if rest.startswith("////") else path)
+
+
+def _local_tracking_path(uri: str) -> tuple[Path, bool] | None:
+    """(path, is a folder store) of a local tracking URI; None for a remote or in-memory store."""
+    if uri.split(":", 1)[0].lower() in ("databricks", "databricks-uc", "uc"):
+        return None
+    if "://" not in uri and not uri.startswith("file:"):
+        return Path(uri), True  # a plain path is MLflow's file store
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()
+    if scheme == "sqlite":
+        path = sqlite_path(uri)
+        return (path, False) if path is not None else None
+    if scheme == "file":
+        return Path(urllib.parse.unquote(urllib.parse.urlparse(uri).path)), True
+    return None
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Raise StorageError when a local tracking store (sqlite:///FILE, file:///DIR, a path) cannot be used.
+
+    Without this MLflow retries a read-only SQLite file for about two minutes, creates missing folders for a
+    mistyped path, and refuses its file store with a paragraph.
+    """
+    local = _local_tracking_path(uri)
+    if local is None:
+        return
+    path, folder = local
+    problem = local_store_problem(path, folder=folder)
+    if problem:
+        raise StorageError(problem)
+    if folder and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() not in ("true", "1"):
+        raise StorageError("MLflow 3 takes a file store only with MLFLOW_ALLOW_FILE_STORE=true; use a database "
+                           f"such as sqlite:///{path.parent / 'mlflow.db'}")
+
+
+def param_entities(params: Mapping[str, Any]) -> list:
+    """MLflow `Param`s: values as text, passwords masked, cut at MLflow's length limit."""
+    from mlflow.entities import Param
+
+    return [Param(k, mask_url(str(v))[:6000]) for k, v in params.items()]
+
+
+def log_batches(client: Any, run_id: str, *, params: Mapping[str, Any] | None = None, metrics: list | None = None,
+                tags: Mapping[str, str] | None = None) -> None:
+    """Log to one run in as few calls as MLflow's per-call limits allow; raises when the store fails."""
+    from mlflow.entities import RunTag
+
+    items = param_entities(params or {})
+    for i in range(0, len(items), _MAX_PARAMS_PER_CALL):
+        client.log_batch(run_id, params=items[i:i + _MAX_PARAMS_PER_CALL])
+    metrics = metrics or []
+    tag_items = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+    for i in range(0, max(len(metrics), 1 if tag_items else 0), _MAX_METRICS_PER_CALL):
+        client.log_batch(run_id, metrics=metrics[i:i + _MAX_METRICS_PER_CALL], tags=tag_items if i == 0 else [])
+
+
+def _is_outage(exc: BaseException) -> bool:
+    """A failure of the store itself (unreachable, 5xx after retries), not a request it refused (4xx) or a bug."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        return exc.get_http_status_code() >= 500
+    return isinstance(exc, OSError)  # connection errors and timeouts (requests' exceptions are OSErrors)
+
+
 class Tracker:
-    """Logs a study's runs to one MLflow tracking store."""
+    """Logs a study's runs to one MLflow tracking store.
+
+    Every call to the store goes through `_call`: the first failure of the store itself (unreachable, 5xx after
+    MLflow's retries) marks it down, and from then on calls are skipped, not retried, until the background
+    thread's probe gets an answer. A dead server so costs training one failed call (about 5 s with the
+    settings below), not a failed call per logged value. Once the store answers again, the finished trials
+    without a run are logged from the Optuna storage; the same happens when the parent run is opened (a study
+    run) and when the tracker closes after an outage.
+    """
 
     def __init__(self, tracking_uri: str, experiment: str, flush_interval: float = 2.0) -> None:
-        # A dead tracking server must not stall training for minutes (MLflow's defaults: 7 retries, 120 s).
+        # A dead tracking server must not stall training for minutes (MLflow's defaults: 7 retries, 120 s each;
+        # these give about 5 s for a refused connection, about 35 s for a server that accepts and hangs).
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        check_tracking_uri(tracking_uri)
         from mlflow import MlflowClient
 
         self.uri = tracking_uri
@@ -46,6 +173,14 @@ class Tracker:
         self._closed = False
         self._warned: set[str] = set()
         self._interval = flush_interval
+        self._down = False
+        self._next_probe = 0.0
+        self._unsynced = False  # a call failed since the last sync: some trial may lack its run or its end
+        self._outages = 0
+        self._study: Any = None  # set by parent_run(): the Optuna study whose runs this tracker can sync
+        self._parent: str | None = None
+        self._sync_lock = threading.Lock()
+        self._deferred: list[tuple[str, Any, tuple, dict]] = []
         self._thread = threading.Thread(target=self._loop, name="regsearch-mlflow", daemon=True)
         self._thread.start()
 
@@ -68,21 +203,69 @@ class Tracker:
     def _warn(self, what: str, exc: BaseException) -> None:
         if what not in self._warned:
             self._warned.add(what)
-            logger.warning("MLflow (%s): %s failed, training goes on: %s", mask_url(self.uri), what,
-                           mask_url(str(exc)).splitlines()[0] if str(exc) else type(exc).__name__)
+            logger.warning("MLflow (%s): %s failed, training goes on: %s", mask_url(self.uri), what, error_gist(exc))
+
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """`fn(*args, **kwargs)` on the store; None when it fails (a warning) or the store is down (skipped)."""
+        if self._down:
+            self._unsynced = True
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            self._failed(what, exc)
+            return None
+
+    def _failed(self, what: str, exc: BaseException) -> None:
+        self._unsynced = True
+        if not _is_outage(exc):
+            self._warn(what, exc)
+            return
+        if not self._down:
+            self._down = True
+            self._outages += 1
+            self._next_probe = time.monotonic() + _PROBE_SECONDS
+            logger.warning("MLflow (%s) does not answer (%s failed: %s); training goes on, and the trials that "
+                           "finish meanwhile are logged once it is back (or by `regsearch sync`)",
+                           mask_url(self.uri), what, error_gist(exc))
+
+    def _probe(self) -> None:
+        """Ask a store marked down whether it answers again; if it does, send what waited and sync."""
+        self._next_probe = time.monotonic() + _PROBE_SECONDS
+        try:
+            self.client.get_experiment(self.experiment_id)
+        except Exception:
+            return
+        self._down = False
+        self._warned.clear()
+        logger.warning("MLflow (%s) is back; logging the trials that finished meanwhile", mask_url(self.uri))
+        self.flush()
+        self.sync()
+        self._replay()
 
     # --- runs --------------------------------------------------------------------------------------------
 
-    def parent_run(self, study: Any, run_name: str, params: Mapping[str, Any]) -> str:
+    def parent_run(self, study: Any, run_name: str, params: Mapping[str, Any], *, sync: bool = True) -> str:
         """The study's parent run, created once and remembered in the study's user attributes.
 
         Processes started at the same moment on several machines agree on one parent run: creating an Optuna
         study is atomic in every storage, so a marker study decides which process creates the run; the
-        others wait for its id to appear.
+        others wait for its id to appear. With `sync`, the finished trials that have no run yet (the store was
+        unreachable when they ran) are logged now, and again whenever the store comes back.
         """
-        run_id = self._existing_parent(study)
-        if run_id:
-            return run_id
+        run = self._parent_run(study)
+        if run is None:
+            run_id = self._create_parent(study, run_name, params)
+        else:
+            run_id = run.info.run_id
+            if run.info.status != "RUNNING":
+                self.client.update_run(run_id, status="RUNNING")
+        self._study, self._parent = study, run_id
+        if sync:
+            self.sync()
+        return run_id
+
+    def _create_parent(self, study: Any, run_name: str, params: Mapping[str, Any]) -> str:
         import optuna
 
         digest = hashlib.sha1(f"{self.uri}|{self.experiment_id}".encode()).hexdigest()[:10]
@@ -93,7 +276,7 @@ class Tracker:
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 time.sleep(0.2)
-                run_id = self._existing_parent(study)
+                run_id = self.find_parent(study)
                 if run_id:
                     return run_id
             logger.warning("MLflow: no parent run appeared for study %s within 60 s; creating one",
@@ -105,29 +288,48 @@ class Tracker:
         study.set_user_attr(PARENT_RUN_ATTR, run_id)
         return run_id
 
-    def _existing_parent(self, study: Any) -> str | None:
-        study_id = study._study_id
-        run_id = study._storage.get_study_user_attrs(study_id).get(PARENT_RUN_ATTR)
+    def find_parent(self, study: Any) -> str | None:
+        """The id of the study's parent run in this experiment, if the study has one that is not deleted."""
+        run = self._parent_run(study)
+        return run.info.run_id if run is not None else None
+
+    def _parent_run(self, study: Any) -> Any:
+        run_id = study._storage.get_study_user_attrs(study._study_id).get(PARENT_RUN_ATTR)
         if run_id:
             try:
                 run = self.client.get_run(run_id)
                 if run.info.experiment_id == self.experiment_id and run.info.lifecycle_stage == "active":
-                    if run.info.status != "RUNNING":
-                        self.client.update_run(run_id, status="RUNNING")
-                    return run_id
+                    return run
             except Exception:  # the run is gone (another tracking store, deleted): make a new one
                 pass
         return None
 
-    def start_trial(self, parent_run_id: str, number: int, study_name: str) -> str | None:
-        try:
-            run = self.client.create_run(self.experiment_id, run_name=f"trial-{number}", tags={
-                "mlflow.parentRunId": parent_run_id, "trial_number": str(number), "regsearch.study": study_name,
-                "regsearch.state": "RUNNING"})
-            return run.info.run_id
-        except Exception as exc:  # tracking must not fail the trial
-            self._warn("creating a trial run", exc)
+    def sync(self) -> Any:
+        """Log the study's finished trials that lack a run, end their runs left RUNNING; a warning on failure.
+
+        Returns the `SyncReport`, or None when there was nothing to sync with or the store did not answer.
+        """
+        if self._study is None or self._down:
             return None
+        from regsearch._sync import sync_runs
+
+        with self._sync_lock:
+            self._unsynced = False
+            try:
+                report = sync_runs(self._study, self, self._parent)
+            except Exception as exc:
+                self._failed("logging the missing trial runs", exc)
+                return None
+        if report.logged or report.ended:
+            logger.info("MLflow (%s): %s", mask_url(self.uri), report.describe())
+        return report
+
+    def start_trial(self, parent_run_id: str, number: int, study_name: str) -> str | None:
+        run = self._call("creating a trial run", self.client.create_run, self.experiment_id,
+                         run_name=f"trial-{number}", tags={
+                             "mlflow.parentRunId": parent_run_id, "trial_number": str(number),
+                             "regsearch.study": study_name, "regsearch.state": "RUNNING"})
+        return run.info.run_id if run is not None else None
 
     def log_params(self, run_id: str | None, params: Mapping[str, Any]) -> None:
         if run_id is not None:
@@ -142,6 +344,8 @@ class Tracker:
         now = int(time.time() * 1000)
         with self._lock:
             self._pending.extend((run_id, Metric(k, float(v), now, step)) for k, v in metrics.items())
+            if len(self._pending) > _MAX_PENDING_METRICS:  # the store has been down for a long time
+                del self._pending[:len(self._pending) - _MAX_PENDING_METRICS]
         if len(self._pending) >= _MAX_METRICS_PER_CALL:
             self._wake.set()
 
@@ -150,25 +354,23 @@ class Tracker:
             return
         self.flush()
         self._log_now(run_id, tags=tags)
-        try:
-            self.client.set_terminated(run_id, status=status)
-        except Exception as exc:
-            self._warn("ending a trial run", exc)
+        self._call("ending a trial run", self.client.set_terminated, run_id, status=status)
 
     def log_summary(self, run_id: str, metrics: Mapping[str, float], tags: Mapping[str, str]) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self._log_now(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()], tags=tags)
+        self._now_or_later("logging the study's summary", log_batches, self.client, run_id,
+                           metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()], tags=tags)
 
     def end_parent(self, run_id: str, status: str = "FINISHED") -> None:
-        try:
-            self.client.set_terminated(run_id, status=status)
-        except Exception as exc:
-            self._warn("ending the study run", exc)
+        self._now_or_later("ending the study run", self.client.set_terminated, run_id, status=status)
 
     def log_model(self, run_id: str, model: Any, example: Any) -> None:
         """The best trial's model, with an input example (and so a signature), on the study's parent run."""
+        self._now_or_later("logging the best model", self._log_model, run_id, model, example)
+
+    def _log_model(self, run_id: str, model: Any, example: Any) -> None:
         import mlflow
         import torch
 
@@ -179,29 +381,43 @@ class Tracker:
                 mlflow.pytorch.log_model(model.cpu().eval(), name="best_model",
                                          input_example=example.cpu().numpy(),
                                          pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
-        except Exception as exc:
-            self._warn("logging the best model", exc)
         finally:
             mlflow.set_tracking_uri(previous)
+
+    def _now_or_later(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+        """Call now or, while the store is down, once it answers again.
+
+        For the study run's records (summary, best model, end state): unlike a trial's, nothing else holds them.
+        """
+        if not self._down:
+            try:
+                fn(*args, **kwargs)
+                return
+            except Exception as exc:
+                self._failed(what, exc)
+                if not self._down:
+                    return  # refused, not unreachable: retrying would not help
+        with self._lock:
+            self._deferred.append((what, fn, args, kwargs))
+
+    def _replay(self) -> None:
+        while not self._down:
+            with self._lock:
+                if not self._deferred:
+                    return
+                what, fn, args, kwargs = self._deferred.pop(0)
+            self._now_or_later(what, fn, *args, **kwargs)
 
     # --- batching ----------------------------------------------------------------------------------------
 
     def _log_now(self, run_id: str, params: Mapping[str, Any] | None = None, metrics: list | None = None,
                  tags: Mapping[str, str] | None = None) -> None:
-        from mlflow.entities import Param, RunTag
-
-        try:
-            items = [Param(k, mask_url(str(v))[:6000]) for k, v in (params or {}).items()]
-            for i in range(0, len(items), _MAX_PARAMS_PER_CALL):
-                self.client.log_batch(run_id, params=items[i:i + _MAX_PARAMS_PER_CALL])
-            if metrics or tags:
-                self.client.log_batch(run_id, metrics=metrics or [],
-                                      tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()])
-        except Exception as exc:
-            self._warn("logging", exc)
+        self._call("logging", log_batches, self.client, run_id, params=params, metrics=metrics, tags=tags)
 
     def flush(self) -> None:
-        """Send every queued metric now."""
+        """Send every queued metric now (kept queued while the store is down)."""
+        if self._down:
+            return
         with self._lock:
             pending, self._pending = self._pending, []
         by_run: dict[str, list] = {}
@@ -209,19 +425,44 @@ class Tracker:
             by_run.setdefault(run_id, []).append(metric)
         for run_id, metrics in by_run.items():
             for i in range(0, len(metrics), _MAX_METRICS_PER_CALL):
-                try:
-                    self.client.log_batch(run_id, metrics=metrics[i:i + _MAX_METRICS_PER_CALL])
-                except Exception as exc:
-                    self._warn("logging metrics", exc)
+                self._call("logging metrics", self.client.log_batch, run_id,
+                           metrics=metrics[i:i + _MAX_METRICS_PER_CALL])
 
     def _loop(self) -> None:
         while not self._closed:
             self._wake.wait(self._interval)
             self._wake.clear()
-            self.flush()
+            if not self._down:
+                self.flush()
+            elif time.monotonic() >= self._next_probe:
+                self._probe()
 
     def close(self) -> None:
+        """Send what is queued; after an outage, log the trials that finished without a run (if it answers)."""
         self._closed = True
         self._wake.set()
         self._thread.join(timeout=30)
+        if self._down:
+            self._probe()  # one last try: it flushes and syncs when the store answers
+        if self._down:
+            logger.warning("MLflow (%s) still does not answer: the trials finished during the outage have no run "
+                           "(%d metric values and %d study-run records not sent); `regsearch sync` logs them from "
+                           "the Optuna storage once it is back", mask_url(self.uri), len(self._pending),
+                           len(self._deferred))
+            return
         self.flush()
+        if self._unsynced or self._outages:  # a trial started during an outage may have finished since
+            self.sync()
+        self._replay()
+
+
+def error_gist(exc: BaseException) -> str:
+    """The gist of an error in one line: the OS's reason for a failed connection, else the first line."""
+    text = mask_url(str(exc)).strip()
+    errno = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
+    if errno:
+        return errno.group(1).strip().rstrip(".")
+    if "timed out" in text.lower():
+        return "timed out"
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if len(line) <= 300 else line[:297] + "..."

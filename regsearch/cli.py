@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -37,7 +38,10 @@ class RegsearchGroup(click.Group):
         except KeyboardInterrupt:
             if ctx.meta.get("debug"):
                 raise
-            raise _Failure("interrupted; rerun the same command to resume", 130) from None
+            # the shell's convention: 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM)
+            signum = _signal_received or signal.SIGINT
+            raise _Failure(f"interrupted{' by SIGTERM' if signum == signal.SIGTERM else ''}; rerun the same "
+                           f"command to resume", 128 + signum) from None
         except RegsearchError as exc:
             if ctx.meta.get("debug"):
                 raise
@@ -77,6 +81,37 @@ plugin_option = click.option("--plugin", "plugins", multiple=True, metavar="PATH
                              type=click.Path(dir_okay=False), help="Load regularizers from a file (repeatable).")
 study_name_option = click.option("--study-name", metavar="NAME",
                                  help="Name of the study in the storage (default: the study file's name).")
+tracking_uri_option = click.option("--tracking-uri", metavar="URI",
+                                   help="MLflow tracking URI (default: sqlite:///mlflow.db here).")
+
+
+def _check_locations(storage: str | None, tracking_uri: str | None) -> None:
+    """Refuse a local storage or tracking file that cannot be written, before any data is loaded.
+
+    A missing or read-only folder, a device such as /dev/full or a full disk would otherwise fail later (after
+    the data is loaded, or in the middle of the first trial) or, for a read-only SQLite file, after two minutes
+    of MLflow retrying.
+    """
+    from regsearch._errors import StorageError
+    from regsearch._storage import DEFAULT_STORAGE, mask_url
+    from regsearch._tracking import check_tracking_uri, default_tracking_uri, local_store_problem, sqlite_path
+
+    url = storage or DEFAULT_STORAGE
+    if "://" not in url:
+        if not os.path.isdir(url):  # a folder gets its own message (with a suggested file) from the storage
+            problem = local_store_problem(url)
+            if problem:
+                raise StorageError(f"--storage {url}: {problem}")
+    elif url.split("://", 1)[0].split("+", 1)[0].lower() == "sqlite":
+        path = sqlite_path(url)
+        problem = local_store_problem(path) if path is not None else None
+        if problem:
+            raise StorageError(f"--storage {mask_url(url)}: cannot open the database: {problem}")
+    uri = tracking_uri or default_tracking_uri()
+    try:
+        check_tracking_uri(uri)
+    except StorageError as exc:
+        raise StorageError(f"--tracking-uri {mask_url(uri)}: cannot use the MLflow tracking store: {exc}") from None
 
 
 def _setup_logging(debug: bool) -> None:
@@ -137,7 +172,7 @@ def plugins(plugins: tuple[str, ...]) -> None:
 @click.option("--timeout", type=float, callback=_positive(float), metavar="SECONDS",
               help="Stop starting new trials after this many seconds.")
 @storage_option
-@click.option("--tracking-uri", metavar="URI", help="MLflow tracking URI (default: sqlite:///mlflow.db here).")
+@tracking_uri_option
 @study_name_option
 @click.option("--data-dir", type=click.Path(), metavar="PATH", help="Local dataset copy (CIFAR-10 archive or folder).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
@@ -163,6 +198,7 @@ def optimize(study: str, n_trials: int | None, timeout: float | None, storage: s
 
         if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
             raise ConfigError("--device mps: no MPS device is available here (use --device auto or cpu)")
+    _check_locations(storage, tracking_uri)
     import optuna
 
     from regsearch._display import TqdmProgress, print_leaderboard
@@ -192,13 +228,34 @@ def show(study: str, storage: str | None, study_name: str | None, top: int) -> N
     print_leaderboard(load_stored_study(study, storage, study_name), top=top)
 
 
+@cli.command()
+@study_option
+@storage_option
+@tracking_uri_option
+@study_name_option
+def sync(study: str, storage: str | None, tracking_uri: str | None, study_name: str | None) -> None:
+    """Log to MLflow the finished trials it lacks (the tracking store was down), from the Optuna storage."""
+    import optuna
+
+    from regsearch._sync import sync_study
+
+    _check_locations(storage, tracking_uri)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    name, report = sync_study(study, storage=storage, tracking_uri=tracking_uri, study_name=study_name)
+    click.echo(f"study {name}: {report.describe()}")
+
+
+_signal_received: int | None = None
+
+
 def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt  # SIGTERM ends a study like Ctrl-C: the running trial is failed, its run KILLED
+    # SIGTERM ends a study like Ctrl-C: the running trial is failed, its run KILLED; the exit code tells which
+    global _signal_received
+    _signal_received = signum
+    raise KeyboardInterrupt
 
 
 def main() -> None:
-    import signal
-
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         cli(prog_name="regsearch")

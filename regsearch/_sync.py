@@ -1,0 +1,254 @@
+"""Logging a study's trials to MLflow from the Optuna storage, for the runs an unreachable tracking store missed.
+
+The Optuna storage is the source of truth. Each finished trial should have one child run under the study's
+parent run (matched by its `trial_number` tag). A trial that finished while the store was down has none: it
+gets one, rebuilt from the storage (parameters, the per-epoch `val_acc` Optuna saw, the final metrics, its real
+end state) and tagged `regsearch.synced=true`. A trial whose run was cut off midway keeps what was logged, but
+its run is ended with the trial's state (tag `regsearch.synced=ended`) instead of staying RUNNING. Running it
+again adds nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+
+from regsearch._errors import StorageError, StudyError
+from regsearch._storage import mask_url
+from regsearch._study import FAIL_REASON_ATTR, METRIC_ATTR, SURPLUS, load_stored_study
+from regsearch._tracking import Tracker, default_tracking_uri, error_gist, log_batches
+
+SYNCED_TAG = "regsearch.synced"
+_LOCK_STALE_SECONDS = 600.0
+"""A sync lock older than this belongs to a process that died while syncing; it is taken over."""
+
+
+@dataclass
+class SyncReport:
+    """What one sync did: trials given a run, trials whose RUNNING run was ended, trials already logged."""
+
+    logged: list[int] = field(default_factory=list)
+    ended: list[int] = field(default_factory=list)
+    present: int = 0
+    busy: bool = False
+    """Another process was syncing the same study to the same store, so this one did nothing."""
+
+    def describe(self) -> str:
+        if self.busy:
+            return "another process is logging this study's missing runs; nothing done"
+        return (f"logged {_runs(self.logged)} from the Optuna storage{_numbers(self.logged)}, ended "
+                f"{_runs(self.ended)} left RUNNING{_numbers(self.ended)}, {self.present} already there")
+
+
+def _runs(numbers: list[int]) -> str:
+    return f"{len(numbers)} run{'' if len(numbers) == 1 else 's'}"
+
+
+def _numbers(numbers: list[int]) -> str:
+    if not numbers:
+        return ""
+    shown = ", ".join(str(n) for n in numbers[:10])
+    return f" (trial{'' if len(numbers) == 1 else 's'} {shown}{', ...' if len(numbers) > 10 else ''})"
+
+
+def run_outcome(trial: optuna.trial.FrozenTrial) -> tuple[str, dict[str, str]]:
+    """The MLflow end status and `regsearch.state`/`regsearch.reason` tags of a finished trial.
+
+    The same mapping a live run gets: COMPLETE -> FINISHED, PRUNED -> KILLED, FAIL -> FAILED (KILLED when the
+    trial was interrupted).
+    """
+    state = trial.state
+    if state == optuna.trial.TrialState.COMPLETE:
+        return "FINISHED", {"regsearch.state": "COMPLETE"}
+    if state == optuna.trial.TrialState.PRUNED:
+        epoch = trial.user_attrs.get("epochs") or max(trial.intermediate_values, default=0)
+        value = (trial.user_attrs.get(METRIC_ATTR) or {}).get("val_acc", trial.intermediate_values.get(epoch))
+        reason = f"pruned at epoch {epoch}" + (f" (val_acc {value:.4f})" if value is not None else "")
+        return "KILLED", {"regsearch.state": "PRUNED", "regsearch.reason": reason}
+    reason = trial.user_attrs.get(FAIL_REASON_ATTR) or "failed without a reason (its worker may have died)"
+    return ("KILLED" if reason == "interrupted" else "FAILED"), {"regsearch.state": "FAIL", "regsearch.reason": reason}
+
+
+def _ms(when: Any) -> int | None:
+    return int(when.timestamp() * 1000) if when is not None else None
+
+
+def _trial_metrics(trial: optuna.trial.FrozenTrial) -> list:
+    """Per-epoch `val_acc` (Optuna's intermediate values) and the final metrics at the last epoch reached."""
+    from mlflow.entities import Metric
+
+    start = _ms(trial.datetime_start) or _ms(trial.datetime_complete) or int(time.time() * 1000)
+    end = _ms(trial.datetime_complete) or start
+    steps = sorted(trial.intermediate_values)
+    last = trial.user_attrs.get("epochs") or (steps[-1] if steps else 0)
+    # Optuna keeps no time per epoch: spread the epochs evenly over the trial's duration
+    at = {s: start + (end - start) * s // max(last, steps[-1] if steps else 1, 1) for s in steps}
+    metrics = [Metric("val_acc", float(v), at[s], s) for s, v in sorted(trial.intermediate_values.items())]
+    for key, value in (trial.user_attrs.get(METRIC_ATTR) or {}).items():
+        if key == "val_acc" and last in trial.intermediate_values:
+            continue  # already there, from the intermediate values
+        with contextlib.suppress(TypeError, ValueError):
+            metrics.append(Metric(key, float(value), end, int(last)))
+    return metrics
+
+
+def _trial_runs(tracker: Tracker, parent_run_id: str) -> dict[int, list]:
+    """The parent run's child runs by trial number (deleted ones too: a user's deletion is respected)."""
+    from mlflow.entities import ViewType
+
+    runs: dict[int, list] = {}
+    token = None
+    while True:
+        page = tracker.client.search_runs([tracker.experiment_id],
+                                          filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                                          run_view_type=ViewType.ALL, max_results=50_000, page_token=token)
+        for run in page:
+            number = run.data.tags.get("trial_number", "")
+            if number.isdigit():
+                runs.setdefault(int(number), []).append(run)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _plan(study: optuna.Study, runs: dict[int, list]) -> tuple[list, list, int]:
+    """(trials without a run, (trial, its RUNNING runs) to end, trials already logged)."""
+    missing, dangling, present = [], [], 0
+    for trial in study.get_trials(deepcopy=False):
+        if not trial.state.is_finished():
+            continue
+        if trial.user_attrs.get(FAIL_REASON_ATTR) == SURPLUS:
+            continue  # a trial asked for after the study had its total: never trained, never logged
+        found = runs.get(trial.number)
+        if not found:
+            missing.append(trial)
+            continue
+        running = [r for r in found if r.info.status == "RUNNING" and r.info.lifecycle_stage == "active"]
+        if running:
+            dangling.append((trial, running))
+        else:
+            present += 1
+    return missing, dangling, present
+
+
+@contextlib.contextmanager
+def _sync_lock(study: optuna.Study, tracker: Tracker) -> Iterator[bool]:
+    """True when this process may sync the study to this store now (creating an Optuna study is atomic)."""
+    digest = hashlib.sha1(f"{tracker.uri}|{tracker.experiment_id}".encode()).hexdigest()[:10]
+    name = f"{study.study_name}.regsearch-sync.{digest}"
+    storage = study._storage
+    direction = [optuna.study.StudyDirection.MINIMIZE]
+    try:
+        marker = storage.create_new_study(direction, name)
+    except optuna.exceptions.DuplicatedStudyError:
+        if not _stale(storage, name):
+            yield False
+            return
+        with contextlib.suppress(KeyError):
+            storage.delete_study(storage.get_study_id_from_name(name))
+        try:
+            marker = storage.create_new_study(direction, name)
+        except optuna.exceptions.DuplicatedStudyError:
+            yield False
+            return
+    storage.set_study_user_attr(marker, "since", time.time())
+    try:
+        yield True
+    finally:
+        with contextlib.suppress(Exception):
+            storage.delete_study(marker)
+
+
+def _stale(storage: Any, name: str) -> bool:
+    """Whether the sync lock `name` was left by a process that died (it is held longer than any sync takes)."""
+    for attempt in range(2):
+        try:
+            since = storage.get_study_user_attrs(storage.get_study_id_from_name(name)).get("since")
+        except KeyError:
+            return True  # released meanwhile
+        if since is not None:
+            return time.time() - since > _LOCK_STALE_SECONDS
+        if attempt == 0:
+            time.sleep(2.0)  # just created: its owner writes the time next
+    return True  # its owner died between creating it and writing the time
+
+
+def sync_runs(study: optuna.Study, tracker: Tracker, parent_run_id: str) -> SyncReport:
+    """Give every finished trial of `study` its child run under `parent_run_id`; raises when the store fails."""
+    finished = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
+                                                        optuna.trial.TrialState.PRUNED,
+                                                        optuna.trial.TrialState.FAIL))
+    if not finished:
+        return SyncReport()
+    missing, dangling, present = _plan(study, _trial_runs(tracker, parent_run_id))
+    if not missing and not dangling:
+        return SyncReport(present=present)
+    with _sync_lock(study, tracker) as mine:
+        if not mine:
+            return SyncReport(present=present, busy=True)
+        # what another process synced while this one waited for the lock is not done twice
+        missing, dangling, present = _plan(study, _trial_runs(tracker, parent_run_id))
+        report = SyncReport(present=present)
+        for trial in missing:
+            _log_trial(tracker, trial, parent_run_id, study.study_name)
+            report.logged.append(trial.number)
+        for trial, runs in dangling:
+            status, tags = run_outcome(trial)
+            for run in runs:
+                log_batches(tracker.client, run.info.run_id, tags={**tags, SYNCED_TAG: "ended"})
+                tracker.client.set_terminated(run.info.run_id, status=status,
+                                              end_time=_ms(trial.datetime_complete))
+            report.ended.append(trial.number)
+        return report
+
+
+def _log_trial(tracker: Tracker, trial: optuna.trial.FrozenTrial, parent_run_id: str, study_name: str) -> None:
+    status, tags = run_outcome(trial)
+    run = tracker.client.create_run(
+        tracker.experiment_id, start_time=_ms(trial.datetime_start) or _ms(trial.datetime_complete),
+        run_name=f"trial-{trial.number}",
+        tags={"mlflow.parentRunId": parent_run_id, "trial_number": str(trial.number),
+              "regsearch.study": study_name, **tags, SYNCED_TAG: "true"})
+    run_id = run.info.run_id
+    params = dict(trial.params)
+    if "seed" in trial.user_attrs:
+        params["seed"] = trial.user_attrs["seed"]
+    log_batches(tracker.client, run_id, params=params, metrics=_trial_metrics(trial))
+    tracker.client.set_terminated(run_id, status=status, end_time=_ms(trial.datetime_complete))
+
+
+def sync_study(study: str, *, storage: str | None = None, tracking_uri: str | None = None,
+               study_name: str | None = None) -> tuple[str, SyncReport]:
+    """`regsearch sync`: log a stored study's missing trial runs; returns (the study's name, the report)."""
+    opt_study = load_stored_study(study, storage, study_name)
+    name = opt_study.study_name
+    uri = tracking_uri or default_tracking_uri()
+    try:
+        tracker = Tracker(uri, name)
+    except Exception as exc:
+        raise StorageError(f"--tracking-uri {mask_url(uri)}: cannot use the MLflow tracking store: "
+                           f"{error_gist(exc)}") from None
+    try:
+        parent = tracker.find_parent(opt_study)
+        if parent is None:
+            if not opt_study.get_trials(deepcopy=False):
+                return name, SyncReport()
+            parent = tracker.parent_run(opt_study, name, {"study_file": opt_study.user_attrs.get(
+                "regsearch.source", "")}, sync=False)
+        report = sync_runs(opt_study, tracker, parent)
+        # a study run left RUNNING by an outage at its end: ended, unless a trial is running somewhere now
+        if (not opt_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+                and tracker.client.get_run(parent).info.status == "RUNNING"):
+            tracker.client.set_terminated(parent, status="FINISHED")
+    except Exception as exc:
+        raise StudyError(f"MLflow ({mask_url(uri)}): syncing study {name!r} stopped: {error_gist(exc)}; the runs "
+                         f"logged so far stay, rerun `regsearch sync` to log the rest") from None
+    finally:
+        tracker.close()
+    return name, report
