@@ -30,7 +30,8 @@ from regsearch._regularizer import LoopState, NamespacedTrial, Regularizer, Tria
 from regsearch._spec import RegularizerSpec, StudySpec, load_study
 from regsearch._storage import describe_storage, mask_url, open_storage
 from regsearch._tracking import Tracker, default_tracking_uri
-from regsearch._trainer import Applied, TrialDiverged, _transformed, build_optimizer, evaluate, fit, resolve_device
+from regsearch._trainer import (Applied, TrialDiverged, _transformed, build_optimizer, evaluate, fit, resolve_device,
+                                set_thread_budget)
 from regsearch.data._tensors import Batcher, TensorData, load_dataset
 from regsearch.models import model_factory
 from regsearch.surgery import trace
@@ -538,8 +539,8 @@ def optimize(study: str | StudySpec, *, n_trials: int | None = None, timeout: fl
         raise ConfigError(f"workers must be at least 1; got {workers}")
     total = n_trials or spec.search.n_trials
     name = study_name or spec.name
-    if workers > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    if workers > 1:  # each worker gets its share of the cores, and never probes beyond it
+        set_thread_budget((os.cpu_count() or 1) // workers)
     exp = prepare(spec, data=data, model=model, data_dir=data_dir, device=device, registry=registry,
                   plugins=plugins)
     opt_study, tracker, parent = _open_study(spec, name, storage, tracking, tracking_uri, create=True)
@@ -654,7 +655,7 @@ def _run_trials(study: optuna.Study, objective: _Objective, total: int, timeout:
 def _worker_main(job: dict[str, Any]) -> None:
     """One worker process of `optimize(workers=N)`: attach to the study and run trials until it is done."""
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    torch.set_num_threads(job["threads"])
+    set_thread_budget(job["threads"])
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     spec = job["study"]

@@ -76,6 +76,16 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+_thread_budget: int | None = None
+
+
+def set_thread_budget(threads: int) -> None:
+    """The CPU threads this process may use (its share when several workers share the machine)."""
+    global _thread_budget
+    _thread_budget = max(1, threads)
+    torch.set_num_threads(_thread_budget)
+
+
 class ThreadChooser:
     """Picks, every epoch, whether this process trains faster on all its CPU threads or on one.
 
@@ -92,7 +102,7 @@ class ThreadChooser:
             available = len(os.sched_getaffinity(0))
         except AttributeError:  # not on Linux
             available = os.cpu_count() or 1
-        self.many = max(self.many, min(available, os.cpu_count() or 1))
+        self.many = _thread_budget or max(self.many, min(available, os.cpu_count() or 1))
         self.active = device.type == "cpu" and self.many > 1 and not os.environ.get("OMP_NUM_THREADS")
         self.probe_steps = probe_steps
         self.chosen = torch.get_num_threads()
