@@ -639,7 +639,13 @@ def _run_trials(study: optuna.Study, objective: _Objective, total: int, timeout:
         if left is not None and left <= 0:
             break
         if _committed(study) < total:
-            study.optimize(objective, timeout=left, catch=(Exception,), callbacks=[stopper])
+            try:
+                study.optimize(objective, timeout=left, catch=(Exception,), callbacks=[stopper])
+            except optuna.exceptions.UpdateFinishedTrialError as exc:
+                # another worker failed this trial while it ran (it missed its heartbeats on a loaded machine);
+                # the trial's retry is queued, so this worker just goes on
+                logger.warning("a trial was failed by another worker while it ran: %s", exc)
+                continue
             if stopper.gave_up:
                 break
             continue
