@@ -90,3 +90,32 @@ def mlflow_server(tmp_path_factory):
             except ProcessLookupError:
                 pass
         log.close()
+
+
+@pytest.fixture(scope="module")
+def mlflow_store(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite store with its tables made (its migrations take seconds; tests copy it)."""
+    from mlflow import MlflowClient
+
+    folder = tmp_path_factory.mktemp("mlflow-store")
+    cwd = os.getcwd()
+    os.chdir(folder)  # the default experiment's artifact folder is relative to where the store is made
+    try:
+        MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}").search_experiments()
+    finally:
+        os.chdir(cwd)
+    return folder / "mlflow.db"
+
+
+@pytest.fixture
+def restore_logging():
+    """The CLI points the `regsearch` logger at CliRunner's (soon closed) stderr; put it back afterwards."""
+    import logging
+
+    import optuna
+
+    log = logging.getLogger("regsearch")
+    saved = (log.handlers[:], log.level, log.propagate, optuna.logging.get_verbosity())
+    yield
+    log.handlers[:], log.level, log.propagate = saved[:3]
+    optuna.logging.set_verbosity(saved[3])

@@ -454,19 +454,6 @@ def run_without_dac(args: list[str], cwd: Path) -> Outcome:
     return Outcome(done.returncode, done.stdout, done.stderr)
 
 
-@pytest.fixture(scope="module")
-def mlflow_store(tmp_path_factory) -> Path:
-    """An empty MLflow store with its tables made (MLflow's migrations take seconds for each new store)."""
-    from mlflow import MlflowClient
-
-    folder = tmp_path_factory.mktemp("mlflow-store")
-    cwd = os.getcwd()
-    os.chdir(folder)  # the default experiment's artifact folder is relative to where the store is made
-    try:
-        MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}").search_experiments()
-    finally:
-        os.chdir(cwd)
-    return folder / "mlflow.db"
 
 
 def stored(folder: Path) -> tuple[list[tuple], int]:

@@ -19,7 +19,7 @@ import yaml
 
 from regsearch._storage import open_storage
 from tests.conftest import REPO, free_port
-from tests.test_workers import PG_ADMIN, postgres_url  # noqa: F401  (fixture)
+from tests.test_workers import PG_ADMIN, postgres_url  # noqa: F401, F811  (fixture)
 
 COMPOSE = REPO / "docker" / "compose.yaml"
 DOCKERFILE = REPO / "docker" / "Dockerfile"

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -193,29 +192,8 @@ def mlflow_server_to_kill(tmp_path):
         server.kill()
 
 
-@pytest.fixture(scope="module")
-def mlflow_db(tmp_path_factory) -> Path:
-    """An empty MLflow SQLite store with its tables made (its migrations take seconds; tests copy it)."""
-    folder = tmp_path_factory.mktemp("mlflow-store")
-    cwd = os.getcwd()
-    os.chdir(folder)  # the default experiment's artifact folder is relative to where the store is made
-    try:
-        MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}").search_experiments()
-    finally:
-        os.chdir(cwd)
-    return folder / "mlflow.db"
 
 
-@pytest.fixture
-def restore_logging():
-    """The CLI points the `regsearch` logger at CliRunner's (soon closed) stderr; put it back afterwards."""
-    import logging
-
-    log = logging.getLogger("regsearch")
-    saved = (log.handlers[:], log.level, log.propagate, optuna.logging.get_verbosity())
-    yield
-    log.handlers[:], log.level, log.propagate = saved[:3]
-    optuna.logging.set_verbosity(saved[3])
 
 
 def gated_command(tmp: Path, name: str, tracking: str, n_trials: int, epochs: int) -> list[str]:
@@ -235,7 +213,7 @@ def test_a_killed_tracking_server_costs_no_trial_and_mlflow_catches_up(tmp_path,
     server = mlflow_server_to_kill
     server.start()
     name, storage, hold = "outage", str(tmp_path / "s.journal"), tmp_path / "hold"
-    command = gated_command(tmp_path, name, server.url, n_trials=8, epochs=4)
+    command = gated_command(tmp_path, name, server.url, n_trials=14, epochs=4)
     with open(tmp_path / "out.log", "wb") as out, open(tmp_path / "err.log", "wb") as err:
         proc = subprocess.Popen(command, stdout=out, stderr=err, cwd=tmp_path)
     try:
@@ -265,12 +243,13 @@ def test_a_killed_tracking_server_costs_no_trial_and_mlflow_catches_up(tmp_path,
     assert "Traceback" not in errors
 
     study = optuna.load_study(study_name=name, storage=open_storage(storage))
-    assert [t.state for t in study.trials] == [COMPLETE] * 8, "every trial is in the Optuna storage"
+    assert [t.state for t in study.trials] == [COMPLETE] * 14, "every trial is in the Optuna storage"
     client = MlflowClient(tracking_uri=server.url)
     runs = assert_every_trial_has_its_run(client, study)
     synced = sorted(n for n, r in runs.items() if r.data.tags.get("regsearch.synced") == "true")
     assert synced == list(range(cut + 1, during + 1)), (synced, errors)  # they started while the server was dead
-    assert during < 7 and all("regsearch.synced" not in runs[n].data.tags for n in range(during + 1, 8))
+    # trials start fast: leave room for some to run after the server is back, whatever the timing
+    assert during < 13 and all("regsearch.synced" not in runs[n].data.tags for n in range(during + 1, 14))
     for number in synced:
         run, trial = runs[number], study.trials[number]
         assert run.info.run_name == f"trial-{number}"
@@ -288,8 +267,8 @@ def test_a_killed_tracking_server_costs_no_trial_and_mlflow_catches_up(tmp_path,
                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert again.stdout == (f"study {name}: logged 0 runs from the Optuna storage, ended 0 runs left RUNNING, "
-                            f"8 already there\n")
-    assert len(trial_runs(client, name)[1]) == 8
+                            f"14 already there\n")
+    assert len(trial_runs(client, name)[1]) == 14
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -307,10 +286,10 @@ def sync_spec() -> Any:
 
 
 @pytest.mark.filterwarnings("ignore:Fixed parameter lr with value 1e\\+30 is out of range")
-def test_trials_run_without_mlflow_are_logged_once_from_the_storage(tmp_path, monkeypatch, mlflow_db,
+def test_trials_run_without_mlflow_are_logged_once_from_the_storage(tmp_path, monkeypatch, mlflow_store,
                                                                      restore_logging):
     monkeypatch.chdir(tmp_path)
-    shutil.copy(mlflow_db, tmp_path / "mlflow.db")
+    shutil.copy(mlflow_store, tmp_path / "mlflow.db")
     tracking, storage = f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "s.journal")
     spec = sync_spec()
     where = dict(storage=storage, device="cpu")
@@ -368,8 +347,8 @@ def test_trials_run_without_mlflow_are_logged_once_from_the_storage(tmp_path, mo
 
 
 @pytest.mark.slow
-def test_sigint_and_sigterm_fail_the_running_trial_and_rerunning_resumes(tmp_path, mlflow_db):
-    shutil.copy(mlflow_db, tmp_path / "mlflow.db")
+def test_sigint_and_sigterm_fail_the_running_trial_and_rerunning_resumes(tmp_path, mlflow_store):
+    shutil.copy(mlflow_store, tmp_path / "mlflow.db")
     tracking, storage, hold = f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "s.journal"), tmp_path / "hold"
     command = gated_command(tmp_path, "signals", tracking, n_trials=2, epochs=3)
     client = MlflowClient(tracking_uri=tracking)

@@ -199,18 +199,6 @@ def test_study_run_has_best_metrics_and_a_loadable_best_model(pruned_study):
     assert accuracy == pytest.approx(metrics["best_test_acc"], abs=1e-6)
 
 
-@pytest.fixture
-def restore_logging():
-    """The CLI points the `regsearch` logger at its (CliRunner's, soon closed) stderr; put it back afterwards."""
-    import logging
-
-    import optuna
-
-    log = logging.getLogger("regsearch")
-    saved = (log.handlers[:], log.level, log.propagate, optuna.logging.get_verbosity())
-    yield
-    log.handlers[:], log.level, log.propagate = saved[:3]
-    optuna.logging.set_verbosity(saved[3])
 
 
 def test_resume_adds_only_the_missing_trials_under_the_same_study_run(mlflow_server, in_tmp, restore_logging):
