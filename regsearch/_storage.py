@@ -55,8 +55,6 @@ def _rdb_storage(url: str, scheme: str, heartbeat_interval: int, grace_period: i
 
 def open_storage(url: str | None = None, *, heartbeat_interval: int = 30, grace_period: int = 90) -> Any:
     """An Optuna storage: an RDB URL (sqlite:///, postgresql://, ...) or a journal file path."""
-    import optuna
-
     url = url or DEFAULT_STORAGE
     if "://" not in url:
         from optuna.storages.journal import JournalFileBackend, JournalStorage

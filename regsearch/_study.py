@@ -30,7 +30,7 @@ from regsearch._regularizer import LoopState, NamespacedTrial, Regularizer, Tria
 from regsearch._spec import RegularizerSpec, StudySpec, load_study
 from regsearch._storage import describe_storage, mask_url, open_storage
 from regsearch._tracking import Tracker, default_tracking_uri
-from regsearch._trainer import (Applied, TrialDiverged, _transformed, build_optimizer, evaluate, fit, resolve_device,
+from regsearch._trainer import (Applied, _transformed, build_optimizer, evaluate, fit, resolve_device,
                                 set_thread_budget)
 from regsearch.data._tensors import Batcher, TensorData, load_dataset
 from regsearch.models import model_factory
