@@ -746,11 +746,16 @@ def _run_workers(study: optuna.Study, job: dict[str, Any], workers: int, progres
     return stopper.gave_up or (3 in [p.exitcode for p in procs] and _committed(study) < job["n_trials"])
 
 
+def _rebuild(exp: Experiment, trial: optuna.trial.FrozenTrial) -> tuple[nn.Module, list[Applied], float, int]:
+    """A stored trial's untrained model, regularizers, learning rate and seed, from its parameters."""
+    seed = trial.user_attrs.get("seed", trial_seed(exp.spec.seed, trial.number))
+    model, applied, lr = build_trial(exp, optuna.trial.FixedTrial(trial.params, number=trial.number), seed)
+    return model, applied, lr, seed
+
+
 def retrain(exp: Experiment, trial: optuna.trial.FrozenTrial) -> nn.Module:
     """Train a stored trial again from its parameters and seed (the same model on CPU)."""
-    fixed = optuna.trial.FixedTrial(trial.params, number=trial.number)
-    seed = trial.user_attrs.get("seed", trial_seed(exp.spec.seed, trial.number))
-    model, applied, lr = build_trial(exp, fixed, seed)
+    model, applied, lr, seed = _rebuild(exp, trial)
     fit(model, exp.data, applied, exp.spec.training, lr=lr, device=exp.device, seed=seed)
     return model
 
@@ -771,8 +776,7 @@ def _final_report(study: optuna.Study, exp: Experiment, objective: _Objective, t
     if objective.best is not None and objective.best[1] == best.number:
         model = objective.best[2]
     elif kept and os.path.exists(kept):
-        fixed = optuna.trial.FixedTrial(best.params, number=best.number)
-        model, _, _ = build_trial(exp, fixed, best.user_attrs.get("seed", 0))
+        model = _rebuild(exp, best)[0]
         model.load_state_dict(torch.load(kept, map_location=exp.device))
     else:
         logger.info("retraining the best trial (%d) of an earlier run for the test report", best.number)
