@@ -23,6 +23,17 @@ STRICT_ENV = "REGSEARCH_TEST_STRICT"
 os.environ["REGSEARCH_OFFLINE"] = "1"
 
 
+def without_dac(command: list[str]) -> list[str]:
+    """`command` with file permissions in force even for root (tests often run as root), via setpriv."""
+    if os.geteuid() != 0:
+        return command
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root, which reads and writes any file, and setpriv (util-linux) is not there to "
+                    "drop CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH")
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search", "--", *command]
+
+
 def require(condition: bool, reason: str) -> None:
     """Skip with `reason` on a user's machine; fail in CI, where every resource must be there."""
     if condition:

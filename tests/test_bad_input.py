@@ -28,6 +28,7 @@ from click.testing import CliRunner
 from regsearch import _registry
 from regsearch.cli import cli
 from regsearch.data.cifar import ARCHIVE, FOLDER, RECORD, TEST_FILE, TRAIN_FILES
+from tests.conftest import without_dac
 
 TINY_RUN = ("--set", "training.epochs=1", "--n-trials", "1")
 """Bounds a command that should fail but might not: wrongly accepted input trains one epoch, not a study."""
@@ -443,13 +444,7 @@ def invoke(args: list[str]) -> Outcome:
 def run_without_dac(args: list[str], cwd: Path) -> Outcome:
     """The real executable with file-permission checks in force even for root (tests often run as root)."""
     exe = os.path.join(os.path.dirname(sys.executable), "regsearch")
-    command = [exe, *args]
-    if os.geteuid() == 0:
-        setpriv = shutil.which("setpriv")
-        if setpriv is None:
-            pytest.skip("running as root, which reads any file, and setpriv (util-linux) is not there to drop "
-                        "CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH")
-        command = [setpriv, "--bounding-set=-dac_override,-dac_read_search", "--", *command]
+    command = without_dac([exe, *args])
     done = subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=120)
     return Outcome(done.returncode, done.stdout, done.stderr)
 

@@ -29,7 +29,7 @@ from mlflow import MlflowClient
 import regsearch
 from regsearch._storage import open_storage
 from regsearch.cli import cli
-from tests.conftest import free_port
+from tests.conftest import free_port, without_dac
 
 REGSEARCH = os.path.join(os.path.dirname(sys.executable), "regsearch")
 MLFLOW = shutil.which("mlflow") or os.path.join(os.path.dirname(sys.executable), "mlflow")
@@ -394,13 +394,7 @@ def test_sigint_and_sigterm_fail_the_running_trial_and_rerunning_resumes(tmp_pat
 
 def run_without_dac(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """The real executable with file permissions in force even for root (tests often run as root)."""
-    command = [REGSEARCH, *args]
-    if os.geteuid() == 0:
-        setpriv = shutil.which("setpriv")
-        if setpriv is None:
-            pytest.skip("running as root, which writes anywhere, and setpriv (util-linux) is not there to drop "
-                        "CAP_DAC_OVERRIDE")
-        command = [setpriv, "--bounding-set=-dac_override,-dac_read_search", "--", *command]
+    command = without_dac([REGSEARCH, *args])
     return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=120)
 
 
