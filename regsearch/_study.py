@@ -46,6 +46,10 @@ SURPLUS = "surplus: the study already had its total when this trial started"
 METRIC_ATTR = "metrics"
 FAIL_REASON_ATTR = "fail_reason"
 TEST_ATTR = "best_test"
+CURVE_ATTR = "curve"
+"""Per-epoch eval-mode metrics of a trial (a list of dicts with `epoch`), for reports without MLflow."""
+BASELINE_ATTR = "baseline"
+"""True on the study's unregularized baseline trial (every switchable regularizer off)."""
 
 
 def trial_seed(study_seed: int, number: int) -> int:
@@ -335,9 +339,12 @@ class _Objective:
                 tracker.log_params(run_id, {**trial.params, "seed": seed})
 
             ran = [0]
+            curve: list[dict[str, float]] = []
 
             def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
                 ran[0] = epoch
+                curve.append({"epoch": epoch, **{k: round(v, 6) for k, v in metrics.items()}})
+                trial.set_user_attr(CURVE_ATTR, curve)
                 if tracker:
                     tracker.log_epoch(run_id, epoch, metrics)
                 trial.report(metrics["val_acc"], epoch)
