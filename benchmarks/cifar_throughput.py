@@ -31,9 +31,9 @@ def child_regsearch(folder: str, epochs: int, train_size: int) -> dict:
     from regsearch._spec import load_study
     from regsearch._study import build_trial, prepare
 
-    overrides = [("training.epochs", str(epochs)), ("regularizers", "{}"), ("model.name", "cnn"),
-                 ("model.channels", "[32, 64, 128]"), ("model.hidden", "256"),
-                 ("training.batch_size", str(BATCH)), ("training.augment", "true"),
+    overrides = [("training.epochs", str(epochs)), ("regularizers", "{augment: {enabled: true}}"),
+                 ("model.name", "cnn"), ("model.channels", "[32, 64, 128]"), ("model.hidden", "256"),
+                 ("training.batch_size", str(BATCH)),
                  ("data.train_size", str(train_size) if train_size else "null")]
     spec = load_study("cifar", overrides)
     exp = prepare(spec, device="cpu", data_dir=folder)

@@ -28,7 +28,7 @@ def child_regsearch(trials: int, epochs: int) -> dict:
     from regsearch._spec import load_study
 
     overrides = [("training.epochs", str(epochs)), ("model.hidden", "[256, 256]"),
-                 ("search.pruner", "{name: none}"),
+                 ("search.pruner", "{name: none}"), ("search.baseline", "false"), ("search.first_trial", "{}"),
                  ("regularizers", "{dropout: {enabled: true, per_site: false, p: [0.0, 0.5]}, "
                                   "l2: {enabled: true, weight_decay: [1.0e-6, 1.0e-2]}}")]
     spec = load_study("digits", overrides)

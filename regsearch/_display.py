@@ -8,7 +8,7 @@ from typing import Any
 import click
 import optuna
 
-from regsearch._study import FAIL_REASON_ATTR, TEST_ATTR, leaderboard, state_counts
+from regsearch._study import FAIL_REASON_ATTR, SUMMARY_ATTR, TEST_ATTR, leaderboard, state_counts
 
 
 class TqdmProgress:
@@ -69,7 +69,9 @@ def print_leaderboard(study: optuna.Study, top: int = 5) -> None:
     click.echo(f"{'trial':>5}  {'state':<8} {'val_acc':>7} {'gap_acc':>7} {'train_acc':>9}  params")
     for r in rows:
         click.echo(f"{r['number']:>5}  {r['state']:<8} {_fmt(r['val_acc']):>7} {_fmt(r['gap_acc']):>7} "
-                   f"{_fmt(r['train_acc']):>9}  {_params(r['params'])}")
+                   f"{_fmt(r['train_acc']):>9}  {'baseline: ' if r['baseline'] else ''}{_params(r['params'])}")
     test = study.user_attrs.get(TEST_ATTR)
     if test:
         click.echo(f"best trial {test['trial']}: test accuracy {test['test_acc']:.4f} (test split, evaluated once)")
+    if study.user_attrs.get(SUMMARY_ATTR):
+        click.echo(study.user_attrs[SUMMARY_ATTR])

@@ -68,6 +68,8 @@ class Regularizer(abc.ABC):
     """The registry name, set by `register` / the entry point name."""
     transform_order: ClassVar[int] = 0
     """Lower runs `transform_model` first (normalization layers go in before dropout is placed)."""
+    batch_order: ClassVar[int] = 0
+    """Lower runs `transform_batch` first (the built-in flip/translate before cutout or mixing)."""
 
     context: TrialContext | None = None
     """Set by the framework before the hooks of a trial are called."""
@@ -90,7 +92,7 @@ class Regularizer(abc.ABC):
 
     def transform_batch(self, x: torch.Tensor, y: torch.Tensor, params: dict[str, Any]
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Change a training batch (inputs, int labels or (N, C) soft targets) after augmentation; never in eval."""
+        """Change a training batch (normalised inputs, int labels or (N, C) soft targets); never in eval."""
         return x, y
 
     def on_train_start(self, state: LoopState, params: dict[str, Any]) -> None:

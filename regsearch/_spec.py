@@ -135,7 +135,6 @@ class TrainingSpec:
     momentum: float = field(default=0.9, metadata=_check(minimum=0.0, maximum=1.0))
     schedule: Literal["constant", "cosine", "onecycle"] = "onecycle"
     label_smoothing: float = field(default=0.0, metadata=_check(minimum=0.0, maximum=0.5))
-    augment: bool = False
     eval_batch_size: int = field(default=1024, metadata=_check(minimum=1))
 
 
@@ -160,8 +159,10 @@ class SearchSpec:
     sampler: SamplerSpec = field(default_factory=SamplerSpec)
     pruner: PrunerSpec = field(default_factory=PrunerSpec)
     max_consecutive_failures: int = field(default=5, metadata=_check(minimum=1))
+    baseline: bool = True
+    """Start a new study with an unregularized baseline trial (every regularizer off, no label smoothing)."""
     first_trial: Mapping[str, Any] = field(default_factory=dict)
-    """Parameters of a sound recipe the study starts from (enqueued once, when the study is new)."""
+    """Parameters of a sound recipe tried first (after the baseline; enqueued once, when the study is new)."""
     heartbeat_interval: int = field(default=30, metadata=_check(minimum=1))
     """Seconds between a running trial's heartbeats (RDB storages)."""
     grace_period: int = field(default=90, metadata=_check(minimum=2))
@@ -301,6 +302,9 @@ def spec_from_dict(raw: Any, *, name: str, source: str = "<python>") -> StudySpe
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{source}: a study file is a mapping of keys; got a {type(raw).__name__}")
     raw = dict(raw)
+    if isinstance(raw.get("training"), Mapping) and "augment" in raw["training"]:
+        raise ConfigError("training.augment: augmentation is the regularizer 'augment' now; write "
+                          "`augment: {enabled: true}` under regularizers (or leave out `enabled` to search it)")
     model_raw = raw.pop("model", {}) or {}
     if not isinstance(model_raw, Mapping):
         raise ConfigError(f"model: expected a mapping with a 'name'; got {model_raw!r}")

@@ -27,7 +27,7 @@ from torch import nn
 from regsearch._errors import ConfigError, PluginError, RegsearchError, StudyError
 from regsearch._registry import RegularizerRegistry, default_registry
 from regsearch._regularizer import LoopState, NamespacedTrial, Regularizer, TrialContext
-from regsearch._spec import RegularizerSpec, StudySpec, load_study
+from regsearch._spec import RegularizerSpec, StudySpec, TrainingSpec, load_study
 from regsearch._storage import describe_storage, mask_url, open_storage
 from regsearch._tracking import Tracker, default_tracking_uri
 from regsearch._trainer import (Applied, _transformed, build_optimizer, evaluate, fit, resolve_device,
@@ -49,7 +49,11 @@ TEST_ATTR = "best_test"
 CURVE_ATTR = "curve"
 """Per-epoch eval-mode metrics of a trial (a list of dicts with `epoch`), for reports without MLflow."""
 BASELINE_ATTR = "baseline"
-"""True on the study's unregularized baseline trial (every switchable regularizer off)."""
+"""True on the study's unregularized baseline trial (every regularizer off)."""
+TEST_ACC_ATTR = "test_acc"
+"""The baseline trial's test accuracy (the best trial's is the study's `best_test`)."""
+SUMMARY_ATTR = "summary"
+"""The study's finding in one sentence (a study user attr, printed by `optimize` and `show`)."""
 
 
 def trial_seed(study_seed: int, number: int) -> int:
@@ -130,13 +134,40 @@ def _context(exp: Experiment, model: nn.Module, number: int, seed: int) -> Trial
                         model=model, sites=trace(model, exp.example))
 
 
-def build_trial(exp: Experiment, trial: Any, seed: int) -> tuple[nn.Module, list[Applied], float]:
-    """Suggest this trial's parameters, build the model and let each switched-on regularizer change it."""
+def is_baseline(trial: Any) -> bool:
+    return bool(getattr(trial, "user_attrs", {}).get(BASELINE_ATTR))
+
+
+def training_for(exp: Experiment, trial: Any) -> TrainingSpec:
+    """The study's training recipe; the baseline trial trains without label smoothing (unregularized)."""
+    if is_baseline(trial):
+        return dataclasses.replace(exp.spec.training, label_smoothing=0.0)
+    return exp.spec.training
+
+
+def baseline_params(spec: StudySpec) -> dict[str, Any]:
+    """The baseline trial's parameters: only the learning rate (the first trial's, else mid-range)."""
+    lr = spec.training.lr
+    if lr.fixed:
+        return {}
+    if "lr" in spec.search.first_trial:
+        return {"lr": spec.search.first_trial["lr"]}
+    return {"lr": math.sqrt(lr.low * lr.high) if lr.log else (lr.low + lr.high) / 2}
+
+
+def build_trial(exp: Experiment, trial: Any, seed: int, *, baseline: bool = False
+                ) -> tuple[nn.Module, list[Applied], float]:
+    """Suggest this trial's parameters, build the model and let each switched-on regularizer change it.
+
+    The baseline trial (`baseline=True`) switches every regularizer off, also those the study pins on.
+    """
     torch.manual_seed(seed)
     model = exp.build_model().to(exp.device)
     context = _context(exp, model, trial.number, seed)
     applied = []
     chosen = {}
+    if baseline:
+        return model, applied, exp.spec.training.lr.suggest(trial, "lr")
     for rspec, _ in exp.regularizers:  # a choice group: one categorical, "none" or one of its members
         if rspec.choice is not None and rspec.enabled == "search" and rspec.choice not in chosen:
             members = [r.name for r, _ in exp.regularizers if r.choice == rspec.choice and r.enabled == "search"]
@@ -191,7 +222,7 @@ def preflight(exp: Experiment, registry: RegularizerRegistry) -> float:
             raise PluginError(f"{who}: {step} failed: {type(exc).__name__}: {exc}") from exc
     batch = min(spec.training.batch_size, len(exp.data.y_train))
     batcher = Batcher(exp.data)
-    x = batcher.inputs(exp.data.x_train[:batch], augment=spec.training.augment and exp.data.is_image)
+    x = batcher.inputs(exp.data.x_train[:batch])
     y = exp.data.y_train[:batch]
     try:
         optimizer = build_optimizer(model, applied, spec.training, spec.training.lr.low)
@@ -291,7 +322,7 @@ def fixed_settings(spec: StudySpec) -> dict[str, Any]:
     return {"study_file": spec.source, "data": spec.data.name, "model": spec.model.name,
             **{f"model.{k}": v for k, v in spec.model.options.items()},
             "epochs": t.epochs, "batch_size": t.batch_size, "optimizer": t.optimizer, "lr": str(t.lr),
-            "schedule": t.schedule, "augment": t.augment, "seed": spec.seed,
+            "schedule": t.schedule, "label_smoothing": t.label_smoothing, "seed": spec.seed,
             "regularizers": ", ".join(f"{r.name}:{r.enabled}" for r in spec.regularizers) or "none"}
 
 
@@ -333,8 +364,9 @@ class _Objective:
         if run_id:
             trial.set_user_attr("mlflow_run_id", run_id)
         status, tags = "FAILED", {"regsearch.state": "FAIL"}
+        baseline = is_baseline(trial)
         try:
-            model, applied, lr = build_trial(self.exp, trial, seed)
+            model, applied, lr = build_trial(self.exp, trial, seed, baseline=baseline)
             if tracker:
                 tracker.log_params(run_id, {**trial.params, "seed": seed})
 
@@ -353,9 +385,13 @@ class _Objective:
                     trial.set_user_attr("epochs", epoch)
                     raise optuna.TrialPruned(f"pruned at epoch {epoch} (val_acc {metrics['val_acc']:.4f})")
 
-            metrics = fit(model, self.exp.data, applied, self.exp.spec.training, lr=lr, device=self.exp.device,
-                          seed=seed, on_epoch=on_epoch)
+            metrics = fit(model, self.exp.data, applied, training_for(self.exp, trial), lr=lr,
+                          device=self.exp.device, seed=seed, on_epoch=on_epoch)
             trial.set_user_attr(METRIC_ATTR, metrics)
+            if baseline and self.exp.data.y_test is not None:  # what the final summary compares against
+                trial.set_user_attr(TEST_ACC_ATTR, evaluate(model, Batcher(self.exp.data), self.exp.data.x_test,
+                                                            self.exp.data.y_test,
+                                                            self.exp.spec.training.eval_batch_size)[1])
             trial.set_user_attr("epochs", ran[0])  # fewer than training.epochs when a plugin stopped early
             self._keep(trial.number, metrics["val_acc"], model)
             status, tags = "FINISHED", {"regsearch.state": "COMPLETE"}
@@ -614,10 +650,9 @@ def _open_study(spec: StudySpec, name: str, storage: str | None, tracking: bool,
     sampler_seed = spec.seed + len(created.trials) * 7_919 + salt * 104_729
     opt_study = optuna.load_study(study_name=name, storage=optuna_storage,
                                   sampler=_sampler(spec, sampler_seed % (2**31 - 1)), pruner=_pruner(spec))
+    new = create and not created.trials
     if create:
         opt_study.set_user_attr("regsearch.source", spec.source)
-        if not created.trials and spec.search.first_trial:
-            opt_study.enqueue_trial(dict(spec.search.first_trial), skip_if_exists=True)
     tracker = parent = None
     if tracking:
         uri = tracking_uri or default_tracking_uri()
@@ -627,6 +662,11 @@ def _open_study(spec: StudySpec, name: str, storage: str | None, tracking: bool,
         except Exception as exc:
             raise ConfigError(f"--tracking-uri {mask_url(uri)}: cannot use the MLflow tracking store: "
                               f"{mask_url(str(exc)).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    # queued only once the tracking store is known to work: a refused start leaves no trial behind
+    if new and spec.search.baseline:
+        opt_study.enqueue_trial(baseline_params(spec), user_attrs={BASELINE_ATTR: True})
+    if new and spec.search.first_trial:
+        opt_study.enqueue_trial(dict(spec.search.first_trial), skip_if_exists=True)
     return opt_study, tracker, parent
 
 
@@ -756,14 +796,15 @@ def _run_workers(study: optuna.Study, job: dict[str, Any], workers: int, progres
 def _rebuild(exp: Experiment, trial: optuna.trial.FrozenTrial) -> tuple[nn.Module, list[Applied], float, int]:
     """A stored trial's untrained model, regularizers, learning rate and seed, from its parameters."""
     seed = trial.user_attrs.get("seed", trial_seed(exp.spec.seed, trial.number))
-    model, applied, lr = build_trial(exp, optuna.trial.FixedTrial(trial.params, number=trial.number), seed)
+    model, applied, lr = build_trial(exp, optuna.trial.FixedTrial(trial.params, number=trial.number), seed,
+                                     baseline=is_baseline(trial))
     return model, applied, lr, seed
 
 
 def retrain(exp: Experiment, trial: optuna.trial.FrozenTrial) -> nn.Module:
     """Train a stored trial again from its parameters and seed (the same model on CPU)."""
     model, applied, lr, seed = _rebuild(exp, trial)
-    fit(model, exp.data, applied, exp.spec.training, lr=lr, device=exp.device, seed=seed)
+    fit(model, exp.data, applied, training_for(exp, trial), lr=lr, device=exp.device, seed=seed)
     return model
 
 
@@ -793,13 +834,55 @@ def _final_report(study: optuna.Study, exp: Experiment, objective: _Objective, t
                                    exp.spec.training.eval_batch_size)
     result = {"trial": best.number, "test_acc": test_acc, "test_loss": test_loss, "mlflow_run_id": parent}
     study.set_user_attr(TEST_ATTR, result)
+    sentence = summary_sentence(study, exp.spec, best, test_acc)
+    study.set_user_attr(SUMMARY_ATTR, sentence)
     if tracker is None:
         return
     metrics = best.user_attrs.get(METRIC_ATTR, {})
     tracker.log_summary(parent, {"best_val_acc": best.value, "best_test_acc": test_acc, "best_test_loss": test_loss,
                                  **{f"best_{k}": v for k, v in metrics.items() if k.startswith("gap")}},
-                        {"best_trial": str(best.number)})
+                        {"best_trial": str(best.number), "regsearch.summary": sentence})
     tracker.log_model(parent, copy.deepcopy(model), exp.example[:2])
+
+
+def combination(spec: StudySpec, trial: optuna.trial.FrozenTrial) -> list[str]:
+    """The regularizers a trial switched on, each with its own searched values: ["l2(weight_decay=0.0004)", ...]."""
+    if trial.user_attrs.get(BASELINE_ATTR):
+        return []
+    params = trial.params
+    on = []
+    for r in spec.regularizers:
+        if r.enabled == "off":
+            continue
+        if r.choice is not None and r.enabled == "search":
+            picked = params.get(f"choice.{r.choice}") == r.name
+        else:
+            picked = r.enabled == "on" or bool(params.get(f"{r.name}.enabled"))
+        if not picked:
+            continue
+        own = {k[len(r.name) + 1:]: v for k, v in params.items() if k.startswith(f"{r.name}.")
+               and k != f"{r.name}.enabled" and not isinstance(v, bool)}
+        values = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(own.items()))
+        on.append(f"{r.name}({values})" if values else r.name)
+    return on
+
+
+def summary_sentence(study: optuna.Study, spec: StudySpec, best: optuna.trial.FrozenTrial, test_acc: float) -> str:
+    """What the study found, in words: the best combination, its test accuracy and gap against the baseline."""
+    gap = best.user_attrs.get(METRIC_ATTR, {}).get("gap_acc")
+    found = " + ".join(combination(spec, best)) or "no regularizer"
+    sentence = (f"Best combination (trial {best.number}): {found} - test accuracy {test_acc:.3f}"
+                + (f", generalization gap {gap:.3f}" if gap is not None else ""))
+    baseline = next((t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                     if t.user_attrs.get(BASELINE_ATTR)), None)
+    if baseline is None or baseline.number == best.number:
+        return sentence + ("; it is the unregularized baseline itself." if baseline is not None else ".")
+    base_gap = baseline.user_attrs.get(METRIC_ATTR, {}).get("gap_acc")
+    base_test = baseline.user_attrs.get(TEST_ACC_ATTR)
+    parts = [f"test accuracy {base_test:.3f}" if base_test is not None else None,
+             f"gap {base_gap:.3f}" if base_gap is not None else None]
+    return sentence + f"; the unregularized baseline (trial {baseline.number}): " + ", ".join(
+        p for p in parts if p) + "."
 
 
 def leaderboard(study: optuna.Study, top: int = 5) -> list[dict[str, Any]]:
@@ -809,7 +892,8 @@ def leaderboard(study: optuna.Study, top: int = 5) -> list[dict[str, Any]]:
         m = t.user_attrs.get(METRIC_ATTR, {})
         val = t.value if t.value is not None else m.get("val_acc")
         rows.append({"number": t.number, "state": t.state.name, "val_acc": val, "gap_acc": m.get("gap_acc"),
-                     "train_acc": m.get("train_acc"), "epochs": t.user_attrs.get("epochs"), "params": t.params})
+                     "train_acc": m.get("train_acc"), "epochs": t.user_attrs.get("epochs"), "params": t.params,
+                     "baseline": bool(t.user_attrs.get(BASELINE_ATTR))})
     rows.sort(key=lambda r: (r["state"] != "COMPLETE", -(r["val_acc"] or 0)))
     return rows[:top]
 

@@ -62,8 +62,10 @@ def build_optimizer(model: nn.Module, applied: Sequence[Applied], training: Trai
 
 def _schedule(optimizer: torch.optim.Optimizer, training: TrainingSpec, lr: float, total_steps: int):
     if training.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps, pct_start=0.25,
-                                                   cycle_momentum=False)
+        # OneCycleLR divides by zero when pct_start * total_steps == 1 (4 steps in all at 0.25)
+        pct_start = 0.25 if total_steps * 0.25 != 1 else 0.5
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps,
+                                                   pct_start=pct_start, cycle_momentum=False)
     if training.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     return None
@@ -168,8 +170,8 @@ def fit(model: nn.Module, data: TensorData, applied: Sequence[Applied], training
     x_fixed, y_fixed = data.x_train[subset], data.y_train[subset]
     penalizers = [a for a in applied if _overrides(a.regularizer, "penalty")]
     batch_hooks = [a for a in applied if _overrides(a.regularizer, "on_batch_end")]
-    batch_transforms = [a for a in applied if _overrides(a.regularizer, "transform_batch")]
-    augment = training.augment and data.is_image
+    batch_transforms = sorted((a for a in applied if _overrides(a.regularizer, "transform_batch")),
+                              key=lambda a: a.regularizer.batch_order)
     threads = ThreadChooser(device)
 
     def inputs():
@@ -197,7 +199,7 @@ def fit(model: nn.Module, data: TensorData, applied: Sequence[Applied], training
                 torch.set_num_threads(plan[i])
                 began = time.perf_counter()
             idx = order[i * bs:(i + 1) * bs]
-            x = batcher.inputs(data.x_train[idx], augment=augment)
+            x = batcher.inputs(data.x_train[idx])
             y = data.y_train[idx]
             for a in batch_transforms:
                 x, y = _transformed(a, x, y, checked=state.step > 0)

@@ -13,7 +13,8 @@ def test_at_most_one_member_of_a_choice_group_is_on_in_each_trial(in_tmp):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(200, 6, generator=gen)
     data = TensorData.from_arrays(x, (x[:, 0] > 0).long(), val_fraction=0.25)
-    spec = spec_from_dict({"training": {"epochs": 1}, "search": {"n_trials": 8, "sampler": {"name": "random"}},
+    spec = spec_from_dict({"training": {"epochs": 1}, "search": {"n_trials": 8, "sampler": {"name": "random"},
+                                                                "baseline": False},
                            "regularizers": {"dropout": {"choice": "noise"}, "l1": {"choice": "noise"}, "l2": {}}},
                           name="choice")
     study = regsearch.optimize(spec, data=data, tracking=False, storage=str(in_tmp / "c.journal"))

@@ -320,7 +320,9 @@ def test_a_digits_study_uses_the_installed_plugins_from_the_command_line(site, t
     study = optuna.load_study(study_name="digits",
                               storage=optuna.storages.JournalStorage(
                                   optuna.storages.journal.JournalFileBackend(str(tmp_path / "regsearch.journal"))))
-    for trial in study.trials:
+    regularized = [t for t in study.trials if not t.user_attrs.get("baseline")]
+    assert len(regularized) == 1  # trial 0 is the study's unregularized baseline
+    for trial in regularized:
         assert {"mixup.alpha", "label_smoothing.smoothing", "max_norm.max_norm"} <= set(trial.params)
         assert "early_stopping.enabled" in trial.params and "gaussian_noise.enabled" in trial.params
         assert trial.user_attrs["metrics"]["val_acc"] > 0

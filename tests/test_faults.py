@@ -200,7 +200,7 @@ def gated_command(tmp: Path, name: str, tracking: str, n_trials: int, epochs: in
     (tmp / "gate.py").write_text(GATE_PLUGIN)
     return [REGSEARCH, "optimize", "--study", "digits", "--study-name", name, "--storage", str(tmp / "s.journal"),
             "--tracking-uri", tracking, "--n-trials", str(n_trials), "--device", "cpu",
-            "--set", f"training.epochs={epochs}", "--set", "search.pruner.name=none",
+            "--set", f"training.epochs={epochs}", "--set", "search.pruner.name=none", "--set", "search.baseline=false",
             "--plugin", str(tmp / "gate.py"), "--set", f"regularizers.gate={{path: {tmp / 'hold'}, enabled: true}}"]
 
 

@@ -13,7 +13,7 @@ from regsearch._trainer import Applied, build_optimizer
 from regsearch._spec import TrainingSpec
 from regsearch.surgery import Chain, trace
 
-BUILTINS = ["l1", "l2", "dropout", "batchnorm"]
+BUILTINS = ["l1", "l2", "dropout", "batchnorm", "augment"]
 
 
 class TwoTowers(nn.Module):

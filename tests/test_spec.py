@@ -41,7 +41,7 @@ def test_enabled_is_taken_out_of_the_plugin_options():
     ({"training": {"lr": [0.1, 0.01]}}, r"^training\.lr: low must not exceed high"),
     ({"training": {"lr": [0, 0.1]}}, r"^training\.lr: a log-scale range must be above 0"),
     ({"training": {"lr": [0.1, 0.2, 0.3]}}, r"^training\.lr: a range is \[low, high\]"),
-    ({"training": {"augment": "yes"}}, r"^training\.augment: expected true or false; got 'yes'"),
+    ({"training": {"augment": True}}, r"^training\.augment: augmentation is the regularizer 'augment' now; write "),
     ({"data": {"name": "mnist"}}, r"^data\.name: unknown value 'mnist'; known: cifar10, digits"),
     ({"data": {"val_fraction": 1.5}}, r"^data\.val_fraction: must be <= 0\.9"),
     ({"search": {"sampler": {"name": "cmaes"}}}, r"^search\.sampler\.name: unknown value 'cmaes'"),
@@ -79,10 +79,10 @@ def test_unknown_study_name_lists_the_known_ones_and_suggests():
 
 def test_overrides_set_dotted_keys_as_yaml_scalars():
     raw = apply_overrides({"training": {"epochs": 30}}, [("training.epochs", "5"), ("training.lr", "[0.1, 0.2]"),
-                                                        ("search.pruner.name", "none"), ("training.augment", "true")])
+                                                        ("search.pruner.name", "none"), ("search.baseline", "false")])
     spec = spec_from_dict(raw, name="s")
     assert spec.training.epochs == 5 and spec.training.lr == Range(0.1, 0.2, log=True)
-    assert spec.search.pruner.name == "none" and spec.training.augment is True
+    assert spec.search.pruner.name == "none" and spec.search.baseline is False
 
 
 def test_an_override_into_a_scalar_is_an_error():

@@ -106,14 +106,15 @@ def test_gap_metrics_are_measured_in_eval_mode_on_a_fixed_training_subset(data):
 
 
 def test_a_diverging_trial_fails_with_the_reason_and_the_study_goes_on(in_tmp, data):
-    spec = spec_from_dict({"training": {"epochs": 3, "lr": [0.05, 1.0e30], "schedule": "constant"},
+    # the baseline trial runs at lr 1e38 (the first trial's): the logits overflow float32
+    spec = spec_from_dict({"training": {"epochs": 3, "lr": [0.05, 1.0e38], "schedule": "constant"},
                            "search": {"n_trials": 2, "pruner": {"name": "none"}, "max_consecutive_failures": 100,
-                                      "sampler": {"name": "random"}},
+                                      "sampler": {"name": "random"}, "first_trial": {"lr": 1.0e38}},
                            "regularizers": {}}, name="diverge")
     study = regsearch.optimize(spec, data=data, model=Tabular, tracking=False, storage=str(in_tmp / "d.journal"))
     failed = study.get_trials(states=(FAIL,))
     assert len(study.get_trials(states=(COMPLETE,))) == 2
-    assert failed, "lr up to 1e30 overflows float32 weights"
+    assert failed, "lr 1e38 overflows float32 logits"
     for t in failed:
         assert t.user_attrs["fail_reason"].startswith("loss is NaN/inf at epoch ")
         assert t.params["lr"] > 1.0
@@ -143,7 +144,8 @@ def _plugin(tmp, name, which, condition):
 
 def test_a_plugin_raising_in_a_trial_fails_that_trial_only(in_tmp, data):
     path = _plugin(in_tmp, "flaky_odd", "odd", "self.context.trial_number % 2 == 1")
-    spec = spec_from_dict({"training": {"epochs": 2}, "search": {"n_trials": 3, "pruner": {"name": "none"}},
+    spec = spec_from_dict({"training": {"epochs": 2}, "search": {"n_trials": 3, "pruner": {"name": "none"},
+                                                                 "baseline": False},
                            "regularizers": {"flaky_odd": {"enabled": True}}, "plugins": [path]}, name="flaky")
     study = regsearch.optimize(spec, data=data, model=Tabular, tracking=False, storage=str(in_tmp / "f.journal"))
     assert [t.number for t in study.get_trials(states=(COMPLETE,))] == [0, 2, 4]
@@ -153,7 +155,7 @@ def test_a_plugin_raising_in_a_trial_fails_that_trial_only(in_tmp, data):
 
 def test_a_plugin_failing_every_trial_stops_the_study_with_a_summary(in_tmp, data):
     path = _plugin(in_tmp, "always_broken", "all", "True")
-    spec = spec_from_dict({"training": {"epochs": 1}, "search": {"n_trials": 20, "max_consecutive_failures": 3},
+    spec = spec_from_dict({"training": {"epochs": 1}, "search": {"n_trials": 20, "max_consecutive_failures": 3, "baseline": False},
                            "regularizers": {"always_broken": {"enabled": True}}, "plugins": [path]}, name="broken")
     storage = str(in_tmp / "b.journal")
     with pytest.raises(StudyError, match=r"3 trials failed in a row; the last: RuntimeError: flaky plugin gave up"):
@@ -216,7 +218,12 @@ def test_a_study_starts_from_its_first_trial_recipe(in_tmp, data):
                            "regularizers": {"l2": {}}}, name="first")
     storage = str(in_tmp / "first.journal")
     study = regsearch.optimize(spec, data=data, model=Tabular, tracking=False, storage=storage)
-    assert study.trials[0].params == {"lr": 0.05, "l2.enabled": True, "l2.weight_decay": 1e-4}
-    # enqueued once, when the study is new: a resume does not run the recipe again
-    study = regsearch.optimize(spec, data=data, model=Tabular, tracking=False, storage=storage, n_trials=4)
-    assert [t.params for t in study.trials].count(study.trials[0].params) == 1
+    # trial 0: the unregularized baseline at the recipe's learning rate; trial 1: the recipe
+    assert study.trials[0].user_attrs["baseline"] is True and study.trials[0].params == {"lr": 0.05}
+    assert study.trials[1].params == {"lr": 0.05, "l2.enabled": True, "l2.weight_decay": 1e-4}
+    assert not study.trials[1].user_attrs.get("baseline")
+    # enqueued once, when the study is new: a resume runs neither again
+    study = regsearch.optimize(spec, data=data, model=Tabular, tracking=False, storage=storage, n_trials=5)
+    params = [t.params for t in study.trials]
+    assert params.count(study.trials[1].params) == 1 and params.count({"lr": 0.05}) == 1
+    assert [t.number for t in study.trials if t.user_attrs.get("baseline")] == [0]

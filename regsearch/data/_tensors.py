@@ -124,7 +124,7 @@ def load_dataset(name: str, *, val_fraction: float, seed: int, train_size: int |
 
 
 class Batcher:
-    """Turns index slices into ready model inputs on the device: normalised, optionally augmented."""
+    """Turns index slices of uint8 images into ready model inputs on the device: float, normalised."""
 
     def __init__(self, data: TensorData, *, channels_last: bool = False) -> None:
         self.data = data
@@ -133,20 +133,21 @@ class Batcher:
             self.scale = (1.0 / (255.0 * data.std)).view(1, -1, 1, 1)
             self.shift = (data.mean / data.std).view(1, -1, 1, 1)
 
-    def inputs(self, x: torch.Tensor, augment: bool = False) -> torch.Tensor:
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
         if not self.data.is_image:
             return x
-        if augment:
-            x = flip_translate(x)
         x = x.float().mul_(self.scale).sub_(self.shift)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
-def flip_translate(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
+def flip_translate(x: torch.Tensor, pad: int = 4, flip: bool = True) -> torch.Tensor:
     """Random horizontal flip and a random shift of up to `pad` pixels (zero fill), for a whole batch at once."""
     n, c, h, w = x.shape
-    flip = torch.rand(n, device=x.device) < 0.5
-    x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
+    if flip:
+        flipped = torch.rand(n, device=x.device) < 0.5
+        x = torch.where(flipped.view(n, 1, 1, 1), x.flip(3), x)
+    if pad == 0:
+        return x
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
     dy = torch.randint(0, 2 * pad + 1, (n,), device=x.device)
     dx = torch.randint(0, 2 * pad + 1, (n,), device=x.device)
