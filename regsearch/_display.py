@@ -8,11 +8,12 @@ from typing import Any
 import click
 import optuna
 
-from regsearch._study import FAIL_REASON_ATTR, SUMMARY_ATTR, TEST_ATTR, leaderboard, state_counts
+from regsearch._study import (FAIL_REASON_ATTR, SUMMARY_ATTR, TEST_ATTR, best_trial, is_pareto, leaderboard,
+                              pareto_front, state_counts, study_max_gap, trial_val_acc)
 
 
 class TqdmProgress:
-    """One bar for the study's finished trials, with the best validation accuracy so far."""
+    """One bar for the study's finished trials, with the best (feasible; pareto: front) val_acc so far."""
 
     def __init__(self) -> None:
         self.bar = None
@@ -28,10 +29,9 @@ class TqdmProgress:
             return
         if trial.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED):
             self.bar.update(1)
-        try:
-            self.bar.set_postfix_str(f"best val_acc {study.best_value:.4f}")
-        except ValueError:
-            pass
+        best = best_trial(study)
+        if best is not None:
+            self.bar.set_postfix_str(f"best val_acc {trial_val_acc(best):.4f}")
         if trial.state == optuna.trial.TrialState.FAIL:
             self.bar.write(f"trial {trial.number} failed: {trial.user_attrs.get(FAIL_REASON_ATTR, '?')}")
 
@@ -60,18 +60,47 @@ def _params(params: dict[str, Any]) -> str:
 
 
 def print_leaderboard(study: optuna.Study, top: int = 5) -> None:
+    """The study's state counts, its best trials (a pareto study: its front) and the tested trial."""
     counts = state_counts(study)
     summary = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) or "no trials"
     click.echo(f"\nstudy {study.study_name}: {summary}")
+    if is_pareto(study):
+        _print_front(study)
+        return
+    max_gap = study_max_gap(study)
     rows = leaderboard(study, top)
     if not rows:
         return
-    click.echo(f"{'trial':>5}  {'state':<8} {'val_acc':>7} {'gap_acc':>7} {'train_acc':>9}  params")
+    if max_gap is not None:
+        click.echo(f"gap constraint: gap_acc <= {max_gap:g}; the best trial is the best feasible one")
+    feasible = f" {'feasible':>8}" if max_gap is not None else ""
+    click.echo(f"{'trial':>5}  {'state':<8} {'val_acc':>7} {'gap_acc':>7}{feasible} {'train_acc':>9}  params")
     for r in rows:
-        click.echo(f"{r['number']:>5}  {r['state']:<8} {_fmt(r['val_acc']):>7} {_fmt(r['gap_acc']):>7} "
+        mark = f" {'yes' if r['feasible'] else 'no':>8}" if max_gap is not None else ""
+        click.echo(f"{r['number']:>5}  {r['state']:<8} {_fmt(r['val_acc']):>7} {_fmt(r['gap_acc']):>7}{mark} "
                    f"{_fmt(r['train_acc']):>9}  {'baseline: ' if r['baseline'] else ''}{_params(r['params'])}")
+    if max_gap is not None and counts.get("COMPLETE") and best_trial(study) is None:
+        click.echo(f"no complete trial has gap_acc <= {max_gap:g}: no best trial, nothing evaluated on the test "
+                   f"split (a larger --max-gap, or more trials, may find one)")
+        return
+    _print_test(study)
+
+
+def _print_front(study: optuna.Study) -> None:
+    front = pareto_front(study)
+    if not front:
+        return
+    click.echo(f"Pareto front (maximize val_acc, minimize gap_acc): {len(front)} trial{'s' * (len(front) != 1)}")
+    click.echo(f"{'trial':>5}  {'val_acc':>7} {'gap_acc':>7}  params")
+    for r in front:
+        click.echo(f"{r['trial']:>5}  {_fmt(r['val_acc']):>7} {_fmt(r['gap_acc']):>7}  {_params(r['params'])}")
+    _print_test(study, " (the front's best val_acc)")
+
+
+def _print_test(study: optuna.Study, which: str = "") -> None:
     test = study.user_attrs.get(TEST_ATTR)
     if test:
-        click.echo(f"best trial {test['trial']}: test accuracy {test['test_acc']:.4f} (test split, evaluated once)")
+        click.echo(f"best trial {test['trial']}{which}: test accuracy {test['test_acc']:.4f} (test split, "
+                   f"evaluated once)")
     if study.user_attrs.get(SUMMARY_ATTR):
         click.echo(study.user_attrs[SUMMARY_ATTR])

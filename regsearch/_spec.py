@@ -167,6 +167,15 @@ class SearchSpec:
     """Seconds between a running trial's heartbeats (RDB storages)."""
     grace_period: int = field(default=90, metadata=_check(minimum=2))
     """Seconds without a heartbeat after which a trial counts as dead, is failed and queued again."""
+    objective: Literal["val_acc", "pareto"] = "val_acc"
+    """val_acc: maximize it; pareto: maximize val_acc and minimize gap_acc (no pruning: Optuna cannot)."""
+    max_gap: float | None = field(default=None, metadata=_check(minimum=0.0, maximum=1.0))
+    """Only trials with gap_acc <= max_gap count as best (an Optuna constraint); None: no constraint."""
+
+    def __post_init__(self) -> None:
+        if self.objective == "pareto" and self.max_gap is not None:
+            raise ConfigError(f"max_gap {self.max_gap:g} and objective pareto do not combine: the Pareto front already "
+                              f"holds the best val_acc for every gap (drop one of the two)")
 
 
 @dataclass(frozen=True)
@@ -247,6 +256,15 @@ def _convert(tp: Any, value: Any, where: str, meta: Mapping[str, Any]) -> Any:
             raise ConfigError(f"{where}: expected a string; got {value!r}")
         return value
     raise TypeError(f"no conversion for {tp!r}")  # a bug in this module, not bad input
+
+
+def search_value(key: str, value: Any, where: str) -> Any:
+    """`value` for the study-file key `search.<key>`, checked as the file's would be (for options given elsewhere).
+
+    `where` names it in the error (`--max-gap`, `max_gap`).
+    """
+    meta = {f.name: f.metadata for f in dataclasses.fields(SearchSpec)}
+    return _convert(typing.get_type_hints(SearchSpec)[key], value, where, meta[key])
 
 
 # Fields filled by the loader itself, never written in a study file.

@@ -27,7 +27,7 @@ from torch import nn
 from regsearch._errors import ConfigError, PluginError, RegsearchError, StudyError
 from regsearch._registry import RegularizerRegistry, default_registry
 from regsearch._regularizer import LoopState, NamespacedTrial, Regularizer, TrialContext
-from regsearch._spec import RegularizerSpec, StudySpec, TrainingSpec, load_study
+from regsearch._spec import RegularizerSpec, StudySpec, TrainingSpec, load_study, search_value
 from regsearch._storage import describe_storage, mask_url, open_storage
 from regsearch._tracking import Tracker, default_tracking_uri
 from regsearch._trainer import (Applied, _transformed, build_optimizer, evaluate, fit, resolve_device,
@@ -54,6 +54,60 @@ TEST_ACC_ATTR = "test_acc"
 """The baseline trial's test accuracy (the best trial's is the study's `best_test`)."""
 SUMMARY_ATTR = "summary"
 """The study's finding in one sentence (a study user attr, printed by `optimize` and `show`)."""
+OBJECTIVE_ATTR = "regsearch.objective"
+"""The study's objective (`val_acc` or `pareto`), fixed when the study is created."""
+MAX_GAP_ATTR = "regsearch.max_gap"
+"""The study's gap constraint (gap_acc <= max_gap; None: none), fixed when the study is created."""
+GAP_CONSTRAINT = "gap_acc"
+"""The Optuna constraint key of a trial: gap_acc - max_gap (feasible when <= 0)."""
+
+
+def is_pareto(study: optuna.Study) -> bool:
+    """Whether the study has two objectives (val_acc up, gap_acc down)."""
+    return len(study.directions) > 1
+
+
+def study_max_gap(study: optuna.Study) -> float | None:
+    return study.user_attrs.get(MAX_GAP_ATTR)
+
+
+def trial_val_acc(trial: optuna.trial.FrozenTrial) -> float | None:
+    """The trial's validation accuracy: its (first) objective value, else its last metrics (pruned trials)."""
+    if trial.values:
+        return trial.values[0]
+    return (trial.user_attrs.get(METRIC_ATTR) or {}).get("val_acc")
+
+
+def trial_gap_acc(trial: optuna.trial.FrozenTrial) -> float | None:
+    if trial.values and len(trial.values) > 1:
+        return trial.values[1]
+    return (trial.user_attrs.get(METRIC_ATTR) or {}).get("gap_acc")
+
+
+def is_feasible(trial: optuna.trial.FrozenTrial) -> bool:
+    """Optuna's rule: every constraint value <= 0 (a trial without constraints is feasible)."""
+    return all(v <= 0.0 for v in trial.constraints.values())
+
+
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The trial regsearch reports, tests and logs; None when no complete trial qualifies.
+
+    Single objective: Optuna's best trial, which is the best feasible one under a gap constraint. Pareto: the
+    front's trial with the highest val_acc (ties: the lower gap, then the earlier trial).
+    """
+    if is_pareto(study):
+        front = study.best_trials
+        return max(front, key=lambda t: (t.values[0], -t.values[1], -t.number)) if front else None
+    try:
+        return study.best_trial
+    except ValueError:  # no complete trial, or none feasible
+        return None
+
+
+def pareto_front(study: optuna.Study) -> list[dict[str, Any]]:
+    """The Pareto front (Optuna's best trials), highest val_acc first: trial, val_acc, gap_acc, params."""
+    front = sorted(study.best_trials, key=lambda t: (-t.values[0], t.values[1], t.number))
+    return [{"trial": t.number, "val_acc": t.values[0], "gap_acc": t.values[1], "params": t.params} for t in front]
 
 
 def trial_seed(study_seed: int, number: int) -> int:
@@ -305,6 +359,8 @@ def _sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
 
 def _pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     p = spec.search.pruner
+    if spec.search.objective == "pareto":
+        return optuna.pruners.NopPruner()  # Optuna cannot prune multi-objective studies
     if p.name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps)
     if p.name == "hyperband":
@@ -323,6 +379,8 @@ def fixed_settings(spec: StudySpec) -> dict[str, Any]:
             **{f"model.{k}": v for k, v in spec.model.options.items()},
             "epochs": t.epochs, "batch_size": t.batch_size, "optimizer": t.optimizer, "lr": str(t.lr),
             "schedule": t.schedule, "label_smoothing": t.label_smoothing, "seed": spec.seed,
+            "objective": spec.search.objective,
+            **({"max_gap": spec.search.max_gap} if spec.search.max_gap is not None else {}),
             "regularizers": ", ".join(f"{r.name}:{r.enabled}" for r in spec.regularizers) or "none"}
 
 
@@ -335,21 +393,34 @@ class _Objective:
         self.parent_run_id = parent_run_id
         self.total = total
         self.keep_dir = keep_dir
-        self.best: tuple[float, int, nn.Module] | None = None
+        self.best: tuple[tuple, int, nn.Module] | None = None
+        self.pareto = exp.spec.search.objective == "pareto"
+        self.max_gap = exp.spec.search.max_gap
 
-    def _keep(self, number: int, value: float, model: nn.Module) -> None:
+    def _rank(self, metrics: Mapping[str, float]) -> tuple:
+        """How `best_trial` orders complete trials (a feasible one first), so the kept model is the one tested."""
+        if self.pareto:
+            return (metrics["val_acc"], -metrics["gap_acc"])
+        return (self.max_gap is None or metrics["gap_acc"] <= self.max_gap, metrics["val_acc"])
+
+    def _constrain(self, trial: optuna.Trial, metrics: Mapping[str, float]) -> None:
+        """Record the gap constraint (feasible when <= 0), on complete and pruned trials alike: TPE uses both."""
+        if self.max_gap is not None:
+            trial.set_constraint(GAP_CONSTRAINT, metrics["gap_acc"] - self.max_gap)
+
+    def _keep(self, number: int, rank: tuple, model: nn.Module) -> None:
         """Remember this process's best model (on disk too, for the main process of a multi-worker run)."""
-        if self.best is not None and value <= self.best[0]:
+        if self.best is not None and rank <= self.best[0]:
             return
         previous = self.best
-        self.best = (value, number, model)
+        self.best = (rank, number, model)
         if self.keep_dir:
             torch.save(model.state_dict(), os.path.join(self.keep_dir, f"trial-{number}.pt"))
             if previous is not None:
                 with contextlib.suppress(OSError):
                     os.remove(os.path.join(self.keep_dir, f"trial-{previous[1]}.pt"))
 
-    def __call__(self, trial: optuna.Trial) -> float:
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         trial.set_user_attr(WORKER_ATTR, {"host": socket.gethostname(), "pid": os.getpid()})
         ahead = [t for t in trial.study.get_trials(deepcopy=False, states=(*FINISHED, RUNNING))
                  if t.number < trial.number]
@@ -379,10 +450,13 @@ class _Objective:
                 trial.set_user_attr(CURVE_ATTR, curve)
                 if tracker:
                     tracker.log_epoch(run_id, epoch, metrics)
+                if self.pareto:
+                    return  # multi-objective trials take no intermediate values (and are never pruned)
                 trial.report(metrics["val_acc"], epoch)
                 if trial.should_prune():
                     trial.set_user_attr(METRIC_ATTR, metrics)
                     trial.set_user_attr("epochs", epoch)
+                    self._constrain(trial, metrics)
                     raise optuna.TrialPruned(f"pruned at epoch {epoch} (val_acc {metrics['val_acc']:.4f})")
 
             metrics = fit(model, self.exp.data, applied, training_for(self.exp, trial), lr=lr,
@@ -393,8 +467,11 @@ class _Objective:
                                                             self.exp.data.y_test,
                                                             self.exp.spec.training.eval_batch_size)[1])
             trial.set_user_attr("epochs", ran[0])  # fewer than training.epochs when a plugin stopped early
-            self._keep(trial.number, metrics["val_acc"], model)
+            self._constrain(trial, metrics)
+            self._keep(trial.number, self._rank(metrics), model)
             status, tags = "FINISHED", {"regsearch.state": "COMPLETE"}
+            if self.pareto:
+                return metrics["val_acc"], metrics["gap_acc"]
             return metrics["val_acc"]
         except optuna.TrialPruned as exc:
             status, tags = "KILLED", {"regsearch.state": "PRUNED", "regsearch.reason": str(exc)}
@@ -563,17 +640,24 @@ def optimize(study: str | StudySpec, *, n_trials: int | None = None, timeout: fl
              seed: int | None = None, overrides: Mapping[str, Any] | Sequence[tuple[str, Any]] = (),
              plugins: Iterable[str] = (), data: TensorData | None = None,
              model: Callable[[], nn.Module] | None = None, registry: RegularizerRegistry | None = None,
-             progress: Progress | None = None, workers: int = 1) -> optuna.Study:
+             progress: Progress | None = None, workers: int = 1, objective: str | None = None,
+             max_gap: float | None = None) -> optuna.Study:
     """Run (or resume) a study until it holds `n_trials` finished trials in total; returns the Optuna study.
 
     `study` is a shipped study's name, a study file's path or a `StudySpec`. `data` (a `TensorData`) and
     `model` (a zero-argument factory of your own `nn.Module`) replace the study's dataset and model.
     `workers` > 1 runs that many worker processes on this machine (they must be able to pickle `data` and
-    `model`); the same call on other machines with a shared `storage` joins the same study.
+    `model`); the same call on other machines with a shared `storage` joins the same study. `objective`
+    ("val_acc" or "pareto") and `max_gap` (best trials need gap_acc <= max_gap) replace the study's
+    `search.objective` and `search.max_gap`.
     """
     spec = study if isinstance(study, StudySpec) else load_study(study, overrides)
     if seed is not None:
         spec = dataclasses.replace(spec, seed=seed)
+    given = {key: search_value(key, value, key) for key, value in (("objective", objective), ("max_gap", max_gap))
+             if value is not None}
+    if given:
+        spec = dataclasses.replace(spec, search=dataclasses.replace(spec.search, **given))
     if n_trials is not None and n_trials < 1:
         raise ConfigError(f"n_trials must be at least 1; got {n_trials}")
     if timeout is not None and timeout <= 0:
@@ -591,6 +675,9 @@ def optimize(study: str | StudySpec, *, n_trials: int | None = None, timeout: fl
     if finished < total:
         logger.info("study %s: %d of %d trials finished; running the rest (storage %s%s)", name, finished, total,
                     describe_storage(storage), f", {workers} workers" if workers > 1 else "")
+    if spec.search.objective == "pareto":
+        logger.info("objective pareto: maximize val_acc, minimize gap_acc; no pruning (Optuna cannot prune "
+                    "multi-objective studies)")
     if progress is not None:
         progress.start(name, finished, total)
     keep_dir = tempfile.mkdtemp(prefix="regsearch-best-") if workers > 1 else None
@@ -636,16 +723,16 @@ def _open_study(spec: StudySpec, name: str, storage: str | None, tracking: bool,
     """The Optuna study (created once, by the first process) and its MLflow parent run."""
     optuna_storage = open_storage(storage, heartbeat_interval=spec.search.heartbeat_interval,
                                   grace_period=spec.search.grace_period)
+    search = spec.search
     try:
         if create:
-            created = optuna.create_study(storage=optuna_storage, study_name=name, direction="maximize",
-                                          load_if_exists=True)
+            created = optuna.create_study(storage=optuna_storage, study_name=name, load_if_exists=True,
+                                          directions=_DIRECTIONS[search.objective])
         else:
             created = optuna.load_study(study_name=name, storage=optuna_storage)
     except Exception as exc:
         raise StudyError(f"cannot open study {name!r} in {describe_storage(storage)}: {exc}") from exc
-    if created.direction != optuna.study.StudyDirection.MAXIMIZE:
-        raise ConfigError(f"study {name!r} in {describe_storage(storage)} is not a regsearch study (it minimizes)")
+    _check_objective(created, search.objective, search.max_gap, f"study {name!r} in {describe_storage(storage)}")
     # a different sampler seed per worker and per resume: workers must not replay each other's draws
     sampler_seed = spec.seed + len(created.trials) * 7_919 + salt * 104_729
     opt_study = optuna.load_study(study_name=name, storage=optuna_storage,
@@ -653,6 +740,8 @@ def _open_study(spec: StudySpec, name: str, storage: str | None, tracking: bool,
     new = create and not created.trials
     if create:
         opt_study.set_user_attr("regsearch.source", spec.source)
+        opt_study.set_user_attr(OBJECTIVE_ATTR, search.objective)
+        opt_study.set_user_attr(MAX_GAP_ATTR, search.max_gap)
     tracker = parent = None
     if tracking:
         uri = tracking_uri or default_tracking_uri()
@@ -668,6 +757,30 @@ def _open_study(spec: StudySpec, name: str, storage: str | None, tracking: bool,
     if new and spec.search.first_trial:
         opt_study.enqueue_trial(dict(spec.search.first_trial), skip_if_exists=True)
     return opt_study, tracker, parent
+
+
+_MAX, _MIN = optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE
+_DIRECTIONS = {"val_acc": [_MAX], "pareto": [_MAX, _MIN]}
+
+
+def _check_objective(study: optuna.Study, objective: str, max_gap: float | None, where: str) -> None:
+    """Refuse to resume a study with another objective or gap constraint: its trials would not compare."""
+    directions = list(study.directions)
+    if directions not in _DIRECTIONS.values():
+        shown = ", ".join(d.name.lower() for d in directions)
+        raise ConfigError(f"{where} is not a regsearch study (its directions: {shown})")
+    stored = study.user_attrs.get(OBJECTIVE_ATTR, "pareto" if len(directions) > 1 else "val_acc")
+    if directions != _DIRECTIONS[objective] or stored != objective:
+        raise ConfigError(f"{where} was made with objective {stored}; it cannot go on with objective {objective} "
+                          f"(use --objective {stored}, or another --study-name)")
+    if OBJECTIVE_ATTR not in study.user_attrs and not study.trials:
+        return  # brand new: this process sets its settings
+    stored_gap = study.user_attrs.get(MAX_GAP_ATTR)
+    if stored_gap != max_gap:
+        def shown(gap: float | None) -> str:
+            return "no --max-gap" if gap is None else f"--max-gap {gap:g}"
+        raise ConfigError(f"{where} was made with {shown(stored_gap)}; it cannot go on with {shown(max_gap)} "
+                          f"(use the same, or another --study-name)")
 
 
 def _run_trials(study: optuna.Study, objective: _Objective, total: int, timeout: float | None, spec: StudySpec,
@@ -810,12 +923,15 @@ def retrain(exp: Experiment, trial: optuna.trial.FrozenTrial) -> nn.Module:
 
 def _final_report(study: optuna.Study, exp: Experiment, objective: _Objective, tracker: Tracker | None,
                   parent: str | None) -> None:
-    """Evaluate the best trial on the test split once and log it, with its model, on the parent run."""
-    try:
-        best = study.best_trial
-    except ValueError:
-        return
-    if exp.data.y_test is None:
+    """Evaluate the best trial on the test split once and log it, with its model, on the parent run.
+
+    The best trial is `best_trial`'s: feasible under a gap constraint, the front's best val_acc for pareto
+    (whose front is logged too). With no such trial, nothing is tested or logged.
+    """
+    if tracker is not None and is_pareto(study):
+        tracker.log_pareto_front(parent, pareto_front(study))
+    best = best_trial(study)
+    if best is None or exp.data.y_test is None:
         return
     done = study.user_attrs.get(TEST_ATTR) or {}
     if done.get("trial") == best.number and done.get("mlflow_run_id") == parent:
@@ -839,7 +955,8 @@ def _final_report(study: optuna.Study, exp: Experiment, objective: _Objective, t
     if tracker is None:
         return
     metrics = best.user_attrs.get(METRIC_ATTR, {})
-    tracker.log_summary(parent, {"best_val_acc": best.value, "best_test_acc": test_acc, "best_test_loss": test_loss,
+    tracker.log_summary(parent, {"best_val_acc": trial_val_acc(best), "best_test_acc": test_acc,
+                                 "best_test_loss": test_loss,
                                  **{f"best_{k}": v for k, v in metrics.items() if k.startswith("gap")}},
                         {"best_trial": str(best.number), "regsearch.summary": sentence})
     tracker.log_model(parent, copy.deepcopy(model), exp.example[:2])
@@ -886,15 +1003,20 @@ def summary_sentence(study: optuna.Study, spec: StudySpec, best: optuna.trial.Fr
 
 
 def leaderboard(study: optuna.Study, top: int = 5) -> list[dict[str, Any]]:
-    """The best finished trials, best first: number, state, val_acc, gap_acc, train_acc, params."""
+    """The best finished trials, best first: number, state, val_acc, gap_acc, train_acc, feasible, params.
+
+    Complete trials come first, and among them the feasible ones (gap_acc within the study's max_gap);
+    `feasible` is None in a study without a gap constraint.
+    """
+    constrained = study_max_gap(study) is not None
     rows = []
     for t in study.get_trials(deepcopy=False, states=FINISHED):
         m = t.user_attrs.get(METRIC_ATTR, {})
-        val = t.value if t.value is not None else m.get("val_acc")
-        rows.append({"number": t.number, "state": t.state.name, "val_acc": val, "gap_acc": m.get("gap_acc"),
-                     "train_acc": m.get("train_acc"), "epochs": t.user_attrs.get("epochs"), "params": t.params,
+        rows.append({"number": t.number, "state": t.state.name, "val_acc": trial_val_acc(t),
+                     "gap_acc": trial_gap_acc(t), "train_acc": m.get("train_acc"), "epochs": t.user_attrs.get("epochs"),
+                     "feasible": is_feasible(t) if constrained else None, "params": t.params,
                      "baseline": bool(t.user_attrs.get(BASELINE_ATTR))})
-    rows.sort(key=lambda r: (r["state"] != "COMPLETE", -(r["val_acc"] or 0)))
+    rows.sort(key=lambda r: (r["state"] != "COMPLETE", r["feasible"] is False, -(r["val_acc"] or 0), r["number"]))
     return rows[:top]
 
 

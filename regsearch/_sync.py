@@ -21,7 +21,7 @@ import optuna
 
 from regsearch._errors import StorageError, StudyError
 from regsearch._storage import mask_url
-from regsearch._study import FAIL_REASON_ATTR, METRIC_ATTR, SURPLUS, load_stored_study
+from regsearch._study import CURVE_ATTR, FAIL_REASON_ATTR, METRIC_ATTR, SURPLUS, load_stored_study
 from regsearch._tracking import Tracker, default_tracking_uri, error_gist, log_batches
 
 SYNCED_TAG = "regsearch.synced"
@@ -85,14 +85,17 @@ def _trial_metrics(trial: optuna.trial.FrozenTrial) -> list:
 
     start = _ms(trial.datetime_start) or _ms(trial.datetime_complete) or int(time.time() * 1000)
     end = _ms(trial.datetime_complete) or start
-    steps = sorted(trial.intermediate_values)
+    # a multi-objective (pareto) trial reports no intermediate values: its stored curve has them
+    per_epoch = dict(trial.intermediate_values) or {
+        int(row["epoch"]): row["val_acc"] for row in trial.user_attrs.get(CURVE_ATTR) or () if "val_acc" in row}
+    steps = sorted(per_epoch)
     last = trial.user_attrs.get("epochs") or (steps[-1] if steps else 0)
     # Optuna keeps no time per epoch: spread the epochs evenly over the trial's duration
     at = {s: start + (end - start) * s // max(last, steps[-1] if steps else 1, 1) for s in steps}
-    metrics = [Metric("val_acc", float(v), at[s], s) for s, v in sorted(trial.intermediate_values.items())]
+    metrics = [Metric("val_acc", float(v), at[s], s) for s, v in sorted(per_epoch.items())]
     for key, value in (trial.user_attrs.get(METRIC_ATTR) or {}).items():
-        if key == "val_acc" and last in trial.intermediate_values:
-            continue  # already there, from the intermediate values
+        if key == "val_acc" and last in per_epoch:
+            continue  # already there, per epoch
         with contextlib.suppress(TypeError, ValueError):
             metrics.append(Metric(key, float(value), end, int(last)))
     return metrics

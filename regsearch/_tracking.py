@@ -455,6 +455,16 @@ class Tracker:
             self.sync()
         self._replay()
 
+    def log_pareto_front(self, run_id: str, front: list[Mapping[str, Any]]) -> None:
+        """A pareto study's front on its study run: `pareto_front.json` (one row per trial) and its size."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._now_or_later("logging the Pareto front", log_batches, self.client, run_id,
+                           metrics=[Metric("pareto_front_size", float(len(front)), now, 0)])
+        self._now_or_later("logging the Pareto front", self.client.log_dict, run_id, {"trials": list(front)},
+                           "pareto_front.json")
+
 
 def error_gist(exc: BaseException) -> str:
     """The gist of an error in one line: the OS's reason for a failed connection, else the first line."""

@@ -62,6 +62,15 @@ def _positive(kind: type) -> Callable:
     return check
 
 
+def _search_key(key: str) -> Callable:
+    """Check an option that sets a study-file key `search.<key>` exactly as the study file's value is checked."""
+    def check(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        from regsearch._spec import search_value
+
+        return value if value is None else search_value(key, value, f"--{key.replace('_', '-')}")
+    return check
+
+
 def _key_value(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[tuple[str, str]]:
     pairs = []
     for item in values:
@@ -182,9 +191,15 @@ def plugins(plugins: tuple[str, ...]) -> None:
 @plugin_option
 @click.option("--workers", type=int, default=1, show_default=True, callback=_positive(int), metavar="N",
               help="Worker processes on this machine sharing the study (torch threads are split among them).")
+@click.option("--objective", callback=_search_key("objective"), metavar="val_acc|pareto",
+              help="val_acc: maximize it (default); pareto: maximize val_acc and minimize gap_acc, no pruning "
+                   "(the study file's search.objective).")
+@click.option("--max-gap", type=float, callback=_search_key("max_gap"), metavar="X",
+              help="The best trial must have gap_acc <= X, 0 <= X <= 1 (the study file's search.max_gap).")
 def optimize(study: str, n_trials: int | None, timeout: float | None, storage: str | None,
              tracking_uri: str | None, study_name: str | None, data_dir: str | None, device: str,
-             seed: int | None, overrides: list[tuple[str, str]], plugins: tuple[str, ...], workers: int) -> None:
+             seed: int | None, overrides: list[tuple[str, str]], plugins: tuple[str, ...], workers: int,
+             objective: str | None, max_gap: float | None) -> None:
     """Run or resume a study; rerunning the same command adds only the missing trials."""
     from regsearch._errors import ConfigError
 
@@ -208,7 +223,7 @@ def optimize(study: str, n_trials: int | None, timeout: float | None, storage: s
     optuna.logging.set_verbosity(optuna.logging.INFO if debug else optuna.logging.ERROR)
     result = run(study, n_trials=n_trials, timeout=timeout, storage=storage, tracking_uri=tracking_uri,
                  study_name=study_name, data_dir=data_dir, device=device, seed=seed, overrides=overrides,
-                 plugins=plugins, progress=TqdmProgress(), workers=workers)
+                 plugins=plugins, progress=TqdmProgress(), workers=workers, objective=objective, max_gap=max_gap)
     print_leaderboard(result)
 
 

@@ -201,6 +201,20 @@ CASES = [
          "--tracking-uri nosuch://tracker: cannot use the MLflow tracking store", keep=True),
     case("cli-show-unknown-stored-study", "show --study digts --storage {tmp}/empty.journal",
          "unknown study in {tmp}/empty.journal: 'digts'"),
+    case("cli-max-gap-negative", "optimize --study digits --max-gap -0.1", "--max-gap: must be >= 0.0; got -0.1"),
+    case("cli-max-gap-above-1", "optimize --study digits --max-gap 1.5", "--max-gap: must be <= 1.0; got 1.5"),
+    case("cli-max-gap-nan", "optimize --study digits --max-gap nan", "--max-gap: expected a number; got nan"),
+    case("cli-max-gap-not-a-number", "optimize --study digits --max-gap small",
+         "Invalid value for '--max-gap': 'small' is not a valid float"),
+    case("cli-objective-unknown", "optimize --study digits --objective paretto",
+         "--objective: unknown value 'paretto' (did you mean 'pareto'?); known: pareto, val_acc"),
+    case("cli-max-gap-with-pareto", "optimize --study digits --objective pareto --max-gap 0.05",
+         "max_gap 0.05 and objective pareto do not combine"),
+    case("cli-pareto-on-a-val-acc-study-keeps-study", "optimize --study digits --objective pareto",
+         "study 'digits' in regsearch.journal was made with objective val_acc; it cannot go on with objective pareto",
+         keep=True),
+    case("cli-max-gap-on-an-unconstrained-study-keeps-study", "optimize --study digits --max-gap 0.05",
+         "was made with no --max-gap; it cannot go on with --max-gap 0.05", keep=True),
 
     # --- study files -----------------------------------------------------------------------------------------
     case("study-not-yaml", "optimize --study {tmp}/s.yaml", "s.yaml: not valid YAML at line",
@@ -275,6 +289,14 @@ CASES = [
     case("study-unknown-pruner", "optimize --study {tmp}/s.yaml",
          "s.yaml: search.pruner.name: unknown value 'medain' (did you mean 'median'?)",
          files={"s.yaml": "search: {pruner: {name: medain}}\n"}),
+    case("study-max-gap-above-1", "optimize --study digits --set search.max_gap=2",
+         "--set search.max_gap=2: search.max_gap: must be <= 1.0; got 2.0"),
+    case("study-unknown-objective", "optimize --study {tmp}/s.yaml",
+         "s.yaml: search.objective: unknown value 'gap_acc' (did you mean 'val_acc'?); known: pareto, val_acc",
+         files={"s.yaml": "search: {objective: gap_acc}\n"}),
+    case("study-max-gap-with-pareto", "optimize --study {tmp}/s.yaml",
+         "s.yaml: max_gap 0.1 and objective pareto do not combine",
+         files={"s.yaml": "search: {objective: pareto, max_gap: 0.1}\n"}),
     case("study-dropout-site-matches-nothing", "optimize --study {tmp}/s.yaml",
          "regularizers.dropout: no dropout site matches encoder.* in this model",
          files={"s.yaml": TINY_STUDY + "regularizers: {dropout: {types: [], sites: ['encoder.*']}}\n"}),
@@ -455,7 +477,7 @@ def stored(folder: Path) -> tuple[list[tuple], int]:
     """The digits study's trials in the folder's journal, and the number of MLflow runs in its mlflow.db."""
     storage = optuna.storages.journal.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(folder / "regsearch.journal")))
-    trials = [(t.number, t.state.name, t.value, t.params)
+    trials = [(t.number, t.state.name, t.values, t.params)
               for t in optuna.load_study(study_name="digits", storage=storage).trials]
     with sqlite3.connect(folder / "mlflow.db") as db:
         runs = db.execute("select count(*) from runs").fetchone()[0]
