@@ -29,7 +29,7 @@ from regsearch._registry import RegularizerRegistry, default_registry
 from regsearch._regularizer import LoopState, NamespacedTrial, Regularizer, TrialContext
 from regsearch._spec import RegularizerSpec, StudySpec, load_study
 from regsearch._storage import describe_storage, mask_url, open_storage
-from regsearch._tracking import Tracker, default_tracking_uri
+from regsearch._tracking import Tracker, default_tracking_uri, error_gist
 from regsearch._trainer import (Applied, _transformed, build_optimizer, evaluate, fit, resolve_device,
                                 set_thread_budget)
 from regsearch.data._tensors import Batcher, TensorData, load_dataset
@@ -580,6 +580,7 @@ def optimize(study: str | StudySpec, *, n_trials: int | None = None, timeout: fl
         try:
             if not interrupted and not gave_up:
                 _final_report(opt_study, exp, objective, tracker, parent)
+                _attach_report(opt_study, tracker, parent)
         finally:
             if keep_dir:
                 shutil.rmtree(keep_dir, ignore_errors=True)
@@ -800,6 +801,20 @@ def _final_report(study: optuna.Study, exp: Experiment, objective: _Objective, t
                                  **{f"best_{k}": v for k, v in metrics.items() if k.startswith("gap")}},
                         {"best_trial": str(best.number)})
     tracker.log_model(parent, copy.deepcopy(model), exp.example[:2])
+
+
+def _attach_report(study: optuna.Study, tracker: Tracker | None, parent: str | None) -> None:
+    """The study's report (`regsearch report`'s HTML) on its parent run; a report never fails a study."""
+    if tracker is None or parent is None:
+        return
+    try:
+        from regsearch import _report
+
+        with tempfile.TemporaryDirectory(prefix="regsearch-report-") as folder:
+            path = _report.write(study, os.path.join(folder, _report.file_name(study.study_name, "html")))
+            tracker.client.log_artifact(parent, str(path))
+    except Exception as exc:
+        logger.warning("the study's report was not logged to MLflow: %s", error_gist(exc))
 
 
 def leaderboard(study: optuna.Study, top: int = 5) -> list[dict[str, Any]]:
