@@ -169,7 +169,7 @@ def _history(views: list[TrialView], multi: bool) -> Section:
     ax.set_xlabel("trial")
     ax.set_ylabel("val_acc")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize="small")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")  # outside: never over a point
     fig.suptitle(section.title)
     section.png = _png(fig)
     return section
@@ -202,7 +202,7 @@ def _importance(study: optuna.Study, views: list[TrialView]) -> Section:
     if not importances:
         section.note = "Not computed: the study searched no parameters."
         return section
-    names = list(importances)[::-1]  # the most important on top
+    names = sorted(importances, key=lambda n: (-importances[n], n))[::-1]  # the most important on top; ties by name
     fig = _figure(1.2 + 0.32 * len(names))
     ax = fig.add_subplot()
     ax.barh(names, [importances[n] for n in names], color="tab:blue")
@@ -245,7 +245,7 @@ def _pareto(views: list[TrialView]) -> Section:
     ax.set_xlabel("gap_acc (train_acc - val_acc), lower is better")
     ax.set_ylabel("val_acc, higher is better")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize="small")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")  # outside: never over a point
     fig.suptitle(section.title)
     section.png = _png(fig)
     return section
@@ -254,7 +254,7 @@ def _pareto(views: list[TrialView]) -> Section:
 def _curves(views: list[TrialView]) -> Section:
     section = Section("curves", "Learning curves",
                       "Training (dashed) and validation (solid) accuracy per epoch, both measured in eval mode, for "
-                      "the best 3 complete trials and the baseline.")
+                      "the best 3 complete trials and the baseline; the scale is that of the later epochs.")
     chosen = _ranked(views)[:3]
     chosen += [v for v in views if v.baseline and v not in chosen]
     chosen = [v for v in chosen if v.curve]
@@ -273,6 +273,13 @@ def _curves(views: list[TrialView]) -> Section:
                      fontsize="medium")
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
+    # the scale of the later epochs, where the gap between the curves shows; the first epochs may run below it
+    late = [y for v in chosen for c in v.curve[len(v.curve) // 3:] for y in (_number(c.get("train_acc")),
+                                                                             _number(c.get("val_acc")))
+            if y is not None]
+    if late:
+        low, high = min(late), max(late)
+        axes[0].set_ylim(low - max(high - low, 0.01) * 0.3, high + max(high - low, 0.01) * 0.15)
     axes[0].set_ylabel("accuracy")
     axes[0].legend(loc="lower right", fontsize="small")
     fig.suptitle(section.title)
@@ -388,15 +395,14 @@ def summary_lines(study: optuna.Study, views: list[TrialView], top: int = 5) -> 
     lines = ["trials: " + (", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) or "none"),
              "objective: " + ("val_acc (maximize)" if len(study.directions) == 1
                               else f"Pareto front of val_acc and gap_acc ({directions})")]
-    ranked = _ranked(views)
+    best = _best(study, views)
     test = study.user_attrs.get(TEST_ATTR) or {}
-    if ranked:
-        best = ranked[0]
+    if best is not None:
         line = f"best trial {best.number}: val_acc {_fmt(best.val_acc)}, gap_acc {_fmt(best.gap_acc)}"
         if test.get("trial") == best.number and test.get("test_acc") is not None:
             line += f", test accuracy {_fmt(test['test_acc'])} (test split, evaluated once)"
         lines.append(line)
-    if test and (not ranked or test.get("trial") != ranked[0].number) and test.get("test_acc") is not None:
+    if test and (best is None or test.get("trial") != best.number) and test.get("test_acc") is not None:
         lines.append(f"test accuracy of trial {test.get('trial')}: {_fmt(test['test_acc'])}")
     for v in views:
         if v.baseline:
@@ -404,6 +410,18 @@ def summary_lines(study: optuna.Study, views: list[TrialView], top: int = 5) -> 
                          f"{_fmt(v.val_acc)}, gap_acc {_fmt(v.gap_acc)}"
                          + (f", test accuracy {_fmt(v.test_acc)}" if v.test_acc is not None else ""))
     return lines
+
+
+def _best(study: optuna.Study, views: list[TrialView]) -> TrialView | None:
+    """Optuna's best trial (the one `optimize` tests); for a Pareto study, the front's best val_acc."""
+    if len(study.directions) == 1:
+        try:
+            number = study.best_trial.number
+        except ValueError:
+            return None
+        return next((v for v in views if v.number == number), None)
+    ranked = _ranked(pareto_front(views))
+    return ranked[0] if ranked else None
 
 
 def top_table(views: list[TrialView], top: int = 5) -> str:
@@ -484,6 +502,7 @@ def _text_png(title: str, lines: list[str], mono: str = "") -> bytes:
     fig = _figure(0.9 + 0.22 * rows)
     fig.text(0.01, 1 - 0.35 / fig.get_figheight(), title, fontsize="x-large", weight="bold", va="top")
     text = "\n".join(lines)
+    mono = "\n".join(line if len(line) <= 170 else line[:167] + "..." for line in mono.splitlines())
     fig.text(0.01, 1 - 0.75 / fig.get_figheight(), text, va="top", fontsize="medium")
     if mono:
         y = 1 - (0.85 + 0.22 * (len(lines) + 0.5)) / fig.get_figheight()
