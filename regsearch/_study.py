@@ -807,6 +807,10 @@ def _attach_report(study: optuna.Study, tracker: Tracker | None, parent: str | N
     """The study's report (`regsearch report`'s HTML) on its parent run; a report never fails a study."""
     if tracker is None or parent is None:
         return
+    if getattr(tracker, "_down", False):  # a dead store costs another failed call; `regsearch report` logs it later
+        logger.warning("the study's report was not logged to MLflow (it does not answer); `regsearch report` "
+                       "logs it once the store is back")
+        return
     try:
         from regsearch import _report
 
