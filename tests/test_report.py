@@ -22,8 +22,6 @@ from click.testing import CliRunner
 from regsearch.cli import cli
 from tests.conftest import require
 
-pytestmark = pytest.mark.slow
-
 SECTIONS = ("summary", "history", "importance", "pareto", "curves", "effects")
 """The report's parts, by their HTML anchors."""
 CHROMIUM = "/usr/bin/chromium"
@@ -113,6 +111,7 @@ def digits_html(digits_study, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # a real digits study tracked on the session's MLflow server
 def test_html_report_holds_every_section_with_images_and_nothing_external(digits_study, digits_html):
     page = digits_html.read_text(encoding="utf-8")
     parts = sections(page)
@@ -136,12 +135,14 @@ def test_html_report_holds_every_section_with_images_and_nothing_external(digits
     assert "url(" not in page
 
 
+@pytest.mark.slow
 def test_study_run_and_report_command_put_the_report_on_the_parent_run(digits_study, digits_html):
     on_parent = parent_artifacts(digits_study)
     assert f"{digits_study.name}-report.html" in on_parent  # attached by the study itself when it ended
     assert digits_html.name in on_parent  # and by `regsearch report`
 
 
+@pytest.mark.slow
 def test_png_format_is_one_image_named_after_the_study(digits_study, tmp_path, monkeypatch, restore_logging):
     from PIL import Image
 
@@ -156,6 +157,7 @@ def test_png_format_is_one_image_named_after_the_study(digits_study, tmp_path, m
     assert image.width == 1200 and image.height > 3000  # header, four sections and five effect figures
 
 
+@pytest.mark.slow
 def test_a_store_without_the_study_run_is_one_warning_and_the_file_is_written(digits_study, tmp_path,
                                                                               mlflow_store, restore_logging):
     shutil.copy(mlflow_store, tmp_path / "mlflow.db")  # a real store that never saw this study
@@ -241,6 +243,7 @@ def _prune(trial: optuna.Trial) -> float:
     raise optuna.TrialPruned()
 
 
+@pytest.mark.slow
 def test_chromium_renders_the_report_with_every_image_decoded(digits_html, tmp_path):
     require(Path(CHROMIUM).is_file(), f"headless Chromium is not installed at {CHROMIUM} (Debian package chromium)")
     out = digits_html
