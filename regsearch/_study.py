@@ -29,7 +29,7 @@ from regsearch._registry import RegularizerRegistry, default_registry
 from regsearch._regularizer import LoopState, NamespacedTrial, Regularizer, TrialContext
 from regsearch._spec import RegularizerSpec, StudySpec, TrainingSpec, load_study, search_value
 from regsearch._storage import describe_storage, mask_url, open_storage
-from regsearch._tracking import Tracker, default_tracking_uri
+from regsearch._tracking import Tracker, default_tracking_uri, error_gist
 from regsearch._trainer import (Applied, _transformed, build_optimizer, evaluate, fit, resolve_device,
                                 set_thread_budget)
 from regsearch.data._tensors import Batcher, TensorData, load_dataset
@@ -703,6 +703,7 @@ def optimize(study: str | StudySpec, *, n_trials: int | None = None, timeout: fl
         try:
             if not interrupted and not gave_up:
                 _final_report(opt_study, exp, objective, tracker, parent)
+                _attach_report(opt_study, tracker, parent)
         finally:
             if keep_dir:
                 shutil.rmtree(keep_dir, ignore_errors=True)
@@ -1000,6 +1001,24 @@ def summary_sentence(study: optuna.Study, spec: StudySpec, best: optuna.trial.Fr
              f"gap {base_gap:.3f}" if base_gap is not None else None]
     return sentence + f"; the unregularized baseline (trial {baseline.number}): " + ", ".join(
         p for p in parts if p) + "."
+
+
+def _attach_report(study: optuna.Study, tracker: Tracker | None, parent: str | None) -> None:
+    """The study's report (`regsearch report`'s HTML) on its parent run; a report never fails a study."""
+    if tracker is None or parent is None:
+        return
+    if getattr(tracker, "_down", False):  # a dead store costs another failed call; `regsearch report` logs it later
+        logger.warning("the study's report was not logged to MLflow (it does not answer); `regsearch report` "
+                       "logs it once the store is back")
+        return
+    try:
+        from regsearch import _report
+
+        with tempfile.TemporaryDirectory(prefix="regsearch-report-") as folder:
+            path = _report.write(study, os.path.join(folder, _report.file_name(study.study_name, "html")))
+            tracker.client.log_artifact(parent, str(path))
+    except Exception as exc:
+        logger.warning("the study's report was not logged to MLflow: %s", error_gist(exc))
 
 
 def leaderboard(study: optuna.Study, top: int = 5) -> list[dict[str, Any]]:

@@ -260,6 +260,43 @@ def sync(study: str, storage: str | None, tracking_uri: str | None, study_name: 
     click.echo(f"study {name}: {report.describe()}")
 
 
+@cli.command()
+@study_option
+@storage_option
+@study_name_option
+@tracking_uri_option
+@click.option("--out", type=click.Path(dir_okay=False), metavar="PATH",
+              help="Where to write the report (default: STUDY-report.html, or .png, in the current folder).")
+@click.option("--format", "fmt", type=click.Choice(["html", "png"]),
+              help="html: one self-contained file with the figures embedded; png: one image. Default: from --out's "
+                   "suffix, else html.")
+def report(study: str, storage: str | None, study_name: str | None, tracking_uri: str | None, out: str | None,
+           fmt: str | None) -> None:
+    """Draw a stored study's report (history, importances, gap, curves, each regularizer's effect) into one file.
+
+    Reads the Optuna storage only; the file is also logged on the study's MLflow parent run where there is one.
+    """
+    import optuna
+
+    from regsearch import _report
+    from regsearch._errors import ConfigError
+    from regsearch._study import load_stored_study
+    from regsearch._tracking import default_tracking_uri, local_store_problem
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    fmt = fmt or ("png" if out and out.lower().endswith(".png") else "html")
+    opt_study = load_stored_study(study, storage, study_name)
+    if not _report.finished(opt_study):
+        raise ConfigError(f"study {opt_study.study_name!r} has no finished trials to report on")
+    path = out or _report.file_name(opt_study.study_name, fmt)
+    problem = local_store_problem(path)
+    if problem:
+        raise ConfigError(f"--out {path}: {problem}")
+    written = _report.write(opt_study, path, fmt)
+    click.echo(str(written))
+    _report.log_to_parent_run(opt_study, written, tracking_uri or default_tracking_uri())
+
+
 _signal_received: int | None = None
 
 

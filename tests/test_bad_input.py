@@ -95,6 +95,18 @@ def no_read_permission(tmp: Path) -> None:
     (tmp / "secret.py").chmod(0)
 
 
+def failed_study(tmp: Path) -> None:
+    """A stored study whose only trial failed: nothing to report on."""
+    storage = optuna.storages.journal.JournalStorage(optuna.storages.journal.JournalFileBackend(str(tmp / "f.journal")))
+    study = optuna.create_study(study_name="broken", storage=storage, direction="maximize")
+    study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)
+
+
+def read_only_folder(tmp: Path) -> None:
+    (tmp / "ro").mkdir()
+    (tmp / "ro").chmod(0o555)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # the table
 
@@ -215,6 +227,19 @@ CASES = [
          keep=True),
     case("cli-max-gap-on-an-unconstrained-study-keeps-study", "optimize --study digits --max-gap 0.05",
          "was made with no --max-gap; it cannot go on with --max-gap 0.05", keep=True),
+    case("cli-report-unknown-stored-study", "report --study digts --storage {tmp}/empty.journal",
+         "unknown study in {tmp}/empty.journal: 'digts'"),
+    case("cli-report-study-without-finished-trials", "report --study broken --storage {tmp}/f.journal",
+         "study 'broken' has no finished trials to report on", setup=failed_study, absent="broken-report.html"),
+    case("cli-report-out-missing-folder-keeps-study", "report --study digits --out {tmp}/no/r.html",
+         "--out {tmp}/no/r.html: folder {tmp}/no does not exist", keep=True),
+    case("cli-report-out-read-only-folder", "report --study digits --out {tmp}/ro/r.html",
+         "--out {tmp}/ro/r.html: cannot write to folder {tmp}/ro", setup=read_only_folder, keep=True, process=True),
+    case("cli-report-out-is-a-folder", "report --study digits --out {tmp}",
+         "Invalid value for '--out': File '{tmp}' is a directory",
+         keep=True),
+    case("cli-report-unknown-format", "report --study digits --format pdf",
+         "Invalid value for '--format': 'pdf' is not one of 'html', 'png'"),
 
     # --- study files -----------------------------------------------------------------------------------------
     case("study-not-yaml", "optimize --study {tmp}/s.yaml", "s.yaml: not valid YAML at line",
