@@ -19,6 +19,8 @@ from regsearch._regularizer import HOOKS, Regularizer
 from regsearch._spec import call_with_options
 
 ENTRY_POINT_GROUP = "regsearch.regularizers"
+EXTRAS = frozenset({"label_smoothing", "mixup", "cutout", "max_norm", "early_stopping", "swa", "gaussian_noise"})
+"""The regularizers of the plugin package in this repository's plugins/ (named when one is missing)."""
 AUTOLOAD_ENV = "REGSEARCH_DISABLE_PLUGIN_AUTOLOAD"
 """Set to 1 to load only regsearch's own regularizers from entry points (third-party ones are skipped)."""
 
@@ -81,7 +83,9 @@ class RegularizerRegistry:
 
     def get(self, name: str) -> RegularizerInfo:
         if name not in self._entries:
-            raise ConfigError(unknown_name("regularizer", name, self._entries))
+            hint = (f"; {name!r} comes with the regsearch-extras package: pip install ./plugins/regsearch-extras"
+                    if name in EXTRAS else "")
+            raise ConfigError(unknown_name("regularizer", name, self._entries) + hint)
         return self._entries[name]
 
     def __contains__(self, name: object) -> bool:

@@ -331,3 +331,58 @@ def test_a_digits_study_uses_the_installed_plugins_from_the_command_line(site, t
                             cwd=tmp_path / "..")
     assert refused.returncode == 2
     assert "regularizers.cutout: cutout needs image inputs (N, C, H, W)" in refused.stderr
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the cocktail studies: every regularizer behind its switch, end to end
+
+
+def _journal_study(folder, name: str) -> optuna.Study:
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(folder / "regsearch.journal")))
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def _switched_off_params_are_not_sampled(trial: optuna.trial.FrozenTrial) -> None:
+    for key, value in trial.params.items():
+        if key.endswith(".enabled") and value is False:
+            name = key[:-len(".enabled")]
+            assert not [k for k in trial.params if k.startswith(f"{name}.") and k != key], (trial.number, name)
+
+
+@pytest.mark.slow
+def test_the_tabular_cocktail_runs_on_digits(site, tmp_path):
+    done = regsearch_cli(site, "optimize", "--study", "cocktail-tabular", "--n-trials", "5", "--set",
+                         "training.epochs=4", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    study = _journal_study(tmp_path, "cocktail-tabular")
+    trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
+    assert len(trials) == 5
+    baseline, recipe = study.trials[0], study.trials[1]
+    assert baseline.user_attrs["baseline"] is True and set(baseline.params) == {"lr"}
+    assert recipe.params["batchnorm.enabled"] is True and recipe.params["mixup.enabled"] is False
+    switches = {"batchnorm", "dropout", "l1", "l2", "label_smoothing", "mixup", "max_norm", "early_stopping", "swa",
+                "gaussian_noise"}
+    for trial in trials[1:]:
+        assert {k[:-len(".enabled")] for k in trial.params if k.endswith(".enabled")} == switches
+        _switched_off_params_are_not_sampled(trial)
+    # the run ends by saying what the best combination bought against the baseline
+    assert "the unregularized baseline (trial 0): test accuracy " in done.stdout
+
+
+@pytest.mark.slow
+def test_the_image_cocktail_runs_on_the_cifar_sample(site, tmp_path, cifar_sample):
+    sets = ["data.train_size=600", "training.epochs=2", "search.pruner.min_resource=1", "training.batch_size=64"]
+    done = regsearch_cli(site, "optimize", "--study", "cocktail", "--data-dir", str(cifar_sample), "--n-trials", "4",
+                         "--device", "cpu", *[a for s in sets for a in ("--set", s)], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    study = _journal_study(tmp_path, "cocktail")
+    finished = study.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
+    assert len(finished) == 4 and study.trials[0].user_attrs["baseline"] is True
+    recipe = study.trials[1]
+    assert recipe.params["augment.enabled"] is True and recipe.params["choice.mix"] == "none"
+    for trial in finished[1:]:
+        assert trial.params["choice.mix"] in ("none", "mixup", "cutout")
+        assert ("mixup.alpha" in trial.params) == (trial.params["choice.mix"] == "mixup")
+        assert ("cutout.size" in trial.params) == (trial.params["choice.mix"] == "cutout")
+        _switched_off_params_are_not_sampled(trial)
+    assert "Best combination (trial " in done.stdout
