@@ -240,6 +240,8 @@ CASES = [
          keep=True),
     case("cli-report-unknown-format", "report --study digits --format pdf",
          "Invalid value for '--format': 'pdf' is not one of 'html', 'png'"),
+    case("cli-cocktail-without-the-extras-package", "optimize --study cocktail-tabular",
+         "'label_smoothing' comes with the regsearch-extras package: pip install ./plugins/regsearch-extras"),
 
     # --- study files -----------------------------------------------------------------------------------------
     case("study-not-yaml", "optimize --study {tmp}/s.yaml", "s.yaml: not valid YAML at line",
