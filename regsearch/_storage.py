@@ -45,8 +45,13 @@ def _rdb_storage(url: str, scheme: str, heartbeat_interval: int, grace_period: i
                 )
         except Exception as exc:
             # Workers started together on a brand-new database race to create its tables: the losers see a
-            # duplicate-key error and succeed on a second try, once the tables exist.
-            text = str(exc).lower()
+            # duplicate-key error and succeed on a second try, once the tables exist. Optuna may wrap that error
+            # ("An exception is raised during the commit"): the driver's words are further down the chain.
+            chain, cause = [], exc
+            while cause is not None and len(chain) < 5:
+                chain.append(str(cause))
+                cause = cause.__cause__ or cause.__context__
+            text = " ".join(chain).lower()
             if attempt == 7 or not any(k in text for k in ("duplicate", "unique constraint", "already exists")):
                 raise
             time.sleep(0.2 + random.random() * (attempt + 1) * 0.3)

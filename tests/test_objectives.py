@@ -72,7 +72,8 @@ def parent_and_children(client: MlflowClient, name: str):
 def test_max_gap_picks_the_best_feasible_trial_and_marks_the_others(in_tmp, mlflow_store, restore_logging):
     shutil.copy(mlflow_store, in_tmp / "mlflow.db")
     storage = in_tmp / "gap.journal"
-    common = (*SMALL, *EAGER_PRUNER, "--storage", str(storage), "--tracking-uri", f"sqlite:///{in_tmp}/mlflow.db")
+    common = (*SMALL, *EAGER_PRUNER, "--set", "search.baseline=false", "--storage", str(storage), "--tracking-uri",
+              f"sqlite:///{in_tmp}/mlflow.db")
     result = invoke("optimize", *common, "--n-trials", "6", "--max-gap", "0.01")
     assert result.exit_code == 0, result.output
     study = load(storage, "digits")
