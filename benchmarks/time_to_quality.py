@@ -45,8 +45,9 @@ def run_regsearch(data: str, extra: list[str]) -> dict:
                      "test_acc": (test.get("test_acc") if t.number == test.get("trial")
                                   else t.user_attrs.get("test_acc"))}
                     for t in study.trials if t.datetime_complete is not None]
+        summary = study.user_attrs.get("summary")
     return {"wall_s": wall, "test_acc": test.get("test_acc"), "best_trial": test.get("trial"),
-            "trials": len(timeline), "timeline": timeline, "summary": study.user_attrs.get("summary")}
+            "trials": len(timeline), "timeline": timeline, "summary": summary}
 
 
 def first_reaching(run: dict, bar: float) -> float | None:
