@@ -22,7 +22,8 @@ from typing import Any
 import optuna
 
 from regsearch._errors import ConfigError
-from regsearch._study import BASELINE_ATTR, CURVE_ATTR, FAIL_REASON_ATTR, METRIC_ATTR, SURPLUS, TEST_ATTR
+from regsearch._study import (BASELINE_ATTR, CURVE_ATTR, FAIL_REASON_ATTR, MAX_GAP_ATTR, METRIC_ATTR, SURPLUS,
+                              TEST_ATTR)
 
 logger = logging.getLogger("regsearch")
 
@@ -49,6 +50,8 @@ class TrialView:
     baseline: bool
     test_acc: float | None
     """Only the baseline trial has its own test accuracy (the best trial's is the study's `best_test`)."""
+    feasible: bool | None = None
+    """Under a gap limit (`--max-gap`): whether gap_acc <= the limit; None where the study has no limit."""
 
 
 @dataclass
@@ -65,6 +68,7 @@ class Section:
 def trial_views(study: optuna.Study) -> list[TrialView]:
     """Every trial that ran, its accuracies from the `metrics` user attribute (objective values as a fallback)."""
     multi = len(study.directions) > 1
+    max_gap = study.user_attrs.get(MAX_GAP_ATTR)
     views = []
     for t in study.get_trials(deepcopy=False):
         if t.user_attrs.get(FAIL_REASON_ATTR) == SURPLUS:
@@ -78,6 +82,8 @@ def trial_views(study: optuna.Study) -> list[TrialView]:
         views.append(TrialView(t.number, t.state.name, _number(val), _number(gap), _number(metrics.get("train_acc")),
                                dict(t.params), dict(t.distributions), list(t.user_attrs.get(CURVE_ATTR) or []),
                                bool(t.user_attrs.get(BASELINE_ATTR)), _number(t.user_attrs.get("test_acc"))))
+        if max_gap is not None:
+            views[-1].feasible = views[-1].gap_acc is not None and views[-1].gap_acc <= max_gap
     return views
 
 
@@ -103,8 +109,10 @@ def pareto_front(views: list[TrialView]) -> list[TrialView]:
 
 
 def _ranked(views: list[TrialView]) -> list[TrialView]:
-    """Complete trials, best validation accuracy first (the smaller gap breaks ties)."""
-    return sorted(_complete(views), key=lambda v: (-v.val_acc, v.gap_acc if v.gap_acc is not None else math.inf))
+    """Complete trials, best validation accuracy first (the smaller gap breaks ties); under a gap limit the
+    feasible ones first, as `optimize` and `show` rank them."""
+    return sorted(_complete(views), key=lambda v: (v.feasible is False, -v.val_acc,
+                                                   v.gap_acc if v.gap_acc is not None else math.inf))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -150,7 +158,8 @@ def _history(views: list[TrialView], multi: bool) -> Section:
     if failed:
         ax.scatter([v.number for v in failed], [floor] * len(failed), marker="x", color=_COLORS["FAIL"], s=40,
                    label="failed", zorder=3, clip_on=False)
-    complete = sorted(_complete(views), key=lambda v: v.number)
+    complete = sorted((v for v in _complete(views) if v.feasible is not False), key=lambda v: v.number)
+    constrained = any(v.feasible is not None for v in views)
     if complete:
         best, line = -math.inf, []
         for v in complete:
@@ -158,7 +167,8 @@ def _history(views: list[TrialView], multi: bool) -> Section:
             line.append(best)
         last = max(v.number for v in views)
         ax.step([v.number for v in complete] + [last], line + [line[-1]], where="post", color="tab:green",
-                label="best val_acc so far" + (" (one of the objectives)" if multi else ""), zorder=2)
+                label=("best feasible val_acc so far" if constrained else "best val_acc so far")
+                + (" (one of the objectives)" if multi else ""), zorder=2)
     for v in views:
         if v.baseline and v.val_acc is not None:
             ax.scatter([v.number], [v.val_acc], s=220, marker="*", color="gold", edgecolors="black", zorder=4,
@@ -394,7 +404,9 @@ def summary_lines(study: optuna.Study, views: list[TrialView], top: int = 5) -> 
     directions = ", ".join(d.name.lower() for d in study.directions)
     lines = ["trials: " + (", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) or "none"),
              "objective: " + ("val_acc (maximize)" if len(study.directions) == 1
-                              else f"Pareto front of val_acc and gap_acc ({directions})")]
+                              else f"Pareto front of val_acc and gap_acc ({directions})")
+             + (f", subject to gap_acc <= {study.user_attrs[MAX_GAP_ATTR]:g}"
+                if study.user_attrs.get(MAX_GAP_ATTR) is not None else "")]
     best = _best(study, views)
     test = study.user_attrs.get(TEST_ATTR) or {}
     if best is not None:
@@ -429,11 +441,13 @@ def top_table(views: list[TrialView], top: int = 5) -> str:
     rows = _ranked(views)[:top]
     if not rows:
         return "no complete trials"
-    out = [f"{'trial':>5}  {'val_acc':>7}  {'gap_acc':>7}  {'train_acc':>9}  params"]
+    constrained = any(v.feasible is not None for v in rows)
+    out = [f"{'trial':>5}  {'val_acc':>7}  {'gap_acc':>7}  {'train_acc':>9}  {'feasible  ' if constrained else ''}params"]
     for v in rows:
         params = " ".join(f"{k}={f'{p:.3g}' if isinstance(p, float) else _fmt(p)}"
                           for k, p in sorted(v.params.items()) if not (k.endswith(".enabled") and not p))
-        out.append(f"{v.number:>5}  {_fmt(v.val_acc):>7}  {_fmt(v.gap_acc):>7}  {_fmt(v.train_acc):>9}  "
+        mark = f"{'yes' if v.feasible else 'no':<8}  " if constrained else ""
+        out.append(f"{v.number:>5}  {_fmt(v.val_acc):>7}  {_fmt(v.gap_acc):>7}  {_fmt(v.train_acc):>9}  {mark}"
                    f"{params}{'  (baseline)' if v.baseline else ''}")
     return "\n".join(out)
 

@@ -753,11 +753,20 @@ def _open_study(spec: StudySpec, name: str, storage: str | None, tracking: bool,
             raise ConfigError(f"--tracking-uri {mask_url(uri)}: cannot use the MLflow tracking store: "
                               f"{mask_url(str(exc)).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     # queued only once the tracking store is known to work: a refused start leaves no trial behind
-    if new and spec.search.baseline:
+    if create and spec.search.baseline and _baseline_missing(opt_study):
         opt_study.enqueue_trial(baseline_params(spec), user_attrs={BASELINE_ATTR: True})
     if new and spec.search.first_trial:
         opt_study.enqueue_trial(dict(spec.search.first_trial), skip_if_exists=True)
     return opt_study, tracker, parent
+
+
+def _baseline_missing(study: optuna.Study) -> bool:
+    """Whether the study still needs its baseline trial: none is queued, running or finished, and none failed
+    on its own (an interrupted or killed one is queued again; a diverging one is not run over and over)."""
+    baselines = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(BASELINE_ATTR)]
+    if any(t.state != optuna.trial.TrialState.FAIL for t in baselines):
+        return False
+    return not any(t.user_attrs.get(FAIL_REASON_ATTR) not in (None, "interrupted") for t in baselines)
 
 
 _MAX, _MIN = optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE
@@ -774,8 +783,8 @@ def _check_objective(study: optuna.Study, objective: str, max_gap: float | None,
     if directions != _DIRECTIONS[objective] or stored != objective:
         raise ConfigError(f"{where} was made with objective {stored}; it cannot go on with objective {objective} "
                           f"(use --objective {stored}, or another --study-name)")
-    if OBJECTIVE_ATTR not in study.user_attrs and not study.trials:
-        return  # brand new: this process sets its settings
+    if not study.trials:
+        return  # brand new, or a start that was refused before any trial: this process sets its settings
     stored_gap = study.user_attrs.get(MAX_GAP_ATTR)
     if stored_gap != max_gap:
         def shown(gap: float | None) -> str:
@@ -932,7 +941,10 @@ def _final_report(study: optuna.Study, exp: Experiment, objective: _Objective, t
     if tracker is not None and is_pareto(study):
         tracker.log_pareto_front(parent, pareto_front(study))
     best = best_trial(study)
-    if best is None or exp.data.y_test is None:
+    if best is None:
+        return
+    if exp.data.y_test is None:  # the user's own data without a test split: the sentence, without test accuracy
+        study.set_user_attr(SUMMARY_ATTR, summary_sentence(study, exp.spec, best, None))
         return
     done = study.user_attrs.get(TEST_ATTR) or {}
     if done.get("trial") == best.number and done.get("mlflow_run_id") == parent:
@@ -985,20 +997,25 @@ def combination(spec: StudySpec, trial: optuna.trial.FrozenTrial) -> list[str]:
     return on
 
 
-def summary_sentence(study: optuna.Study, spec: StudySpec, best: optuna.trial.FrozenTrial, test_acc: float) -> str:
+def summary_sentence(study: optuna.Study, spec: StudySpec, best: optuna.trial.FrozenTrial,
+                     test_acc: float | None) -> str:
     """What the study found, in words: the best combination, its test accuracy and gap against the baseline."""
-    gap = best.user_attrs.get(METRIC_ATTR, {}).get("gap_acc")
+    metrics = best.user_attrs.get(METRIC_ATTR, {})
     found = " + ".join(combination(spec, best)) or "no regularizer"
-    sentence = (f"Best combination (trial {best.number}): {found} - test accuracy {test_acc:.3f}"
+    score = (f"test accuracy {test_acc:.3f}" if test_acc is not None
+             else f"validation accuracy {metrics.get('val_acc', float('nan')):.3f}")
+    gap = metrics.get("gap_acc")
+    sentence = (f"Best combination (trial {best.number}): {found} - {score}"
                 + (f", generalization gap {gap:.3f}" if gap is not None else ""))
     baseline = next((t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
                      if t.user_attrs.get(BASELINE_ATTR)), None)
     if baseline is None or baseline.number == best.number:
         return sentence + ("; it is the unregularized baseline itself." if baseline is not None else ".")
-    base_gap = baseline.user_attrs.get(METRIC_ATTR, {}).get("gap_acc")
+    base = baseline.user_attrs.get(METRIC_ATTR, {})
     base_test = baseline.user_attrs.get(TEST_ACC_ATTR)
-    parts = [f"test accuracy {base_test:.3f}" if base_test is not None else None,
-             f"gap {base_gap:.3f}" if base_gap is not None else None]
+    parts = [f"test accuracy {base_test:.3f}" if base_test is not None and test_acc is not None
+             else f"validation accuracy {base['val_acc']:.3f}" if "val_acc" in base else None,
+             f"gap {base['gap_acc']:.3f}" if "gap_acc" in base else None]
     return sentence + f"; the unregularized baseline (trial {baseline.number}): " + ", ".join(
         p for p in parts if p) + "."
 

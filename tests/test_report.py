@@ -222,6 +222,36 @@ def test_a_pareto_study_renders_every_section(tmp_path, restore_logging):
     assert code == 0, stderr
 
 
+def test_a_gap_limited_study_ranks_feasible_trials_first(tmp_path, restore_logging):
+    storage = str(tmp_path / "g.journal")
+    study = optuna.create_study(study_name="gap", direction="maximize", storage=optuna.storages.journal.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(storage)), sampler=optuna.samplers.RandomSampler(seed=1))
+    study.set_user_attr("regsearch.max_gap", 0.05)
+
+    def objective(trial: optuna.Trial) -> float:  # later trials validate better; the odd ones break the limit
+        trial.suggest_float("lr", 1e-3, 1.0, log=True)
+        val, gap = 0.8 + 0.01 * trial.number, 0.1 if trial.number % 2 else 0.02
+        trial.set_user_attr("metrics", {"train_acc": val + gap, "val_acc": val, "gap_acc": gap})
+        trial.set_constraint("gap_acc", gap - 0.05)
+        return val
+
+    study.optimize(objective, n_trials=8)
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    gaps = {t.number: t.user_attrs["metrics"]["gap_acc"] for t in complete}
+    feasible = [t for t in complete if gaps[t.number] <= 0.05]
+    assert feasible and max(t.value for t in complete) > max(t.value for t in feasible), "the limit must matter"
+    out = tmp_path / "g.html"
+    code, _, stderr = report("--study", "gap", "--storage", storage, "--tracking-uri",
+                             f"sqlite:///{tmp_path / 'none.db'}", "--out", str(out))
+    assert code == 0, stderr
+    summary = sections(out.read_text(encoding="utf-8"))["summary"]
+    assert "objective: val_acc (maximize), subject to gap_acc &lt;= 0.05" in summary
+    assert f"best trial {study.best_trial.number}:" in summary
+    table = summary[summary.index("feasible"):]
+    first = int(re.search(r"\n\s*(\d+)\s", table).group(1))  # the table's first row: the best feasible trial
+    assert first == study.best_trial.number and gaps[first] <= 0.05
+
+
 def test_importance_says_why_when_there_are_too_few_complete_trials(tmp_path, restore_logging):
     storage = str(tmp_path / "few.journal")
     study = optuna.create_study(study_name="few", direction="maximize", storage=optuna.storages.journal.JournalStorage(

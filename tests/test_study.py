@@ -227,3 +227,50 @@ def test_a_study_starts_from_its_first_trial_recipe(in_tmp, data):
     params = [t.params for t in study.trials]
     assert params.count(study.trials[1].params) == 1 and params.count({"lr": 0.05}) == 1
     assert [t.number for t in study.trials if t.user_attrs.get("baseline")] == [0]
+
+
+def test_an_interrupted_baseline_is_queued_again_when_the_study_resumes(in_tmp, data):
+    builds = []
+
+    def interrupted_third_build() -> nn.Module:  # prepare's probe, the preflight, then trial 0: the baseline
+        builds.append(1)
+        if len(builds) == 3:
+            raise KeyboardInterrupt
+        return Tabular()
+
+    spec = spec_from_dict({"training": {"epochs": 2}, "search": {"n_trials": 2, "pruner": {"name": "none"}},
+                           "regularizers": {"l2": {}}}, name="again")
+    storage = str(in_tmp / "again.journal")
+    with pytest.raises(KeyboardInterrupt):
+        regsearch.optimize(spec, data=data, model=interrupted_third_build, tracking=False, storage=storage)
+    study = regsearch.optimize(spec, data=data, model=Tabular, tracking=False, storage=storage)
+    baselines = [t for t in study.trials if t.user_attrs.get("baseline")]
+    assert [t.state for t in baselines] == [FAIL, COMPLETE]
+    assert baselines[0].user_attrs["fail_reason"] == "interrupted"
+    assert "the unregularized baseline (trial " in study.user_attrs["summary"]
+    # a third run with nothing left to do queues no further baseline
+    study = regsearch.optimize(spec, data=data, model=Tabular, tracking=False, storage=storage)
+    assert len([t for t in study.trials if t.user_attrs.get("baseline")]) == 2
+
+
+def test_a_study_without_test_data_still_says_what_it_found(in_tmp):
+    x, y = blobs()
+    spec = spec_from_dict({"training": {"epochs": 2}, "search": {"n_trials": 2, "pruner": {"name": "none"}},
+                           "regularizers": {"l2": {"enabled": True}}}, name="notest")
+    study = regsearch.optimize(spec, data=TensorData.from_arrays(x, y, val_fraction=0.25), model=Tabular,
+                               tracking=False, storage=str(in_tmp / "n.journal"))
+    summary = study.user_attrs["summary"]
+    assert summary.startswith(f"Best combination (trial {study.best_trial.number}): l2(weight_decay=")
+    assert "validation accuracy" in summary and "test accuracy" not in summary
+    assert "the unregularized baseline (trial 0): validation accuracy " in summary
+
+
+def test_a_refused_start_does_not_fix_the_study_settings(in_tmp, data):
+    spec = spec_from_dict({"training": {"epochs": 1}, "search": {"n_trials": 1, "pruner": {"name": "none"}}},
+                          name="refused")
+    storage = str(in_tmp / "r.journal")
+    with pytest.raises(regsearch.RegsearchError, match="cannot use the MLflow tracking store"):
+        regsearch.optimize(spec, data=data, model=Tabular, storage=storage, tracking_uri="sqlite:////dev/full",
+                           max_gap=0.5)
+    study = regsearch.optimize(spec, data=data, model=Tabular, tracking=False, storage=storage, max_gap=0.2)
+    assert study.user_attrs["regsearch.max_gap"] == 0.2 and len(study.get_trials(states=(COMPLETE,))) == 1
