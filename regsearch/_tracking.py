@@ -190,6 +190,8 @@ class Tracker:
         self._outages = 0
         self._study: Any = None  # set by parent_run(): the Optuna study whose runs this tracker can sync
         self._parent: str | None = None
+        self.live: Mapping[int, Any] = {}
+        """Trials whose runs are being logged (by number): a sync leaves them alone, their end may be queued."""
         self._sync_lock = threading.Lock()
         self._deferred: list[tuple[str, Any, tuple, dict]] = []
         self._thread = threading.Thread(target=self._loop, name="regsearch-mlflow", daemon=True)
@@ -327,7 +329,7 @@ class Tracker:
         with self._sync_lock:
             self._unsynced = False
             try:
-                report = sync_runs(self._study, self, self._parent)
+                report = sync_runs(self._study, self, self._parent, skip=set(self.live))
             except Exception as exc:
                 self._failed("logging the missing trial runs", exc)
                 return None
@@ -728,7 +730,8 @@ class _Served:
 
         self.tracker = tracker
         self.conn = conn
-        self.runs: dict[int, str | None] = {}
+        self.runs: dict[int, str | None] = {}  # the trials started and not yet ended
+        tracker.live = self.runs
         self.parent: str | None = None
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         if first is not None:
