@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import logging
 import math
@@ -29,7 +28,7 @@ from regsearch._registry import RegularizerRegistry, default_registry
 from regsearch._regularizer import LoopState, NamespacedTrial, Regularizer, TrialContext
 from regsearch._spec import RegularizerSpec, StudySpec, TrainingSpec, load_study, search_value
 from regsearch._storage import describe_storage, mask_url, open_storage
-from regsearch._tracking import Tracker, default_tracking_uri, error_gist
+from regsearch._tracking import TrackerProcess, default_tracking_uri, error_gist
 from regsearch._trainer import (Applied, _transformed, build_optimizer, evaluate, fit, resolve_device,
                                 set_thread_budget)
 from regsearch.data._tensors import Batcher, TensorData, load_dataset
@@ -385,7 +384,7 @@ def fixed_settings(spec: StudySpec) -> dict[str, Any]:
 
 
 class _Objective:
-    def __init__(self, exp: Experiment, study_name: str, tracker: Tracker | None, parent_run_id: str | None,
+    def __init__(self, exp: Experiment, study_name: str, tracker: TrackerProcess | None, parent_run_id: str | None,
                  total: int, keep_dir: str | None = None):
         self.exp = exp
         self.study_name = study_name
@@ -431,15 +430,22 @@ class _Objective:
         seed = trial_seed(self.exp.spec.seed, trial.number)
         trial.set_user_attr("seed", seed)
         tracker = self.tracker
-        run_id = tracker.start_trial(self.parent_run_id, trial.number, self.study_name) if tracker else None
-        if run_id:
-            trial.set_user_attr("mlflow_run_id", run_id)
+        run = tracker.start_trial(self.parent_run_id, trial.number, self.study_name) if tracker else None
+        run_id = None  # known once the tracking process has made the run
+
+        def note_run_id(final: bool = False) -> None:
+            nonlocal run_id
+            if tracker and run_id is None:
+                run_id = tracker.run_id(run, final=final)
+                if run_id:
+                    trial.set_user_attr("mlflow_run_id", run_id)
+
         status, tags = "FAILED", {"regsearch.state": "FAIL"}
         baseline = is_baseline(trial)
         try:
             model, applied, lr = build_trial(self.exp, trial, seed, baseline=baseline)
             if tracker:
-                tracker.log_params(run_id, {**trial.params, "seed": seed})
+                tracker.log_params(run, {**trial.params, "seed": seed})
 
             ran = [0]
             curve: list[dict[str, float]] = []
@@ -449,7 +455,8 @@ class _Objective:
                 curve.append({"epoch": epoch, **{k: round(v, 6) for k, v in metrics.items()}})
                 trial.set_user_attr(CURVE_ATTR, curve)
                 if tracker:
-                    tracker.log_epoch(run_id, epoch, metrics)
+                    tracker.log_epoch(run, epoch, metrics)
+                    note_run_id()
                 if self.pareto:
                     return  # multi-objective trials take no intermediate values (and are never pruned)
                 trial.report(metrics["val_acc"], epoch)
@@ -488,7 +495,8 @@ class _Objective:
             raise
         finally:
             if tracker:
-                tracker.end_trial(run_id, status, tags)
+                tracker.end_trial(run, status, tags)
+                note_run_id(final=True)
 
 
 class _Surplus(Exception):
@@ -503,7 +511,7 @@ class _StopWhenDone:
     workers on this host that died, and queues them again.
     """
 
-    def __init__(self, total: int, max_failures: int, progress: Progress | None, tracker: Tracker | None):
+    def __init__(self, total: int, max_failures: int, progress: Progress | None, tracker: TrackerProcess | None):
         self.total = total
         self.max_failures = max_failures
         self.failures: list[str] = []
@@ -547,7 +555,7 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
-def recover_dead_trials(study: optuna.Study, tracker: Tracker | None, max_retry: int = 3) -> list[int]:
+def recover_dead_trials(study: optuna.Study, tracker: TrackerProcess | None, max_retry: int = 3) -> list[int]:
     """Fail the RUNNING trials whose worker process on this host is gone, and queue each again once.
 
     Optuna's journal storage has no heartbeat, so a killed worker's trial would stay RUNNING forever; RDB
@@ -567,9 +575,9 @@ def recover_dead_trials(study: optuna.Study, tracker: Tracker | None, max_retry:
         recovered.append(t.number)
         logger.warning("trial %d: its worker (pid %s) died; the trial is failed and queued again", t.number,
                        worker["pid"])
-        if tracker is not None and t.user_attrs.get("mlflow_run_id"):
-            tracker.end_trial(t.user_attrs["mlflow_run_id"], "KILLED",
-                              {"regsearch.state": "FAIL", "regsearch.reason": f"worker pid {worker['pid']} died"})
+        if tracker is not None:
+            tracker.end_dead_trial(t.user_attrs.get("mlflow_run_id"), t.number, "KILLED",
+                                   {"regsearch.state": "FAIL", "regsearch.reason": f"worker pid {worker['pid']} died"})
         # the same retry Optuna's heartbeat applies on RDB storages: a WAITING copy with the same parameters
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -578,18 +586,15 @@ def recover_dead_trials(study: optuna.Study, tracker: Tracker | None, max_retry:
     return recovered
 
 
-def _close_stale_runs(study: optuna.Study, tracker: Tracker | None, checked: set[int]) -> None:
+def _close_stale_runs(study: optuna.Study, tracker: TrackerProcess | None, checked: set[int]) -> None:
     """End the MLflow runs of trials that Optuna's heartbeat failed (they died without closing their run)."""
     if tracker is None:
         return
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
-        run_id = t.user_attrs.get("mlflow_run_id")
-        if run_id and FAIL_REASON_ATTR not in t.user_attrs and t.number not in checked:
+        if FAIL_REASON_ATTR not in t.user_attrs and t.number not in checked:
             checked.add(t.number)
-            with contextlib.suppress(Exception):
-                if tracker.client.get_run(run_id).info.status == "RUNNING":
-                    tracker.end_trial(run_id, "KILLED", {"regsearch.state": "FAIL",
-                                                         "regsearch.reason": "worker stopped beating"})
+            tracker.end_dead_trial(t.user_attrs.get("mlflow_run_id"), t.number, "KILLED",
+                                   {"regsearch.state": "FAIL", "regsearch.reason": "worker stopped beating"})
 
 
 def prepare(spec: StudySpec, *, data: TensorData | None = None, model: Callable[[], nn.Module] | None = None,
@@ -668,9 +673,17 @@ def optimize(study: str | StudySpec, *, n_trials: int | None = None, timeout: fl
     name = study_name or spec.name
     if workers > 1:  # each worker gets its share of the cores, and never probes beyond it
         set_thread_budget((os.cpu_count() or 1) // workers)
-    exp = prepare(spec, data=data, model=model, data_dir=data_dir, device=device, registry=registry,
-                  plugins=plugins)
-    opt_study, tracker, parent = _open_study(spec, name, storage, tracking, tracking_uri, create=True)
+    # MLflow's set-up (import, store creation) runs in the tracking process while data and model are prepared
+    early = _start_tracking(tracking_uri, name) if tracking else None
+    try:
+        exp = prepare(spec, data=data, model=model, data_dir=data_dir, device=device, registry=registry,
+                      plugins=plugins)
+        opt_study, tracker, parent = _open_study(spec, name, storage, tracking, tracking_uri, create=True,
+                                                 tracker=early)
+    except BaseException:
+        if early is not None:
+            early.close(wait=False)
+        raise
     finished = len(opt_study.get_trials(deepcopy=False, states=FINISHED))
     if finished < total:
         logger.info("study %s: %d of %d trials finished; running the rest (storage %s%s)", name, finished, total,
@@ -708,7 +721,7 @@ def optimize(study: str | StudySpec, *, n_trials: int | None = None, timeout: fl
             if keep_dir:
                 shutil.rmtree(keep_dir, ignore_errors=True)
             if tracker is not None:
-                tracker.end_parent(parent, "KILLED" if interrupted else "FINISHED")
+                tracker.end_parent("KILLED" if interrupted else "FINISHED")
                 tracker.close()
     if gave_up:
         failed = [t for t in opt_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
@@ -720,7 +733,8 @@ def optimize(study: str | StudySpec, *, n_trials: int | None = None, timeout: fl
 
 
 def _open_study(spec: StudySpec, name: str, storage: str | None, tracking: bool, tracking_uri: str | None,
-                *, create: bool, salt: int = 0) -> tuple[optuna.Study, Tracker | None, str | None]:
+                *, create: bool, salt: int = 0, tracker: TrackerProcess | None = None
+                ) -> tuple[optuna.Study, TrackerProcess | None, str | None]:
     """The Optuna study (created once, by the first process) and its MLflow parent run."""
     optuna_storage = open_storage(storage, heartbeat_interval=spec.search.heartbeat_interval,
                                   grace_period=spec.search.grace_period)
@@ -743,15 +757,14 @@ def _open_study(spec: StudySpec, name: str, storage: str | None, tracking: bool,
         opt_study.set_user_attr("regsearch.source", spec.source)
         opt_study.set_user_attr(OBJECTIVE_ATTR, search.objective)
         opt_study.set_user_attr(MAX_GAP_ATTR, search.max_gap)
-    tracker = parent = None
+    parent = None
     if tracking:
-        uri = tracking_uri or default_tracking_uri()
+        tracker = tracker or _start_tracking(tracking_uri, name)
         try:
-            tracker = Tracker(uri, name)
-            parent = tracker.parent_run(opt_study, name, fixed_settings(spec))
+            tracker.parent_run(opt_study, name, fixed_settings(spec), storage=storage)
         except Exception as exc:
-            raise ConfigError(f"--tracking-uri {mask_url(uri)}: cannot use the MLflow tracking store: "
-                              f"{mask_url(str(exc)).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+            tracker.close(wait=False)
+            raise _tracking_error(tracker.uri, exc) from None
     # queued only once the tracking store is known to work: a refused start leaves no trial behind
     if create and spec.search.baseline and _baseline_missing(opt_study):
         opt_study.enqueue_trial(baseline_params(spec), user_attrs={BASELINE_ATTR: True})
@@ -793,8 +806,21 @@ def _check_objective(study: optuna.Study, objective: str, max_gap: float | None,
                           f"(use the same, or another --study-name)")
 
 
+def _start_tracking(tracking_uri: str | None, name: str) -> TrackerProcess:
+    uri = tracking_uri or default_tracking_uri()
+    try:
+        return TrackerProcess(uri, name)
+    except Exception as exc:
+        raise _tracking_error(uri, exc) from None
+
+
+def _tracking_error(uri: str, exc: BaseException) -> ConfigError:
+    return ConfigError(f"--tracking-uri {mask_url(uri)}: cannot use the MLflow tracking store: "
+                       f"{mask_url(str(exc)).splitlines()[0] if str(exc) else type(exc).__name__}")
+
+
 def _run_trials(study: optuna.Study, objective: _Objective, total: int, timeout: float | None, spec: StudySpec,
-                progress: Progress | None, tracker: Tracker | None) -> _StopWhenDone:
+                progress: Progress | None, tracker: TrackerProcess | None) -> _StopWhenDone:
     """This process's share of the study: trials until the study holds `total` finished ones (or gives up).
 
     When only other workers' trials are left running, this worker waits for them instead of leaving: if one
@@ -931,7 +957,7 @@ def retrain(exp: Experiment, trial: optuna.trial.FrozenTrial) -> nn.Module:
     return model
 
 
-def _final_report(study: optuna.Study, exp: Experiment, objective: _Objective, tracker: Tracker | None,
+def _final_report(study: optuna.Study, exp: Experiment, objective: _Objective, tracker: TrackerProcess | None,
                   parent: str | None) -> None:
     """Evaluate the best trial on the test split once and log it, with its model, on the parent run.
 
@@ -946,6 +972,8 @@ def _final_report(study: optuna.Study, exp: Experiment, objective: _Objective, t
     if exp.data.y_test is None:  # the user's own data without a test split: the sentence, without test accuracy
         study.set_user_attr(SUMMARY_ATTR, summary_sentence(study, exp.spec, best, None))
         return
+    if tracker is not None:
+        parent = tracker.parent_run_id()
     done = study.user_attrs.get(TEST_ATTR) or {}
     if done.get("trial") == best.number and done.get("mlflow_run_id") == parent:
         return  # this best trial's test score and model are already on this study run
@@ -968,11 +996,10 @@ def _final_report(study: optuna.Study, exp: Experiment, objective: _Objective, t
     if tracker is None:
         return
     metrics = best.user_attrs.get(METRIC_ATTR, {})
-    tracker.log_summary(parent, {"best_val_acc": trial_val_acc(best), "best_test_acc": test_acc,
-                                 "best_test_loss": test_loss,
-                                 **{f"best_{k}": v for k, v in metrics.items() if k.startswith("gap")}},
+    tracker.log_summary({"best_val_acc": trial_val_acc(best), "best_test_acc": test_acc, "best_test_loss": test_loss,
+                         **{f"best_{k}": v for k, v in metrics.items() if k.startswith("gap")}},
                         {"best_trial": str(best.number), "regsearch.summary": sentence})
-    tracker.log_model(parent, copy.deepcopy(model), exp.example[:2])
+    tracker.log_model(model, exp.example[:2])
 
 
 def combination(spec: StudySpec, trial: optuna.trial.FrozenTrial) -> list[str]:
@@ -1020,20 +1047,16 @@ def summary_sentence(study: optuna.Study, spec: StudySpec, best: optuna.trial.Fr
         p for p in parts if p) + "."
 
 
-def _attach_report(study: optuna.Study, tracker: Tracker | None, parent: str | None) -> None:
+def _attach_report(study: optuna.Study, tracker: TrackerProcess | None, parent: str | None) -> None:
     """The study's report (`regsearch report`'s HTML) on its parent run; a report never fails a study."""
-    if tracker is None or parent is None:
-        return
-    if getattr(tracker, "_down", False):  # a dead store costs another failed call; `regsearch report` logs it later
-        logger.warning("the study's report was not logged to MLflow (it does not answer); `regsearch report` "
-                       "logs it once the store is back")
+    if tracker is None:
         return
     try:
         from regsearch import _report
 
         with tempfile.TemporaryDirectory(prefix="regsearch-report-") as folder:
             path = _report.write(study, os.path.join(folder, _report.file_name(study.study_name, "html")))
-            tracker.client.log_artifact(parent, str(path))
+            tracker.log_artifact(str(path))  # sent now, logged by the tracking process (later if it is down)
     except Exception as exc:
         logger.warning("the study's report was not logged to MLflow: %s", error_gist(exc))
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,11 +120,11 @@ def _trial_runs(tracker: Tracker, parent_run_id: str) -> dict[int, list]:
             return runs
 
 
-def _plan(study: optuna.Study, runs: dict[int, list]) -> tuple[list, list, int]:
+def _plan(study: optuna.Study, runs: dict[int, list], skip: Collection[int] = ()) -> tuple[list, list, int]:
     """(trials without a run, (trial, its RUNNING runs) to end, trials already logged)."""
     missing, dangling, present = [], [], 0
     for trial in study.get_trials(deepcopy=False):
-        if not trial.state.is_finished():
+        if not trial.state.is_finished() or trial.number in skip:
             continue
         if trial.user_attrs.get(FAIL_REASON_ATTR) == SURPLUS:
             continue  # a trial asked for after the study had its total: never trained, never logged
@@ -182,21 +182,24 @@ def _stale(storage: Any, name: str) -> bool:
     return True  # its owner died between creating it and writing the time
 
 
-def sync_runs(study: optuna.Study, tracker: Tracker, parent_run_id: str) -> SyncReport:
-    """Give every finished trial of `study` its child run under `parent_run_id`; raises when the store fails."""
+def sync_runs(study: optuna.Study, tracker: Tracker, parent_run_id: str, skip: Collection[int] = ()) -> SyncReport:
+    """Give every finished trial of `study` its child run under `parent_run_id`; raises when the store fails.
+
+    `skip`: trials whose runs the caller is still logging (their last records may not be sent yet).
+    """
     finished = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
                                                         optuna.trial.TrialState.PRUNED,
                                                         optuna.trial.TrialState.FAIL))
     if not finished:
         return SyncReport()
-    missing, dangling, present = _plan(study, _trial_runs(tracker, parent_run_id))
+    missing, dangling, present = _plan(study, _trial_runs(tracker, parent_run_id), skip)
     if not missing and not dangling:
         return SyncReport(present=present)
     with _sync_lock(study, tracker) as mine:
         if not mine:
             return SyncReport(present=present, busy=True)
         # what another process synced while this one waited for the lock is not done twice
-        missing, dangling, present = _plan(study, _trial_runs(tracker, parent_run_id))
+        missing, dangling, present = _plan(study, _trial_runs(tracker, parent_run_id), skip)
         report = SyncReport(present=present)
         for trial in missing:
             _log_trial(tracker, trial, parent_run_id, study.study_name)

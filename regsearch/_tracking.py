@@ -1,18 +1,29 @@
 """MLflow tracking: an experiment per study, one parent run shared by all workers, a child run per trial.
 
-Per-epoch metrics are buffered and sent in batches from a background thread, so that logging never waits
-on the tracking store inside the training loop. A tracking failure is a warning, never a crashed study: when
-the store stops answering, logging pauses (a background probe asks again every few seconds) and the trials
-finished meanwhile are logged from the Optuna storage once it answers (`regsearch._sync`).
+A study talks to MLflow through `TrackerProcess`: the `Tracker` runs in a child process, so importing MLflow,
+creating (migrating) a new store, every call to the store and logging the best model run on another core
+while this process prepares data and trains, instead of adding to the study's time (threads would not do:
+MLflow's work is Python that holds the GIL the training loop needs). Per-epoch metrics are buffered and sent
+in batches from a background thread, so that logging never waits on the tracking store.
+
+A tracking failure is a warning, never a crashed study: when the store stops answering, logging pauses (a
+background probe asks again every few seconds) and the trials finished meanwhile are logged from the Optuna
+storage once it answers (`regsearch._sync`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import pickle
 import re
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -179,6 +190,8 @@ class Tracker:
         self._outages = 0
         self._study: Any = None  # set by parent_run(): the Optuna study whose runs this tracker can sync
         self._parent: str | None = None
+        self.live: Mapping[int, Any] = {}
+        """Trials whose runs are being logged (by number): a sync leaves them alone, their end may be queued."""
         self._sync_lock = threading.Lock()
         self._deferred: list[tuple[str, Any, tuple, dict]] = []
         self._thread = threading.Thread(target=self._loop, name="regsearch-mlflow", daemon=True)
@@ -316,7 +329,7 @@ class Tracker:
         with self._sync_lock:
             self._unsynced = False
             try:
-                report = sync_runs(self._study, self, self._parent)
+                report = sync_runs(self._study, self, self._parent, skip=set(self.live))
             except Exception as exc:
                 self._failed("logging the missing trial runs", exc)
                 return None
@@ -332,16 +345,18 @@ class Tracker:
         return run.info.run_id if run is not None else None
 
     def log_params(self, run_id: str | None, params: Mapping[str, Any]) -> None:
+        """Log a trial's parameters; if the store is down, once it is back (a run cut off keeps them)."""
         if run_id is not None:
-            self._log_now(run_id, params=params)
+            self._now_or_later("logging parameters", log_batches, self.client, run_id, params=params)
 
-    def log_epoch(self, run_id: str | None, step: int, metrics: Mapping[str, float]) -> None:
-        """Queue one epoch's metrics; the background thread sends them in batches."""
+    def log_epoch(self, run_id: str | None, step: int, metrics: Mapping[str, float], *,
+                  at_ms: int | None = None) -> None:
+        """Queue one epoch's metrics (measured at `at_ms`, else now); the background thread sends them in batches."""
         if run_id is None:
             return
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
+        now = at_ms if at_ms is not None else int(time.time() * 1000)
         with self._lock:
             self._pending.extend((run_id, Metric(k, float(v), now, step)) for k, v in metrics.items())
             if len(self._pending) > _MAX_PENDING_METRICS:  # the store has been down for a long time
@@ -355,6 +370,19 @@ class Tracker:
         self.flush()
         self._log_now(run_id, tags=tags)
         self._call("ending a trial run", self.client.set_terminated, run_id, status=status)
+
+    def end_dead_trial(self, run_id: str | None, number: int, status: str, tags: Mapping[str, str]) -> None:
+        """End the run of a trial whose process died, if still RUNNING; found by its trial number without an id."""
+        if run_id is None and self._parent is not None:
+            found = self._call("finding a trial run", self.client.search_runs, [self.experiment_id],
+                               filter_string=f"tags.mlflow.parentRunId = '{self._parent}' and "
+                                             f"tags.trial_number = '{number}'", max_results=5)
+            run_id = found[0].info.run_id if found else None
+        if run_id is None:
+            return
+        run = self._call("reading a trial run", self.client.get_run, run_id)
+        if run is not None and run.info.status == "RUNNING":
+            self.end_trial(run_id, status, tags)
 
     def log_summary(self, run_id: str, metrics: Mapping[str, float], tags: Mapping[str, str]) -> None:
         from mlflow.entities import Metric
@@ -378,8 +406,9 @@ class Tracker:
         try:
             mlflow.set_tracking_uri(self.uri)
             with mlflow.start_run(run_id=run_id, nested=True):
-                mlflow.pytorch.log_model(model.cpu().eval(), name="best_model",
-                                         input_example=example.cpu().numpy(),
+                if hasattr(example, "cpu"):  # a tensor (numpy arrays come from TrackerProcess)
+                    example = example.cpu().numpy()
+                mlflow.pytorch.log_model(model.cpu().eval(), name="best_model", input_example=example,
                                          pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
         finally:
             mlflow.set_tracking_uri(previous)
@@ -387,7 +416,8 @@ class Tracker:
     def _now_or_later(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
         """Call now or, while the store is down, once it answers again.
 
-        For the study run's records (summary, best model, end state): unlike a trial's, nothing else holds them.
+        For records nothing else holds: the study run's (summary, best model, end state) and the parameters of a
+        trial run that exists (a trial without a run gets one, parameters included, from the Optuna storage).
         """
         if not self._down:
             try:
@@ -446,7 +476,7 @@ class Tracker:
             self._probe()  # one last try: it flushes and syncs when the store answers
         if self._down:
             logger.warning("MLflow (%s) still does not answer: the trials finished during the outage have no run "
-                           "(%d metric values and %d study-run records not sent); `regsearch sync` logs them from "
+                           "(%d metric values and %d other records not sent); `regsearch sync` logs them from "
                            "the Optuna storage once it is back", mask_url(self.uri), len(self._pending),
                            len(self._deferred))
             return
@@ -454,6 +484,19 @@ class Tracker:
         if self._unsynced or self._outages:  # a trial started during an outage may have finished since
             self.sync()
         self._replay()
+
+    def log_artifact(self, run_id: str, name: str, data: bytes) -> None:
+        """A file `name` holding `data` on a run (the study run's report)."""
+        import tempfile
+
+        def log() -> None:
+            with tempfile.TemporaryDirectory(prefix="regsearch-artifact-") as folder:
+                path = os.path.join(folder, name)
+                with open(path, "wb") as f:
+                    f.write(data)
+                self.client.log_artifact(run_id, path)
+
+        self._now_or_later(f"logging {name}", log)
 
     def log_pareto_front(self, run_id: str, front: list[Mapping[str, Any]]) -> None:
         """A pareto study's front on its study run: `pareto_front.json` (one row per trial) and its size."""
@@ -464,6 +507,351 @@ class Tracker:
                            metrics=[Metric("pareto_front_size", float(len(front)), now, 0)])
         self._now_or_later("logging the Pareto front", self.client.log_dict, run_id, {"trials": list(front)},
                            "pareto_front.json")
+
+
+class TrackerProcess:
+    """A study's handle on a `Tracker` that runs in a child process (see the module's docstring).
+
+    Every call is a message, sent without waiting, and the child carries them out in order. A trial's run is
+    named here by the trial's number; its MLflow run id comes back asynchronously (`run_id`). What was sent
+    is not lost when this process is interrupted or killed: the child finishes its queue before it exits,
+    and `close` waits for it (and for the best model). When the child cannot use the store, a warning says
+    so and training goes on; `regsearch sync` logs the trials later.
+    """
+
+    _CLOSE_WAIT_S = 300.0
+    _RUN_WAIT_S = 30.0
+
+    def __init__(self, tracking_uri: str, experiment: str) -> None:
+        check_tracking_uri(tracking_uri)
+        from multiprocessing.connection import Connection
+
+        self.uri = tracking_uri
+        self._replies: dict[Any, Any] = {}
+        self._dead = False
+        self._closed = False
+        mine, theirs = socket.socketpair()
+        self._conn = Connection(mine.detach())
+        level = logging.getLogger("regsearch").getEffectiveLevel()
+        # the child imports regsearch from where this process did, whatever its sys.path
+        here = str(Path(__file__).resolve().parent.parent)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)}
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-c", "from regsearch._tracking import serve; serve()", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env)
+        finally:
+            theirs.close()
+        self._send("open", tracking_uri, experiment, level)
+
+    def _send(self, *message: Any) -> None:
+        if self._dead:
+            return
+        try:
+            self._conn.send(message)
+        except (OSError, ValueError) as exc:
+            self._lost(exc)
+
+    def _lost(self, exc: BaseException | None) -> None:
+        if not self._dead:
+            self._dead = True
+            logger.warning("MLflow (%s): the tracking process stopped%s; training goes on, and `regsearch sync` "
+                           "logs the trials it missed", mask_url(self.uri), f" ({error_gist(exc)})" if exc else "")
+
+    def _wait(self, key: Any, timeout: float) -> Any:
+        """The child's answer named `key`, reading answers until it comes (None after `timeout` s)."""
+        deadline = time.monotonic() + timeout
+        while key not in self._replies and ("failed", None) not in self._replies and not self._dead:
+            try:
+                if not self._conn.poll(max(0.0, deadline - time.monotonic())):
+                    return None
+                kind, name, value = self._conn.recv()
+            except (EOFError, OSError) as exc:
+                self._lost(None if isinstance(exc, EOFError) else exc)
+                return None
+            self._replies[(kind, name)] = value
+        return self._replies.get(key)
+
+    def parent_run(self, study: Any, run_name: str, params: Mapping[str, Any], *, storage: str | None) -> None:
+        """Open the study's parent run (in the child). Raises StorageError when MLflow cannot take this URI."""
+        accepted = self._wait(("accepted", None), 120.0)
+        if isinstance(accepted, str):
+            self.close(wait=False)
+            raise StorageError(accepted)
+        self._send("parent", storage, study.study_name, run_name, dict(params))
+
+    def parent_run_id(self, timeout: float = 120.0) -> str | None:
+        return self._wait(("parent", None), timeout)
+
+    def start_trial(self, parent_run_id: Any, number: int, study_name: str) -> int:
+        """Open trial `number`'s run under the study run (the child's; `parent_run_id` is not needed)."""
+        self._send("start", number, study_name)
+        return number
+
+    def run_id(self, number: int | None, *, final: bool = False) -> str | None:
+        """The MLflow run id of trial `number`'s run (None if the child could not make it).
+
+        Waits for the child (up to `_RUN_WAIT_S`) once its set-up is done, so that a trial's run exists while the
+        trial trains (an outage or a killed worker then finds it); during the set-up only when `final` (the
+        trial ends: the id must be stored before it does), so the first trial trains on meanwhile.
+        """
+        if number is None:
+            return None
+        ready = final or ("parent", None) in self._replies or self._wait(("parent", None), 0.0) is not None
+        return self._wait(("run", number), self._RUN_WAIT_S if ready else 0.0)
+
+    def log_params(self, number: int | None, params: Mapping[str, Any]) -> None:
+        if number is not None:
+            self._send("params", number, dict(params))
+
+    def log_epoch(self, number: int | None, step: int, metrics: Mapping[str, float]) -> None:
+        if number is not None:
+            self._send("epoch", number, step, dict(metrics), int(time.time() * 1000))
+
+    def end_trial(self, number: int | None, status: str, tags: Mapping[str, str]) -> None:
+        if number is not None:
+            self._send("end", number, status, dict(tags))
+
+    def end_dead_trial(self, run_id: str | None, number: int, status: str, tags: Mapping[str, str]) -> None:
+        self._send("end_dead", run_id, number, status, dict(tags))
+
+    def log_summary(self, metrics: Mapping[str, float], tags: Mapping[str, str]) -> None:
+        self._send("summary", dict(metrics), dict(tags))
+
+    def log_model(self, model: Any, example: Any) -> None:
+        """The best model, pickled here (as MLflow would) and logged by the child while this process goes on."""
+        try:
+            import cloudpickle
+
+            blob = cloudpickle.dumps(model.cpu().eval())
+        except Exception as exc:
+            logger.warning("MLflow (%s): the best model cannot be pickled, so it is not logged: %s",
+                           mask_url(self.uri), error_gist(exc))
+            return
+        self._send("model", blob, example.cpu().numpy())
+
+    def log_pareto_front(self, parent_run_id: Any, front: list[Mapping[str, Any]]) -> None:
+        """A pareto study's front on the study run (the child's; `parent_run_id` is not needed)."""
+        self._send("pareto", [dict(row) for row in front])
+
+    def log_artifact(self, path: str) -> None:
+        """A file on the study run; read now, so the caller may delete it."""
+        with open(path, "rb") as f:
+            self._send("artifact", os.path.basename(path), f.read())
+
+    def end_parent(self, status: str = "FINISHED") -> None:
+        self._send("end_parent", status)
+
+    def close(self, *, wait: bool = True) -> None:
+        """Let the child carry out everything sent (the best model included) and exit; with `wait`, wait for it.
+
+        Without `wait` (the study stops before it started, on an error) the child finishes on its own.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(OSError, ValueError):  # a child that already stopped needs no message
+            if not self._dead:
+                self._conn.send(("close",))
+        try:
+            if wait:
+                self._proc.wait(timeout=self._CLOSE_WAIT_S)
+        except subprocess.TimeoutExpired:
+            logger.warning("MLflow (%s): the tracking process did not finish within %.0f s; it goes on on its own",
+                           mask_url(self.uri), self._CLOSE_WAIT_S)
+        finally:
+            self._conn.close()
+
+
+def serve() -> None:
+    """The child process of `TrackerProcess`: carry out its messages in order on a `Tracker`."""
+    from multiprocessing.connection import Connection
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        _serve(Connection(int(sys.argv[1])))
+    except (EOFError, OSError):
+        pass  # the study's process stopped before the set-up was done (an error in its set-up)
+    sys.stderr.flush()
+    os._exit(0)  # everything is sent; tearing down torch and MLflow would only keep the study waiting
+
+
+def _serve(conn: Any) -> None:
+    _, uri, experiment, level = conn.recv()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.handlers[:] = [handler]
+    logger.setLevel(level)
+    logger.propagate = False
+    if level > logging.DEBUG:
+        for noisy in ("mlflow", "alembic"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+        _tracking_store_registry.get_store_builder(uri)
+    except Exception as exc:
+        conn.send(("accepted", None, error_gist(exc)))
+        return
+    conn.send(("accepted", None, True))
+    first = conn.recv() if conn.poll(0) else None
+    if first is not None and first[0] == "close":
+        return  # the study stopped on an error of its own: make no store
+    try:
+        tracker = Tracker(uri, experiment)
+    except Exception as exc:
+        logger.warning("MLflow (%s): cannot use the tracking store, training goes on without it (`regsearch sync` "
+                       "logs the trials later): %s", mask_url(uri), error_gist(exc))
+        conn.send(("failed", None, error_gist(exc)))
+        while conn.recv()[0] != "close":  # read and drop what the study sends, until it closes
+            pass
+        return
+    _Served(tracker, conn, first).run()
+
+
+_WHAT = {"pareto": "logging the Pareto front", "artifact": "logging the study's report",
+         "parent": "opening the study run", "start": "creating a trial run", "params": "logging parameters",
+         "epoch": "logging metrics", "end": "ending a trial run", "end_dead": "ending a dead trial's run",
+         "summary": "logging the study's summary", "model": "logging the best model",
+         "end_parent": "ending the study run"}
+
+
+class _Served:
+    """The child's side: trial numbers to run ids, and one handler per message.
+
+    A reader thread takes every message off the socket at once, so that the study's process never waits on a
+    full socket while a call to the store is slow (an outage can hold one for seconds); it makes a trial's run
+    itself, ahead of the queue. The trial's own later messages are queued after that, so they find its run.
+    """
+
+    def __init__(self, tracker: Tracker, conn: Any, first: tuple | None = None) -> None:
+        import queue
+
+        self.tracker = tracker
+        self.conn = conn
+        self.runs: dict[int, str | None] = {}  # the trials started and not yet ended
+        tracker.live = self.runs
+        self.parent: str | None = None
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        if first is not None:
+            self.inbox.put(first)
+        threading.Thread(target=self._read, name="regsearch-mlflow-reader", daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                message = self.conn.recv()
+            except (EOFError, OSError):
+                message = ("close",)  # the study's process is gone: finish what it sent
+            if message[0] == "start" and self.parent is not None:
+                # at once, not after the previous trial's records: the study waits for this run's id
+                self._handle(message)
+                continue
+            self.inbox.put(message)
+            if message[0] == "close":
+                return
+
+    def run(self) -> None:
+        try:
+            while True:
+                message = self.inbox.get()
+                if message[0] == "close":
+                    break
+                self._handle(message)
+        finally:
+            self.tracker.close()
+
+    def _handle(self, message: tuple) -> None:
+        try:
+            getattr(self, f"on_{message[0]}")(*message[1:])
+        except Exception as exc:
+            self.tracker._warn(_WHAT.get(message[0], message[0]), exc)
+
+    def _reply(self, kind: str, name: Any, value: Any) -> None:
+        try:
+            self.conn.send((kind, name, value))
+        except OSError:
+            pass
+
+    def on_parent(self, storage: str | None, study_name: str, run_name: str, params: dict) -> None:
+        import optuna
+
+        from regsearch._storage import open_storage
+
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
+        study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
+        try:
+            self.parent = self.tracker.parent_run(study, run_name, params, sync=False)
+        finally:
+            self._reply("parent", None, self.parent)
+        # trials of an earlier run that the store missed; this process's own trials are not finished yet, or
+        # their runs were already made from the messages read before (and read now)
+        self._drain()
+        self.tracker.sync()
+        # saving a PyTorch model imports torch's exporter and scans the installed packages (seconds, the first
+        # time): do it now, while the study trains
+        threading.Thread(target=_prepare_model_saving, name="regsearch-mlflow-warm", daemon=True).start()
+
+    def _drain(self) -> None:
+        """Carry out the messages already read, up to a close (put back for `run`)."""
+        import queue
+
+        while True:
+            try:
+                message = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if message[0] == "close":
+                self.inbox.put(message)
+                return
+            self._handle(message)
+
+    def on_start(self, number: int, study_name: str) -> None:
+        run_id = self.tracker.start_trial(self.parent, number, study_name) if self.parent else None
+        self.runs[number] = run_id
+        self._reply("run", number, run_id)
+
+    def on_params(self, number: int, params: dict) -> None:
+        self.tracker.log_params(self.runs.get(number), params)
+
+    def on_epoch(self, number: int, step: int, metrics: dict, at_ms: int) -> None:
+        self.tracker.log_epoch(self.runs.get(number), step, metrics, at_ms=at_ms)
+
+    def on_end(self, number: int, status: str, tags: dict) -> None:
+        self.tracker.end_trial(self.runs.pop(number, None), status, tags)
+
+    def on_end_dead(self, run_id: str | None, number: int, status: str, tags: dict) -> None:
+        self.tracker.end_dead_trial(run_id, number, status, tags)
+
+    def on_summary(self, metrics: dict, tags: dict) -> None:
+        if self.parent:
+            self.tracker.log_summary(self.parent, metrics, tags)
+
+    def on_model(self, blob: bytes, example: Any) -> None:
+        if self.parent:
+            self.tracker.log_model(self.parent, pickle.loads(blob), example)
+
+    def on_pareto(self, front: list) -> None:
+        if self.parent:
+            self.tracker.log_pareto_front(self.parent, front)
+
+    def on_artifact(self, name: str, data: bytes) -> None:
+        if self.parent:
+            self.tracker.log_artifact(self.parent, name, data)
+
+    def on_end_parent(self, status: str) -> None:
+        if self.parent:
+            self.tracker.end_parent(self.parent, status)
+
+
+def _prepare_model_saving() -> None:
+    with contextlib.suppress(Exception):
+        import mlflow.pytorch  # noqa: F401
+        import torch.export._trace  # noqa: F401  (imported by the first export)
+        from mlflow.utils import requirements_utils
+
+        requirements_utils._init_packages_to_modules_map()  # a scan of every installed package, cached
 
 
 def error_gist(exc: BaseException) -> str:

@@ -241,3 +241,28 @@ def test_resume_adds_only_the_missing_trials_under_the_same_study_run(mlflow_ser
         assert run.info.run_id == study.trials[number].user_attrs["mlflow_run_id"], f"trial {number}"
     assert parent.data.metrics["best_val_acc"] == pytest.approx(study.best_value, abs=1e-12)
     assert parent.data.tags["best_trial"] == str(study.best_trial.number)
+
+
+def test_mlflow_works_in_its_own_process_and_the_study_waits_for_it(mlflow_server, tmp_path):
+    """The study's process never imports MLflow (its import, the store and the model logging run beside the
+    training), yet when `optimize` returns every run is there, ended, and the best model is logged."""
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    name = f"apart_{uuid.uuid4().hex[:8]}"
+    script = (
+        "import sys, regsearch\n"
+        f"study = regsearch.optimize('digits', n_trials=2, study_name={name!r}, storage='s.journal', "
+        f"tracking_uri={mlflow_server!r}, device='cpu', overrides=[('training.epochs', '2')])\n"
+        "print('mlflow imported:', 'mlflow' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "mlflow imported: False" in done.stdout
+    client = MlflowClient(tracking_uri=mlflow_server)
+    experiment_id, parent, children = experiment_runs(client, name)
+    assert parent.info.status == "FINISHED"
+    assert sorted(by_trial_number(children)) == [0, 1]
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in children)
+    assert [m.name for m in client.search_logged_models(experiment_ids=[experiment_id])] == ["best_model"]
