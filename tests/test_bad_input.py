@@ -142,7 +142,7 @@ def case(case_id: str, args: str | list[str], message: str, *, bounded: bool = T
 CASES = [
     # --- the command line ------------------------------------------------------------------------------------
     case("cli-unknown-study-suggests-closest", "optimize --study digts",
-         "unknown study 'digts' (did you mean 'digits'?); known: cifar, digits"),
+         "unknown study 'digts' (did you mean 'digits'?); known: cifar, cocktail, cocktail-tabular, digits"),
     case("cli-missing-study-file", "optimize --study {tmp}/nope.yaml", "study file {tmp}/nope.yaml does not exist"),
     case("cli-n-trials-zero", "optimize --study digits --n-trials 0",
          "Invalid value for '--n-trials': must be positive; got 0"),
