@@ -131,6 +131,13 @@ def _png(fig: Any) -> bytes:
     return buffer.getvalue()
 
 
+def _drawn(section: Section, fig: Any) -> Section:
+    """The section with its figure, titled, as PNG bytes."""
+    fig.suptitle(section.title)
+    section.png = _png(fig)
+    return section
+
+
 def _history(views: list[TrialView], multi: bool) -> Section:
     section = Section("history", "Optimisation history",
                       "Validation accuracy of each trial (pruned trials: where they stopped; failed trials have none "
@@ -180,9 +187,7 @@ def _history(views: list[TrialView], multi: bool) -> Section:
     ax.set_ylabel("val_acc")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")  # outside: never over a point
-    fig.suptitle(section.title)
-    section.png = _png(fig)
-    return section
+    return _drawn(section, fig)
 
 
 def _importance(study: optuna.Study, views: list[TrialView]) -> Section:
@@ -221,9 +226,7 @@ def _importance(study: optuna.Study, views: list[TrialView]) -> Section:
     ax.set_xlabel("importance (sums to 1)")
     ax.set_xlim(0, max(importances.values()) * 1.15 or 1)
     ax.grid(axis="x", alpha=0.3)
-    fig.suptitle(section.title)
-    section.png = _png(fig)
-    return section
+    return _drawn(section, fig)
 
 
 def _pareto(views: list[TrialView]) -> Section:
@@ -256,9 +259,7 @@ def _pareto(views: list[TrialView]) -> Section:
     ax.set_ylabel("val_acc, higher is better")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")  # outside: never over a point
-    fig.suptitle(section.title)
-    section.png = _png(fig)
-    return section
+    return _drawn(section, fig)
 
 
 def _curves(views: list[TrialView]) -> Section:
@@ -292,9 +293,7 @@ def _curves(views: list[TrialView]) -> Section:
         axes[0].set_ylim(low - max(high - low, 0.01) * 0.3, high + max(high - low, 0.01) * 0.15)
     axes[0].set_ylabel("accuracy")
     axes[0].legend(loc="lower right", fontsize="small")
-    fig.suptitle(section.title)
-    section.png = _png(fig)
-    return section
+    return _drawn(section, fig)
 
 
 def _group(param: str) -> str:
