@@ -562,11 +562,44 @@ def recover_dead_trials(study: optuna.Study, tracker: TrackerProcess | None, max
     storages also have Optuna's heartbeat, which catches workers on other machines.
     """
     host, me = socket.gethostname(), os.getpid()
+    dead = [t for t in study.get_trials(deepcopy=False, states=(RUNNING,))
+            if (w := t.user_attrs.get(WORKER_ATTR) or {}).get("host") == host and w.get("pid") not in (None, me)
+            and not _pid_alive(w["pid"])]
+    if not dead:
+        return []
+    with _recovery_lock(study):
+        return _fail_and_retry(study, tracker, [t.number for t in dead], max_retry)
+
+
+@contextlib.contextmanager
+def _recovery_lock(study: optuna.Study):
+    """Serialise recovery between the processes sharing a journal file.
+
+    A journal storage takes a second process's FAIL of a trial another process already failed (each appends to
+    the log from its own view), so both would queue a retry; under this lock, with the view read afresh, only the
+    first does. RDB storages refuse the second FAIL themselves.
+    """
+    path = getattr(getattr(study._storage, "_backend", None), "_file_path", None)
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    with open(f"{path}.recover.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _fail_and_retry(study: optuna.Study, tracker: TrackerProcess | None, numbers: list[int],
+                    max_retry: int) -> list[int]:
     recovered = []
-    for t in study.get_trials(deepcopy=False, states=(RUNNING,)):
-        worker = t.user_attrs.get(WORKER_ATTR) or {}
-        if worker.get("host") != host or worker.get("pid") in (None, me) or _pid_alive(worker["pid"]):
+    for t in study.get_trials(deepcopy=False):  # read afresh: another process may have recovered them meanwhile
+        if t.number not in numbers or t.state != RUNNING:
             continue
+        worker = t.user_attrs.get(WORKER_ATTR) or {}
         try:
             if not study._storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.FAIL):
                 continue
