@@ -23,7 +23,7 @@ import optuna
 
 from regsearch._errors import ConfigError
 from regsearch._study import (BASELINE_ATTR, CURVE_ATTR, FAIL_REASON_ATTR, MAX_GAP_ATTR, METRIC_ATTR, SURPLUS,
-                              TEST_ATTR)
+                              TEST_ATTR, best_trial, is_feasible)
 
 logger = logging.getLogger("regsearch")
 
@@ -83,7 +83,7 @@ def trial_views(study: optuna.Study) -> list[TrialView]:
                                dict(t.params), dict(t.distributions), list(t.user_attrs.get(CURVE_ATTR) or []),
                                bool(t.user_attrs.get(BASELINE_ATTR)), _number(t.user_attrs.get("test_acc"))))
         if max_gap is not None:
-            views[-1].feasible = views[-1].gap_acc is not None and views[-1].gap_acc <= max_gap
+            views[-1].feasible = is_feasible(t)
     return views
 
 
@@ -424,15 +424,9 @@ def summary_lines(study: optuna.Study, views: list[TrialView], top: int = 5) -> 
 
 
 def _best(study: optuna.Study, views: list[TrialView]) -> TrialView | None:
-    """Optuna's best trial (the one `optimize` tests); for a Pareto study, the front's best val_acc."""
-    if len(study.directions) == 1:
-        try:
-            number = study.best_trial.number
-        except ValueError:
-            return None
-        return next((v for v in views if v.number == number), None)
-    ranked = _ranked(pareto_front(views))
-    return ranked[0] if ranked else None
+    """The trial `optimize` tests and logs (`_study.best_trial`), as the report sees it."""
+    best = best_trial(study)
+    return None if best is None else next((v for v in views if v.number == best.number), None)
 
 
 def top_table(views: list[TrialView], top: int = 5) -> str:

@@ -470,9 +470,7 @@ class _Objective:
                           device=self.exp.device, seed=seed, on_epoch=on_epoch)
             trial.set_user_attr(METRIC_ATTR, metrics)
             if baseline and self.exp.data.y_test is not None:  # what the final summary compares against
-                trial.set_user_attr(TEST_ACC_ATTR, evaluate(model, Batcher(self.exp.data), self.exp.data.x_test,
-                                                            self.exp.data.y_test,
-                                                            self.exp.spec.training.eval_batch_size)[1])
+                trial.set_user_attr(TEST_ACC_ATTR, test_score(self.exp, model)[1])
             trial.set_user_attr("epochs", ran[0])  # fewer than training.epochs when a plugin stopped early
             self._constrain(trial, metrics)
             self._keep(trial.number, self._rank(metrics), model)
@@ -975,6 +973,11 @@ def _run_workers(study: optuna.Study, job: dict[str, Any], workers: int, progres
     return stopper.gave_up or (3 in [p.exitcode for p in procs] and _committed(study) < job["n_trials"])
 
 
+def test_score(exp: Experiment, model: nn.Module) -> tuple[float, float]:
+    """(loss, accuracy) on the test split, in eval mode: asked once per study for the best trial and the baseline."""
+    return evaluate(model, Batcher(exp.data), exp.data.x_test, exp.data.y_test, exp.spec.training.eval_batch_size)
+
+
 def _rebuild(exp: Experiment, trial: optuna.trial.FrozenTrial) -> tuple[nn.Module, list[Applied], float, int]:
     """A stored trial's untrained model, regularizers, learning rate and seed, from its parameters."""
     seed = trial.user_attrs.get("seed", trial_seed(exp.spec.seed, trial.number))
@@ -1019,9 +1022,7 @@ def _final_report(study: optuna.Study, exp: Experiment, objective: _Objective, t
     else:
         logger.info("retraining the best trial (%d) of an earlier run for the test report", best.number)
         model = retrain(exp, best)
-    batcher = Batcher(exp.data)
-    test_loss, test_acc = evaluate(model, batcher, exp.data.x_test, exp.data.y_test,
-                                   exp.spec.training.eval_batch_size)
+    test_loss, test_acc = test_score(exp, model)
     result = {"trial": best.number, "test_acc": test_acc, "test_loss": test_loss, "mlflow_run_id": parent}
     study.set_user_attr(TEST_ATTR, result)
     sentence = summary_sentence(study, exp.spec, best, test_acc)
