@@ -747,7 +747,7 @@ def optimize(study: str | StudySpec, *, n_trials: int | None = None, timeout: fl
         try:
             if not interrupted and not gave_up:
                 _final_report(opt_study, exp, objective, tracker, parent)
-                _attach_report(opt_study, tracker, parent)
+                _attach_report(opt_study, tracker)
         finally:
             if keep_dir:
                 shutil.rmtree(keep_dir, ignore_errors=True)
@@ -1081,7 +1081,7 @@ def summary_sentence(study: optuna.Study, spec: StudySpec, best: optuna.trial.Fr
         p for p in parts if p) + "."
 
 
-def _attach_report(study: optuna.Study, tracker: TrackerProcess | None, parent: str | None) -> None:
+def _attach_report(study: optuna.Study, tracker: TrackerProcess | None) -> None:
     """The study's report (`regsearch report`'s HTML) on its parent run; a report never fails a study."""
     if tracker is None:
         return
