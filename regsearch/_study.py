@@ -747,7 +747,8 @@ def optimize(study: str | StudySpec, *, n_trials: int | None = None, timeout: fl
         try:
             if not interrupted and not gave_up:
                 _final_report(opt_study, exp, objective, tracker, parent)
-                _attach_report(opt_study, tracker)
+                if tracker is not None:
+                    tracker.log_report()
         finally:
             if keep_dir:
                 shutil.rmtree(keep_dir, ignore_errors=True)
@@ -1079,20 +1080,6 @@ def summary_sentence(study: optuna.Study, spec: StudySpec, best: optuna.trial.Fr
              f"gap {base['gap_acc']:.3f}" if "gap_acc" in base else None]
     return sentence + f"; the unregularized baseline (trial {baseline.number}): " + ", ".join(
         p for p in parts if p) + "."
-
-
-def _attach_report(study: optuna.Study, tracker: TrackerProcess | None) -> None:
-    """The study's report (`regsearch report`'s HTML) on its parent run; a report never fails a study."""
-    if tracker is None:
-        return
-    try:
-        from regsearch import _report
-
-        with tempfile.TemporaryDirectory(prefix="regsearch-report-") as folder:
-            path = _report.write(study, os.path.join(folder, _report.file_name(study.study_name, "html")))
-            tracker.log_artifact(str(path))  # sent now, logged by the tracking process (later if it is down)
-    except Exception as exc:
-        logger.warning("the study's report was not logged to MLflow: %s", error_gist(exc))
 
 
 def leaderboard(study: optuna.Study, top: int = 5) -> list[dict[str, Any]]:

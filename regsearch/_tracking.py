@@ -634,10 +634,13 @@ class TrackerProcess:
         """A pareto study's front on the study run (the child's; `parent_run_id` is not needed)."""
         self._send("pareto", [dict(row) for row in front])
 
-    def log_artifact(self, path: str) -> None:
-        """A file on the study run; read now, so the caller may delete it."""
-        with open(path, "rb") as f:
-            self._send("artifact", os.path.basename(path), f.read())
+    def log_report(self) -> None:
+        """The study's report (`regsearch report`'s HTML) on the study run, drawn by the child from the storage.
+
+        Drawn there, not here: the child imported matplotlib and drew once while the study trained, and logs the
+        best model meanwhile; this process only waits for it at `close`.
+        """
+        self._send("report")
 
     def end_parent(self, status: str = "FINISHED") -> None:
         self._send("end_parent", status)
@@ -710,7 +713,7 @@ def _serve(conn: Any) -> None:
     _Served(tracker, conn, first).run()
 
 
-_WHAT = {"pareto": "logging the Pareto front", "artifact": "logging the study's report",
+_WHAT = {"pareto": "logging the Pareto front", "report": "logging the study's report",
          "parent": "opening the study run", "start": "creating a trial run", "params": "logging parameters",
          "epoch": "logging metrics", "end": "ending a trial run", "end_dead": "ending a dead trial's run",
          "summary": "logging the study's summary", "model": "logging the best model",
@@ -733,6 +736,7 @@ class _Served:
         self.runs: dict[int, str | None] = {}  # the trials started and not yet ended
         tracker.live = self.runs
         self.parent: str | None = None
+        self.study: Any = None  # the Optuna study, loaded from its storage when the study run opens
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         if first is not None:
             self.inbox.put(first)
@@ -780,7 +784,7 @@ class _Served:
         from regsearch._storage import open_storage
 
         optuna.logging.set_verbosity(optuna.logging.ERROR)
-        study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
+        study = self.study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
         try:
             self.parent = self.tracker.parent_run(study, run_name, params, sync=False)
         finally:
@@ -789,9 +793,9 @@ class _Served:
         # their runs were already made from the messages read before (and read now)
         self._drain()
         self.tracker.sync()
-        # saving a PyTorch model imports torch's exporter and scans the installed packages (seconds, the first
-        # time): do it now, while the study trains
-        threading.Thread(target=_prepare_model_saving, name="regsearch-mlflow-warm", daemon=True).start()
+        # saving a PyTorch model imports torch's exporter and scans the installed packages, and the first report
+        # imports matplotlib and Optuna's importance evaluators (seconds): do it now, while the study trains
+        threading.Thread(target=_warm_up, name="regsearch-mlflow-warm", daemon=True).start()
 
     def _drain(self) -> None:
         """Carry out the messages already read, up to a close (put back for `run`)."""
@@ -836,22 +840,30 @@ class _Served:
         if self.parent:
             self.tracker.log_pareto_front(self.parent, front)
 
-    def on_artifact(self, name: str, data: bytes) -> None:
+    def on_report(self) -> None:
         if self.parent:
-            self.tracker.log_artifact(self.parent, name, data)
+            from regsearch import _report
+
+            name = _report.file_name(self.study.study_name, "html")
+            self.tracker.log_artifact(self.parent, name, _report.render(self.study, "html"))
 
     def on_end_parent(self, status: str) -> None:
         if self.parent:
             self.tracker.end_parent(self.parent, status)
 
 
-def _prepare_model_saving() -> None:
+def _warm_up() -> None:
     with contextlib.suppress(Exception):
         import mlflow.pytorch  # noqa: F401
         import torch.export._trace  # noqa: F401  (imported by the first export)
         from mlflow.utils import requirements_utils
 
         requirements_utils._init_packages_to_modules_map()  # a scan of every installed package, cached
+        import optuna.importance  # noqa: F401  (its evaluators import scipy and scikit-learn)
+
+        from regsearch import _report
+
+        _report.warm_up()
 
 
 def error_gist(exc: BaseException) -> str:
