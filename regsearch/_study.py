@@ -28,7 +28,7 @@ from regsearch._registry import RegularizerRegistry, default_registry
 from regsearch._regularizer import LoopState, NamespacedTrial, Regularizer, TrialContext
 from regsearch._spec import RegularizerSpec, StudySpec, TrainingSpec, load_study, search_value
 from regsearch._storage import describe_storage, mask_url, open_storage
-from regsearch._tracking import TrackerProcess, default_tracking_uri, error_gist
+from regsearch._tracking import TrackerProcess, default_tracking_uri
 from regsearch._trainer import (Applied, _transformed, build_optimizer, evaluate, fit, resolve_device,
                                 set_thread_budget)
 from regsearch.data._tensors import Batcher, TensorData, load_dataset
