@@ -272,8 +272,8 @@ def _curves(views: list[TrialView]) -> Section:
     if not chosen:
         section.note = "No curves: the trials hold no per-epoch metrics (user attribute 'curve')."
         return section
-    fig = _figure(3.6)
-    axes = fig.subplots(1, len(chosen), sharey=True, squeeze=False)[0]
+    axes = _panel_row(3.6, len(chosen))
+    fig = axes[0].figure
     for ax, v in zip(axes, chosen):
         epochs = [c.get("epoch") for c in v.curve]
         for key, style in (("train_acc", "--"), ("val_acc", "-")):
@@ -373,6 +373,18 @@ def _effect_figure(group: str, params: list[str], dists: dict[str, Any], complet
     fig.suptitle(f"{group} (red line: mean)" if any(isinstance(dists[p], optuna.distributions.CategoricalDistribution)
                                                   for p in params) else group)
     return _png(fig)
+
+
+def _panel_row(height: float, panels: int) -> list[Any]:
+    """A row of `panels` axes sharing their y axis across the report's width, spaced in fixed inches."""
+    from matplotlib.figure import Figure
+
+    left, right, top, bottom, between = 0.8, 0.15, 0.75, 0.55, 0.3  # y labels; -; titles; x labels; -
+    fig = Figure(figsize=(_WIDTH, height), dpi=_DPI)
+    cell = (_WIDTH - left - right - (panels - 1) * between) / panels
+    grid = fig.add_gridspec(1, panels, left=left / _WIDTH, right=1 - right / _WIDTH, bottom=bottom / height,
+                            top=1 - top / height, wspace=between / cell)
+    return list(grid.subplots(sharey=True, squeeze=False)[0])
 
 
 def _panel_grid(blocks: int, columns: int) -> list[list[Any]]:

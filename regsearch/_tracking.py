@@ -589,16 +589,16 @@ class TrackerProcess:
         return number
 
     def run_id(self, number: int | None, *, final: bool = False) -> str | None:
-        """The MLflow run id of trial `number`'s run (None if the child could not make it).
+        """The MLflow run id of trial `number`'s run (None if the child could not make it, or not yet).
 
-        Waits for the child (up to `_RUN_WAIT_S`) once its set-up is done, so that a trial's run exists while the
-        trial trains (an outage or a killed worker then finds it); during the set-up only when `final` (the
-        trial ends: the id must be stored before it does), so the first trial trains on meanwhile.
+        Waits for the child (up to `_RUN_WAIT_S`) only when `final` (the trial ends: the id must be stored before
+        it does); during the trial the id is taken when it has come, and the trial never waits for it. (The
+        child makes the run as soon as it reads the trial's start; a run whose id was not stored yet is found by
+        its trial number when a killed worker's trial is ended.)
         """
         if number is None:
             return None
-        ready = final or ("parent", None) in self._replies or self._wait(("parent", None), 0.0) is not None
-        return self._wait(("run", number), self._RUN_WAIT_S if ready else 0.0)
+        return self._wait(("run", number), self._RUN_WAIT_S if final else 0.0)
 
     def log_params(self, number: int | None, params: Mapping[str, Any]) -> None:
         if number is not None:
