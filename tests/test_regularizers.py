@@ -11,6 +11,7 @@ from regsearch import ConfigError, default_registry
 from regsearch._regularizer import NamespacedTrial, TrialContext
 from regsearch._trainer import Applied, build_optimizer
 from regsearch._spec import TrainingSpec
+from regsearch.regularizers.dropout import ElementDropout
 from regsearch.surgery import Chain, trace
 
 BUILTINS = ["l1", "l2", "dropout", "batchnorm", "augment"]
@@ -128,8 +129,32 @@ def test_dropout_goes_after_activations_with_rank_matched_kind():
     x = torch.randn(2, 3, 8, 8)
     _, model, _ = apply("dropout", model, x, params={"rates": {"1": 0.3, "4": 0.2}})
     assert isinstance(model[1], Chain) and isinstance(model[1][1], nn.Dropout2d) and model[1][1].p == 0.3
-    assert isinstance(model[4], Chain) and type(model[4][1]) is nn.Dropout and model[4][1].p == 0.2
+    assert isinstance(model[4], Chain) and type(model[4][1]) is ElementDropout and model[4][1].p == 0.2
     assert model(x).shape == (2, 2)
+
+
+@pytest.mark.parametrize("p", [0.01, 0.3, 0.5, 0.9])
+def test_element_dropout_drops_at_its_rate_independently_and_keeps_the_expectation(p):
+    torch.manual_seed(0)
+    drop = ElementDropout(p).train()
+    out = drop(torch.ones(1000, 1000))
+    kept = out != 0
+    assert kept.float().mean().item() == pytest.approx(1 - p, abs=0.003)
+    assert out.mean().item() == pytest.approx(1.0, abs=0.01)  # kept elements scaled by 1/(1-p)
+    assert torch.unique(out[kept]).numel() == 1  # one scale for all
+    # neighbours (which share a 64-bit draw) are as independent as any two elements
+    pairs = torch.stack([kept[:, :-1].flatten(), kept[:, 1:].flatten()]).float()
+    assert abs(torch.corrcoef(pairs)[0, 1].item()) < 0.01
+    assert torch.equal(drop.eval()(out), out)
+
+
+def test_element_dropout_gradient_flows_through_the_kept_elements_only():
+    x = torch.randn(64, 33, requires_grad=True)
+    out = ElementDropout(0.4).train()(x)
+    out.sum().backward()
+    kept = out.detach() != 0
+    assert torch.allclose(x.grad[kept], torch.full_like(x.grad[kept], 1 / 0.6), atol=1e-4)
+    assert torch.all(x.grad[~kept] == 0)
 
 
 def test_dropout_is_active_in_train_and_off_in_eval():
@@ -228,6 +253,6 @@ def test_batchnorm_then_dropout_compose_in_order():
     dropout.context = context_for(mlp(), x)
     model = dropout.transform_model(model, {"rates": {"0": 0.1, "1": 0.2}})
     # Linear -> BatchNorm -> Dropout at site 0: the dropout comes after the norm, never right before it
-    assert [type(m).__name__ for m in model[0]] == ["Linear", "BatchNorm1d", "Dropout"]
-    assert [type(m).__name__ for m in model[1]] == ["ReLU", "Dropout"]
+    assert [type(m).__name__ for m in model[0]] == ["Linear", "BatchNorm1d", "ElementDropout"]
+    assert [type(m).__name__ for m in model[1]] == ["ReLU", "ElementDropout"]
     assert model(x).shape == (4, 3)

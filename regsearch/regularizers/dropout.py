@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from regsearch._errors import ConfigError
@@ -20,11 +21,32 @@ def _as_names(value: Any, option: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+class ElementDropout(nn.Dropout):
+    """`nn.Dropout` (each element zeroed with probability p, the rest scaled by 1/(1-p)), with a faster CPU mask.
+
+    torch's CPU dropout draws one Bernoulli sample per element: 165 us for a 64x256 batch on this project's
+    machine, the costliest operation of a digits MLP's step. This mask takes 16 random bits per element from
+    64-bit draws and keeps an element when they reach a threshold: 2.5x faster. p is rounded to a multiple of
+    2**-16 (at most 8e-6 off) and the scale uses the rounded rate, so the expected output is still the input.
+    On other devices, in eval mode and in place, it is `nn.Dropout`.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.inplace or x.device.type != "cpu" or not 0.0 < self.p < 1.0:
+            return super().forward(x)
+        dropped = round(self.p * 65536)
+        if not 0 < dropped < 65536:
+            return super().forward(x)
+        bits = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-2**63, None)
+        keep = bits.view(torch.int16)[:x.numel()].view(x.shape) >= dropped - 32768
+        return x * keep.to(x.dtype).mul_(65536 / (65536 - dropped))
+
+
 def dropout_for(site: Site, p: float) -> nn.Module:
     """Channel dropout after convolution feature maps, element dropout elsewhere."""
     if site.type_name == "Conv1d":
         return nn.Dropout1d(p)
-    return {4: nn.Dropout2d, 5: nn.Dropout3d}.get(site.out_rank, nn.Dropout)(p)
+    return {4: nn.Dropout2d, 5: nn.Dropout3d}.get(site.out_rank, ElementDropout)(p)
 
 
 class Dropout(Regularizer):
