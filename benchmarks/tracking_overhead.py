@@ -5,9 +5,10 @@ Each run is a fresh child process that does what `regsearch optimize --study dig
 tracking store (a new `mlflow.db` there: its creation is part of the cost). On and off alternate (on, off, on,
 off ...). The measure is the child's whole wall time, start-up and exit included: with tracking on that covers
 the tracking process (MLflow's import, the store's creation, the parent run, a run per trial with per-epoch
-metrics, the best model), which the study waits for before it returns. `optimize()`'s own wall time is kept
-too. The overhead is median(on) / median(off) - 1; the per-pair ratios show the spread. The peer has no "off"
-switch, so it is not run here.
+metrics, the best model, the study's report), which the study waits for before it returns. The time before
+the first trial, from the first trial's start to the last one's end, and from there until `optimize()`
+returns are kept apart. The overhead is median(on) / median(off) - 1; the per-pair ratios show the spread.
+The peer has no "off" switch, so it is not run here.
 
 usage: python benchmarks/tracking_overhead.py [--repeats 5] [--trials 20] [--quick]
 """
@@ -31,12 +32,17 @@ def child(tracking: bool, trials: int, epochs: int | None) -> dict:
     overrides = [("training.epochs", str(epochs))] if epochs else []
     with tempfile.TemporaryDirectory(prefix="regsearch-bench-") as tmp:
         os.chdir(tmp)
-        start = time.perf_counter()
+        start, began = time.perf_counter(), time.time()
         study = regsearch.optimize("digits", n_trials=trials, tracking=tracking, device="cpu", overrides=overrides)
-        wall = time.perf_counter() - start
-        states = [t.state.name for t in study.trials]
+        wall, ended = time.perf_counter() - start, time.time()
+        trials_run = study.trials
+        states = [t.state.name for t in trials_run]
+        first = min(t.datetime_start.timestamp() for t in trials_run)
+        last = max(t.datetime_complete.timestamp() for t in trials_run)
         os.chdir("/")
-    return {"optimize_s": wall, "trials": len(states), "pruned": states.count("PRUNED")}
+    # where the time goes: before the first trial, the trials, after the last trial until optimize() returns
+    return {"optimize_s": wall, "trials": len(states), "pruned": states.count("PRUNED"), "before_s": first - began,
+            "trials_s": last - first, "after_s": ended - last}
 
 
 def main() -> None:
@@ -56,6 +62,8 @@ def main() -> None:
     on, off = ([r["process_wall_s"] for r in runs[side]] for side in ("on", "off"))
     on_opt, off_opt = ([r["optimize_s"] for r in runs[side]] for side in ("on", "off"))
     pairs = [a_on / a_off - 1 for a_on, a_off in zip(on, off)]
+    parts = {(side, part): common.summary([r[part] for r in runs[side]]) for side in ("on", "off")
+             for part in ("before_s", "trials_s", "after_s")}
     overhead = common.ratio(common.summary(on), common.summary(off)) - 1
     common.report("tracking_overhead", a, [
         (f"{trials} trials, tracking on: whole process", common.summary(on), "s"),
@@ -63,6 +71,9 @@ def main() -> None:
         ("tracking on: optimize() alone", common.summary(on_opt), "s"),
         ("tracking off: optimize() alone", common.summary(off_opt), "s"),
         ("overhead per side-by-side pair", common.summary(pairs), "fraction"),
+        *((f"tracking {side}: {label}", parts[(side, part)], "s") for part, label in (
+            ("before_s", "start until the first trial"), ("trials_s", "first trial's start to last trial's end"),
+            ("after_s", "last trial's end until optimize() returns")) for side in ("on", "off")),
     ], {"overhead_of_medians": overhead, "trials": trials, "target": 0.03, "runs": runs})
 
 
