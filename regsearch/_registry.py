@@ -23,6 +23,8 @@ EXTRAS = frozenset({"label_smoothing", "mixup", "cutout", "max_norm", "early_sto
 """The regularizers of the plugin package in this repository's plugins/ (named when one is missing)."""
 AUTOLOAD_ENV = "REGSEARCH_DISABLE_PLUGIN_AUTOLOAD"
 """Set to 1 to load only regsearch's own regularizers from entry points (third-party ones are skipped)."""
+PLUGIN_MODULE_PREFIX = "regsearch_plugin_"
+"""The start of the module name a plugin file is imported under (another process cannot import it by name)."""
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -135,7 +137,7 @@ class RegularizerRegistry:
             raise PluginError(f"plugin file {path} does not exist")
         if not os.access(path, os.R_OK):
             raise PluginError(f"plugin file {path} is not readable")
-        module_name = f"regsearch_plugin_{re.sub(r'[^0-9a-zA-Z_]', '_', path.stem)}_{abs(hash(path)):x}"
+        module_name = f"{PLUGIN_MODULE_PREFIX}{re.sub(r'[^0-9a-zA-Z_]', '_', path.stem)}_{abs(hash(path)):x}"
         spec = importlib.util.spec_from_file_location(module_name, path)
         if spec is None or spec.loader is None:
             raise PluginError(f"plugin file {path} cannot be imported (is it a .py file?)")

@@ -623,6 +623,12 @@ class TrackerProcess:
         try:
             import cloudpickle
 
+            from regsearch._registry import PLUGIN_MODULE_PREFIX
+
+            # classes of a `--plugin` file live in a module the child cannot import by name: send them by value
+            for module in {sys.modules.get(type(m).__module__) for m in model.modules()}:
+                if module is not None and module.__name__.startswith(PLUGIN_MODULE_PREFIX):
+                    cloudpickle.register_pickle_by_value(module)
             blob = cloudpickle.dumps(model.cpu().eval())
         except Exception as exc:
             logger.warning("MLflow (%s): the best model cannot be pickled, so it is not logged: %s",

@@ -266,3 +266,70 @@ def test_mlflow_works_in_its_own_process_and_the_study_waits_for_it(mlflow_serve
     assert sorted(by_trial_number(children)) == [0, 1]
     assert all(r.info.status in ("FINISHED", "KILLED") for r in children)
     assert [m.name for m in client.search_logged_models(experiment_ids=[experiment_id])] == ["best_model"]
+
+
+PLUGIN_WITH_A_LAYER = '''
+import torch
+from torch import nn
+
+import regsearch
+
+
+class Jitter(nn.Module):
+    """Gaussian noise on the inputs while training: a layer defined in this file only."""
+
+    def __init__(self, std):
+        super().__init__()
+        self.std = std
+
+    def forward(self, x):
+        return x + self.std * torch.randn_like(x) if self.training else x
+
+
+@regsearch.register("input_jitter")
+class InputJitter(regsearch.Regularizer):
+    """Noise on the model's inputs."""
+
+    def search_space(self, trial):
+        return {"std": trial.suggest_float("std", 0.01, 0.1, log=True)}
+
+    def transform_model(self, model, params):
+        return nn.Sequential(Jitter(params["std"]), model)
+'''
+
+
+def test_best_model_with_a_layer_from_a_plugin_file_is_logged_and_loads(mlflow_server, tmp_path, monkeypatch):
+    """The tracking process cannot import a `--plugin` file's classes by name: they travel with the model."""
+    import mlflow
+    import torch
+    from mlflow import MlflowClient
+    from mlflow.entities import LoggedModelStatus
+
+    import regsearch
+    from regsearch.data._tensors import load_dataset
+
+    plugin = tmp_path / "jitter_plugin.py"
+    plugin.write_text(PLUGIN_WITH_A_LAYER, encoding="utf-8")
+    name = f"digits_jitter_{uuid.uuid4().hex[:8]}"
+    monkeypatch.chdir(tmp_path)
+    study = regsearch.optimize(
+        "digits", n_trials=2, storage=str(tmp_path / "s.journal"), tracking_uri=mlflow_server, study_name=name,
+        device="cpu", plugins=[str(plugin)],
+        overrides=[("training.epochs", "2"), ("search.baseline", "false"), ("search.first_trial", "{}"),
+                   ("regularizers", "{input_jitter: {enabled: true}}")])
+    best = study.best_trial
+    assert "input_jitter.std" in best.params
+    client = MlflowClient(tracking_uri=mlflow_server)
+    experiment_id, parent, _ = experiment_runs(client, name)
+    models = client.search_logged_models(experiment_ids=[experiment_id])
+    assert [m.name for m in models] == ["best_model"] and models[0].status == LoggedModelStatus.READY
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(mlflow_server)
+    try:
+        loaded = mlflow.pytorch.load_model(models[0].model_uri)
+    finally:
+        mlflow.set_tracking_uri(previous)
+    data = load_dataset("digits", val_fraction=0.2, seed=0)
+    with torch.no_grad():
+        accuracy = (loaded(data.x_test).argmax(1) == data.y_test).float().mean().item()
+    assert accuracy == pytest.approx(parent.data.metrics["best_test_acc"], abs=1e-6)
