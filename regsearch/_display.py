@@ -59,16 +59,19 @@ def _params(params: dict[str, Any]) -> str:
     return " ".join(shown)
 
 
-def print_leaderboard(study: optuna.Study, top: int = 5) -> None:
-    """The study's state counts, its best trials (a pareto study: its front) and the tested trial."""
+def print_leaderboard(study: optuna.Study, top: int | None = None) -> None:
+    """The study's state counts, its best `top` trials (a pareto study: its front) and the tested trial.
+
+    Without `top`: the best 5, or a pareto study's whole front.
+    """
     counts = state_counts(study)
     summary = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) or "no trials"
     click.echo(f"\nstudy {study.study_name}: {summary}")
     if is_pareto(study):
-        _print_front(study)
+        _print_front(study, top)
         return
     max_gap = study_max_gap(study)
-    rows = leaderboard(study, top)
+    rows = leaderboard(study, top or 5)
     if not rows:
         return
     if max_gap is not None:
@@ -86,13 +89,16 @@ def print_leaderboard(study: optuna.Study, top: int = 5) -> None:
     _print_test(study)
 
 
-def _print_front(study: optuna.Study) -> None:
+def _print_front(study: optuna.Study, top: int | None) -> None:
     front = pareto_front(study)
     if not front:
         return
-    click.echo(f"Pareto front (maximize val_acc, minimize gap_acc): {len(front)} trial{'s' * (len(front) != 1)}")
+    top = top or len(front)
+    click.echo(f"Pareto front (maximize val_acc, minimize gap_acc): {len(front)} trial{'s' * (len(front) != 1)}"
+               + (f", the {top} with the highest val_acc shown (--top {len(front)} shows all)" if len(front) > top
+                  else ""))
     click.echo(f"{'trial':>5}  {'val_acc':>7} {'gap_acc':>7}  params")
-    for r in front:
+    for r in front[:top]:
         click.echo(f"{r['trial']:>5}  {_fmt(r['val_acc']):>7} {_fmt(r['gap_acc']):>7}  {_params(r['params'])}")
     _print_test(study, " (the front's best val_acc)")
 

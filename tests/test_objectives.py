@@ -224,3 +224,28 @@ def test_api_checks_objective_and_max_gap_before_training(in_tmp):
         with pytest.raises(ConfigError, match=said.replace("(", r"\(")):
             regsearch.optimize("digits", tracking=False, storage=str(in_tmp / "never.journal"), **kwargs)
     assert not (in_tmp / "never.journal").exists()
+
+
+def test_show_top_shortens_a_pareto_front_to_its_best_val_acc_and_says_so(in_tmp):
+    storage = in_tmp / "front.journal"
+    study = optuna.create_study(study_name="front", storage=journal(storage), directions=["maximize", "minimize"])
+    study.set_user_attr("regsearch.objective", "pareto")
+    dist = {"lr": optuna.distributions.FloatDistribution(0.01, 0.1)}
+    # (val_acc, gap_acc): four trials on the front, one behind it
+    for val, gap in ((0.90, 0.01), (0.95, 0.03), (0.97, 0.06), (0.99, 0.10), (0.93, 0.05)):
+        study.add_trial(optuna.trial.create_trial(values=[val, gap], params={"lr": 0.05}, distributions=dist))
+
+    shown = invoke("show", "--study", "digits", "--study-name", "front", "--storage", str(storage), "--top", "2")
+    assert shown.exit_code == 0, shown.output
+    assert ("Pareto front (maximize val_acc, minimize gap_acc): 4 trials, the 2 with the highest val_acc shown "
+            "(--top 4 shows all)") in shown.output
+    lines = shown.output.splitlines()
+    start = lines.index(next(line for line in lines if line.split()[:3] == ["trial", "val_acc", "gap_acc"]))
+    assert [line.split()[0] for line in lines[start + 1:start + 3]] == ["3", "2"]
+    assert not any(line.split()[:1] in (["1"], ["0"]) for line in lines[start + 3:])
+
+    everything = invoke("show", "--study", "digits", "--study-name", "front", "--storage", str(storage))
+    lines = everything.output.splitlines()
+    start = lines.index(next(line for line in lines if line.split()[:3] == ["trial", "val_acc", "gap_acc"]))
+    assert [line.split()[0] for line in lines[start + 1:start + 5]] == ["3", "2", "1", "0"]
+    assert "shows all" not in everything.output
