@@ -22,8 +22,8 @@ from typing import Any
 import optuna
 
 from regsearch._errors import ConfigError
-from regsearch._study import (BASELINE_ATTR, CURVE_ATTR, FAIL_REASON_ATTR, MAX_GAP_ATTR, METRIC_ATTR, SURPLUS,
-                              TEST_ATTR, best_trial, is_feasible)
+from regsearch._study import (CURVE_ATTR, FAIL_REASON_ATTR, MAX_GAP_ATTR, METRIC_ATTR, SURPLUS, TEST_ATTR,
+                              best_trial, is_baseline, is_feasible)
 
 logger = logging.getLogger("regsearch")
 
@@ -81,7 +81,7 @@ def trial_views(study: optuna.Study) -> list[TrialView]:
                 gap = t.values[1]
         views.append(TrialView(t.number, t.state.name, _number(val), _number(gap), _number(metrics.get("train_acc")),
                                dict(t.params), dict(t.distributions), list(t.user_attrs.get(CURVE_ATTR) or []),
-                               bool(t.user_attrs.get(BASELINE_ATTR)), _number(t.user_attrs.get("test_acc"))))
+                               is_baseline(t), _number(t.user_attrs.get("test_acc"))))
         if max_gap is not None:
             views[-1].feasible = is_feasible(t)
     return views

@@ -188,6 +188,7 @@ def _context(exp: Experiment, model: nn.Module, number: int, seed: int) -> Trial
 
 
 def is_baseline(trial: Any) -> bool:
+    """Whether a trial (frozen or running) is the study's unregularized baseline."""
     return bool(getattr(trial, "user_attrs", {}).get(BASELINE_ATTR))
 
 
@@ -808,7 +809,7 @@ def _open_study(spec: StudySpec, name: str, storage: str | None, tracking: bool,
 def _baseline_missing(study: optuna.Study) -> bool:
     """Whether the study still needs its baseline trial: none is queued, running or finished, and none failed
     on its own (an interrupted or killed one is queued again; a diverging one is not run over and over)."""
-    baselines = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(BASELINE_ATTR)]
+    baselines = [t for t in study.get_trials(deepcopy=False) if is_baseline(t)]
     if any(t.state != optuna.trial.TrialState.FAIL for t in baselines):
         return False
     return not any(t.user_attrs.get(FAIL_REASON_ATTR) not in (None, "interrupted") for t in baselines)
@@ -1039,7 +1040,7 @@ def _final_report(study: optuna.Study, exp: Experiment, objective: _Objective, t
 
 def combination(spec: StudySpec, trial: optuna.trial.FrozenTrial) -> list[str]:
     """The regularizers a trial switched on, each with its own searched values: ["l2(weight_decay=0.0004)", ...]."""
-    if trial.user_attrs.get(BASELINE_ATTR):
+    if is_baseline(trial):
         return []
     params = trial.params
     on = []
@@ -1070,7 +1071,7 @@ def summary_sentence(study: optuna.Study, spec: StudySpec, best: optuna.trial.Fr
     sentence = (f"Best combination (trial {best.number}): {found} - {score}"
                 + (f", generalization gap {gap:.3f}" if gap is not None else ""))
     baseline = next((t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-                     if t.user_attrs.get(BASELINE_ATTR)), None)
+                     if is_baseline(t)), None)
     if baseline is None or baseline.number == best.number:
         return sentence + ("; it is the unregularized baseline itself." if baseline is not None else ".")
     base = baseline.user_attrs.get(METRIC_ATTR, {})
@@ -1095,7 +1096,7 @@ def leaderboard(study: optuna.Study, top: int = 5) -> list[dict[str, Any]]:
         rows.append({"number": t.number, "state": t.state.name, "val_acc": trial_val_acc(t),
                      "gap_acc": trial_gap_acc(t), "train_acc": m.get("train_acc"), "epochs": t.user_attrs.get("epochs"),
                      "feasible": is_feasible(t) if constrained else None, "params": t.params,
-                     "baseline": bool(t.user_attrs.get(BASELINE_ATTR))})
+                     "baseline": is_baseline(t)})
     rows.sort(key=lambda r: (r["state"] != "COMPLETE", r["feasible"] is False, -(r["val_acc"] or 0), r["number"]))
     return rows[:top]
 
