@@ -59,19 +59,17 @@ def _params(params: dict[str, Any]) -> str:
     return " ".join(shown)
 
 
-def print_leaderboard(study: optuna.Study, top: int | None = None) -> None:
-    """The study's state counts, its best `top` trials (a pareto study: its front) and the tested trial.
-
-    Without `top`: the best 5, or a pareto study's whole front.
-    """
+def print_leaderboard(study: optuna.Study, top: int = 5, front_top: int | None = None) -> None:
+    """The study's state counts, its best `top` trials (a pareto study: its front, the best `front_top` of it
+    by val_acc, all without it) and the tested trial."""
     counts = state_counts(study)
     summary = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) or "no trials"
     click.echo(f"\nstudy {study.study_name}: {summary}")
     if is_pareto(study):
-        _print_front(study, top)
+        _print_front(study, front_top)
         return
     max_gap = study_max_gap(study)
-    rows = leaderboard(study, top or 5)
+    rows = leaderboard(study, top)
     if not rows:
         return
     if max_gap is not None:

@@ -703,6 +703,7 @@ def optimize(study: str | StudySpec, *, n_trials: int | None = None, timeout: fl
         raise ConfigError(f"workers must be at least 1; got {workers}")
     total = n_trials or spec.search.n_trials
     name = study_name or spec.name
+    caller_threads = torch.get_num_threads()  # trials pick their own; the caller gets its own back
     if workers > 1:  # each worker gets its share of the cores, and never probes beyond it
         set_thread_budget((os.cpu_count() or 1) // workers)
     # MLflow's set-up (import, store creation) runs in the tracking process while data and model are prepared
@@ -713,6 +714,7 @@ def optimize(study: str | StudySpec, *, n_trials: int | None = None, timeout: fl
         opt_study, tracker, parent = _open_study(spec, name, storage, tracking, tracking_uri, create=True,
                                                  tracker=early)
     except BaseException:
+        torch.set_num_threads(caller_threads)
         if early is not None:
             early.close(wait=False)
         raise
@@ -751,6 +753,7 @@ def optimize(study: str | StudySpec, *, n_trials: int | None = None, timeout: fl
                 if tracker is not None:
                     tracker.log_report()
         finally:
+            torch.set_num_threads(caller_threads)
             if keep_dir:
                 shutil.rmtree(keep_dir, ignore_errors=True)
             if tracker is not None:

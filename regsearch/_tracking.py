@@ -625,9 +625,10 @@ class TrackerProcess:
 
             from regsearch._registry import PLUGIN_MODULE_PREFIX
 
-            # classes of a `--plugin` file live in a module the child cannot import by name: send them by value
-            for module in {sys.modules.get(type(m).__module__) for m in model.modules()}:
-                if module is not None and module.__name__.startswith(PLUGIN_MODULE_PREFIX):
+            # what a `--plugin` file defines (layers, hooks) lives in a module the child cannot import by name:
+            # send it by value
+            for name, module in list(sys.modules.items()):
+                if name.startswith(PLUGIN_MODULE_PREFIX):
                     cloudpickle.register_pickle_by_value(module)
             blob = cloudpickle.dumps(model.cpu().eval())
         except Exception as exc:
@@ -755,7 +756,8 @@ class _Served:
             except (EOFError, OSError):
                 message = ("close",)  # the study's process is gone: finish what it sent
             if message[0] == "start" and self.parent is not None:
-                # at once, not after the previous trial's records: the study waits for this run's id
+                # at once, not after the previous trial's records: the run exists while the trial trains, and its
+                # id is ready when the trial ends (the study waits for it then)
                 self._handle(message)
                 continue
             self.inbox.put(message)
@@ -847,11 +849,16 @@ class _Served:
             self.tracker.log_pareto_front(self.parent, front)
 
     def on_report(self) -> None:
-        if self.parent:
-            from regsearch import _report
+        if not self.parent:
+            return
+        from regsearch import _report
 
-            name = _report.file_name(self.study.study_name, "html")
-            self.tracker.log_artifact(self.parent, name, _report.render(self.study, "html"))
+        try:
+            page = _report.render(self.study, "html")
+        except Exception as exc:  # drawing, not MLflow, failed: say so in its own words
+            logger.warning("the study's report was not drawn, so it is not on the MLflow run: %s", error_gist(exc))
+            return
+        self.tracker.log_artifact(self.parent, _report.file_name(self.study.study_name, "html"), page)
 
     def on_end_parent(self, status: str) -> None:
         if self.parent:
@@ -866,7 +873,8 @@ def _warm_up() -> None:
     """
     if sys.platform == "linux":
         with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+            me = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, me, min(19, os.getpriority(os.PRIO_PROCESS, me) + 10))
     with contextlib.suppress(Exception):
         import mlflow.pytorch  # noqa: F401
         import torch.export._trace  # noqa: F401  (imported by the first export)

@@ -110,7 +110,6 @@ class ThreadChooser:
         self.many = _thread_budget or max(self.many, min(available, os.cpu_count() or 1))
         self.active = device.type == "cpu" and self.many > 1 and not os.environ.get("OMP_NUM_THREADS")
         self.probe_steps = probe_steps
-        self.chosen = torch.get_num_threads()
 
     def plan(self, steps: int) -> list[int] | None:
         """Thread counts for the first steps of an epoch (warm-up, then each count timed), or None."""
@@ -119,21 +118,20 @@ class ThreadChooser:
         return [self.many] * (1 + self.probe_steps) + [1] * (1 + self.probe_steps)
 
     def too_small(self, first_step_s: float) -> bool:
-        """Steps of a few milliseconds (small MLPs) train on one thread, without probing.
+        """Steps of a few milliseconds (small MLPs) leave one core to the rest, without probing.
 
-        A second thread made a 20-trial digits study's trials 5 % faster on the quiet 2-core machine and 35 %
-        slower beside the tracking process (or another worker) busy on the other core; switching per step to
-        find out costs more than it saves.
+        The rest is the tracking process (or another worker): on this project's 2-core machine a second thread
+        made a 20-trial digits study's trials 5 % faster when the machine was otherwise idle and 35 % slower
+        beside the tracking process busy on the other core; switching per step to find out costs more than it
+        saves.
         """
         if first_step_s < 0.02:
             self.active = False
-            self.chosen = 1
-            torch.set_num_threads(1)
+            torch.set_num_threads(max(1, self.many - 1))
         return not self.active
 
     def choose(self, seconds: dict[int, float]) -> None:
-        self.chosen = min(seconds, key=seconds.get)
-        torch.set_num_threads(self.chosen)
+        torch.set_num_threads(min(seconds, key=seconds.get))
 
 
 def evaluate(model: nn.Module, batcher: Batcher, x: torch.Tensor, y: torch.Tensor, batch_size: int

@@ -231,7 +231,8 @@ def optimize(study: str, n_trials: int | None, timeout: float | None, storage: s
 @study_option
 @storage_option
 @study_name_option
-@click.option("--top", type=int, default=10, show_default=True, callback=_positive(int), help="Rows to show.")
+@click.option("--top", type=int, default=None, callback=_positive(int),
+              help="Rows to show (default: 10; a pareto study: its whole front).")
 def show(study: str, storage: str | None, study_name: str | None, top: int) -> None:
     """Print the leaderboard of a stored study."""
     import optuna
@@ -240,7 +241,7 @@ def show(study: str, storage: str | None, study_name: str | None, top: int) -> N
     from regsearch._study import load_stored_study
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    print_leaderboard(load_stored_study(study, storage, study_name), top=top)
+    print_leaderboard(load_stored_study(study, storage, study_name), top=top or 10, front_top=top)
 
 
 @cli.command()

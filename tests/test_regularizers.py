@@ -148,6 +148,22 @@ def test_element_dropout_drops_at_its_rate_independently_and_keeps_the_expectati
     assert torch.equal(drop.eval()(out), out)
 
 
+def test_element_dropout_draws_its_own_mask_on_cpu_and_is_torch_dropout_elsewhere(monkeypatch):
+    def not_here(*args, **kwargs):
+        raise AssertionError("torch's dropout was called")
+
+    drop = ElementDropout(0.3).train()
+    x = torch.ones(32, 16)
+    with monkeypatch.context() as m:
+        m.setattr(torch.nn.functional, "dropout", not_here)
+        out = drop(x)  # the fast mask: torch's dropout is not called
+    assert 0 < (out == 0).sum() < x.numel()
+    with monkeypatch.context() as m:
+        m.setattr(torch.nn.functional, "dropout", not_here)
+        with pytest.raises(AssertionError, match="torch's dropout was called"):
+            ElementDropout(0.3, inplace=True).train()(x.clone())  # in place: torch's own
+
+
 def test_element_dropout_gradient_flows_through_the_kept_elements_only():
     x = torch.randn(64, 33, requires_grad=True)
     out = ElementDropout(0.4).train()(x)

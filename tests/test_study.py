@@ -76,6 +76,18 @@ def test_a_users_module_and_tensors_run_a_study_and_return_the_optuna_study(in_t
     assert study.user_attrs["best_test"]["trial"] == study.best_trial.number
 
 
+def test_the_callers_torch_thread_count_is_back_after_a_study(in_tmp, data):
+    """Small steps train on fewer threads; a notebook's own torch work afterwards must not stay on them."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        regsearch.optimize(small_spec(), data=data, model=Tabular, n_trials=1, tracking=False,
+                           storage=str(in_tmp / "threads.journal"))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_n_trials_is_the_studys_total_across_resumes(in_tmp, data):
     storage = str(in_tmp / "total.journal")
     run = dict(data=data, model=Tabular, tracking=False, storage=storage)
