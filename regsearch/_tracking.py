@@ -866,15 +866,7 @@ class _Served:
 
 
 def _warm_up() -> None:
-    """Import (and draw once) what the end of the study needs: speculative work, so at a low priority.
-
-    On Linux the priority is this thread's alone (a thread id is a task id there): it takes a core only where
-    training leaves one, while the threads that carry out the study's messages keep theirs.
-    """
-    if sys.platform == "linux":
-        with contextlib.suppress(OSError):
-            me = threading.get_native_id()
-            os.setpriority(os.PRIO_PROCESS, me, min(19, os.getpriority(os.PRIO_PROCESS, me) + 10))
+    """Import (and draw once) what the end of the study needs, while the study trains."""
     with contextlib.suppress(Exception):
         import mlflow.pytorch  # noqa: F401
         import torch.export._trace  # noqa: F401  (imported by the first export)

@@ -219,6 +219,8 @@ def test_a_killed_tracking_server_costs_no_trial_and_mlflow_catches_up(tmp_path,
     try:
         wait_for("2 trials finished", lambda: finished(storage, name) >= 2, 120, proc)
         cut = hold_next_trial(hold, proc)  # its run is open in MLflow when the server dies
+        client = MlflowClient(tracking_uri=server.url)
+        wait_for("the held trial's run in MLflow", lambda: cut in trial_runs(client, name)[1], 30, proc)
         server.kill()
         killed_at = time.monotonic()
         hold.unlink()
@@ -244,7 +246,6 @@ def test_a_killed_tracking_server_costs_no_trial_and_mlflow_catches_up(tmp_path,
 
     study = optuna.load_study(study_name=name, storage=open_storage(storage))
     assert [t.state for t in study.trials] == [COMPLETE] * 14, "every trial is in the Optuna storage"
-    client = MlflowClient(tracking_uri=server.url)
     runs = assert_every_trial_has_its_run(client, study)
     synced = sorted(n for n, r in runs.items() if r.data.tags.get("regsearch.synced") == "true")
     assert synced == list(range(cut + 1, during + 1)), (synced, errors)  # they started while the server was dead
