@@ -494,8 +494,8 @@ class _Objective:
             raise
         finally:
             if tracker:
+                note_run_id(final=True)  # stored first: after the run's end, only Optuna's own record follows
                 tracker.end_trial(run, status, tags)
-                note_run_id(final=True)
 
 
 class _Surplus(Exception):

@@ -372,7 +372,8 @@ class Tracker:
         self._call("ending a trial run", self.client.set_terminated, run_id, status=status)
 
     def end_dead_trial(self, run_id: str | None, number: int, status: str, tags: Mapping[str, str]) -> None:
-        """End the run of a trial whose process died, if still RUNNING; found by its trial number without an id."""
+        """End the run of a trial whose process died with `status` and `tags`, unless it already has them; found by
+        its trial number without an id."""
         if run_id is None and self._parent is not None:
             found = self._call("finding a trial run", self.client.search_runs, [self.experiment_id],
                                filter_string=f"tags.mlflow.parentRunId = '{self._parent}' and "
@@ -381,7 +382,10 @@ class Tracker:
         if run_id is None:
             return
         run = self._call("reading a trial run", self.client.get_run, run_id)
-        if run is not None and run.info.status == "RUNNING":
+        # also a run its worker ended just before it died (before Optuna heard of the trial's end): the storage
+        # says the trial died, so its run says so too
+        if run is not None and (run.info.status, run.data.tags.get("regsearch.state")) != (
+                status, tags.get("regsearch.state")):
             self.end_trial(run_id, status, tags)
 
     def log_summary(self, run_id: str, metrics: Mapping[str, float], tags: Mapping[str, str]) -> None:

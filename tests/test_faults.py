@@ -507,3 +507,28 @@ def test_sync_names_an_unknown_study_and_an_unusable_tracking_store(tmp_path, re
     assert result.exit_code == 2
     assert result.stderr.strip() == (f"Error: --tracking-uri sqlite:///{tmp_path}/no/m.db: cannot use the MLflow "
                                      f"tracking store: folder {tmp_path}/no does not exist")
+
+
+def test_a_run_its_worker_ended_just_before_dying_is_ended_as_the_storage_says(mlflow_server, tmp_path):
+    """A worker can send its trial's end to MLflow and die before Optuna hears of it: the storage fails the
+    trial and queues it again, so its MLflow run must not stay FINISHED beside the retry's."""
+    import uuid
+
+    from regsearch._tracking import Tracker
+
+    study = optuna.create_study(study_name="dead", storage=open_storage(str(tmp_path / "s.journal")))
+    tracker = Tracker(mlflow_server, f"dead_{uuid.uuid4().hex[:8]}")
+    try:
+        parent = tracker.parent_run(study, "dead", {}, sync=False)
+        run_id = tracker.start_trial(parent, 0, "dead")
+        tracker.end_trial(run_id, "FINISHED", {"regsearch.state": "COMPLETE"})  # the worker's last message
+        died = {"regsearch.state": "FAIL", "regsearch.reason": "worker pid 4242 died"}
+        tracker.end_dead_trial(None, 0, "KILLED", died)  # the recovering worker knows only the trial number
+        run = tracker.client.get_run(run_id)
+        assert run.info.status == "KILLED"
+        assert {k: run.data.tags[k] for k in died} == died
+        ended = run.info.end_time
+        tracker.end_dead_trial(run_id, 0, "KILLED", died)  # a second recovering worker changes nothing
+        assert tracker.client.get_run(run_id).info.end_time == ended
+    finally:
+        tracker.close()
