@@ -33,10 +33,8 @@ class ElementDropout(nn.Dropout):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.inplace or x.device.type != "cpu" or not 0.0 < self.p < 1.0:
-            return super().forward(x)
-        dropped = round(self.p * 65536)
-        if not 0 < dropped < 65536:
+        dropped = round(self.p * 65536) if 0.0 < self.p < 1.0 else 0  # out of 65536; 0 for p = 0, 1 or NaN
+        if not self.training or self.inplace or x.device.type != "cpu" or not 0 < dropped < 65536:
             return super().forward(x)
         bits = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-2**63, None)
         keep = bits.view(torch.int16)[:x.numel()].view(x.shape) >= dropped - 32768
