@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -748,6 +749,7 @@ class _Served:
         tracker.live = self.runs
         self.parent: str | None = None
         self.study: Any = None  # the Optuna study, loaded from its storage when the study run opens
+        self.warm: threading.Thread | None = None  # the warm-up; the best model and the report wait for it
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         if first is not None:
             self.inbox.put(first)
@@ -807,7 +809,8 @@ class _Served:
         self.tracker.sync()
         # saving a PyTorch model imports torch's exporter and scans the installed packages, and the first report
         # imports matplotlib and Optuna's importance evaluators (seconds): do it now, while the study trains
-        threading.Thread(target=_warm_up, name="regsearch-mlflow-warm", daemon=True).start()
+        self.warm = threading.Thread(target=_warm_up, name="regsearch-mlflow-warm", daemon=True)
+        self.warm.start()
 
     def _drain(self) -> None:
         """Carry out the messages already read, up to a close (put back for `run`)."""
@@ -844,8 +847,14 @@ class _Served:
         if self.parent:
             self.tracker.log_summary(self.parent, metrics, tags)
 
+    def _warmed(self) -> None:
+        """Wait for the warm-up: it saves a model too, and torch's exporter is not safe in two threads at once."""
+        if self.warm is not None:
+            self.warm.join()
+
     def on_model(self, blob: bytes, example: Any) -> None:
         if self.parent:
+            self._warmed()
             self.tracker.log_model(self.parent, pickle.loads(blob), example)
 
     def on_pareto(self, front: list) -> None:
@@ -855,6 +864,7 @@ class _Served:
     def on_report(self) -> None:
         if not self.parent:
             return
+        self._warmed()
         from regsearch import _report
 
         try:
@@ -870,18 +880,44 @@ class _Served:
 
 
 def _warm_up() -> None:
-    """Import (and draw once) what the end of the study needs, while the study trains."""
-    with contextlib.suppress(Exception):
-        import mlflow.pytorch  # noqa: F401
-        import torch.export._trace  # noqa: F401  (imported by the first export)
-        from mlflow.utils import requirements_utils
+    """Do once, while the study trains, what the end of the study would otherwise do for the first time."""
+    for step in (_warm_up_model, _warm_up_report):
+        with contextlib.suppress(Exception):
+            step()
 
-        requirements_utils._init_packages_to_modules_map()  # a scan of every installed package, cached
-        import optuna.importance  # noqa: F401  (its evaluators import scipy and scikit-learn)
 
-        from regsearch import _report
+def _warm_up_model() -> None:
+    """Save a throwaway two-number model as the best model will be logged (seconds the first time, not after).
 
-        _report.warm_up()
+    The first save imports torch's exporter and traces for the first time, MLflow scans the installed packages;
+    logging it then reads the run's git context and validates the serving input (modules imported here).
+    """
+    import importlib
+
+    import mlflow.pytorch
+    import numpy
+    import torch
+    from mlflow.tracking.context.registry import resolve_tags
+    from mlflow.utils import requirements_utils
+
+    requirements_utils._init_packages_to_modules_map()  # a scan of every installed package, cached
+    with tempfile.TemporaryDirectory(prefix="regsearch-warm-") as tmp:
+        mlflow.pytorch.save_model(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU()).eval(),
+                                  os.path.join(tmp, "model"),
+                                  input_example=numpy.zeros((2, 2), dtype="float32"), pip_requirements=["torch"])
+    resolve_tags()
+    for name in ("mlflow.pyfunc.scoring_server", "mlflow.models.display_utils", "mlflow.tracing.processor.otel"):
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+
+
+def _warm_up_report() -> None:
+    """Import matplotlib and Optuna's importance evaluators (scipy, scikit-learn) and draw a first figure."""
+    import optuna.importance  # noqa: F401
+
+    from regsearch import _report
+
+    _report.warm_up()
 
 
 def error_gist(exc: BaseException) -> str:
