@@ -53,9 +53,10 @@ def build_optimizer(model: nn.Module, applied: Sequence[Applied], training: Trai
     groups: list[dict] = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     for a in applied:
         groups = a.regularizer.param_groups(model, a.params, groups)
-    # on a GPU one fused kernel per step instead of a few per parameter group: small networks there wait on
-    # the host's kernel launches, not on arithmetic
-    fused = {"fused": True} if all(p.is_cuda for g in groups for p in g["params"]) else {}
+    # one fused kernel per step instead of a few per parameter group: small networks on a GPU wait on the host's
+    # kernel launches, and on a CPU a digits MLP's SGD step took 0.73 ms fused against 0.82 ms with foreach
+    fused = {"fused": True} if all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
+                                   for g in groups for p in g["params"]) else {}
     if training.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=training.momentum, nesterov=training.momentum > 0,
                                weight_decay=0.0, **fused)
