@@ -797,7 +797,7 @@ def _open_study(spec: StudySpec, name: str, storage: str | None, tracking: bool,
     if tracking:
         tracker = tracker or _start_tracking(tracking_uri, name)
         try:
-            tracker.parent_run(opt_study, name, fixed_settings(spec), storage=storage)
+            tracker.parent_run(opt_study, name, fixed_settings(spec), storage=storage, ends_study=create)
         except Exception as exc:
             tracker.close(wait=False)
             raise _tracking_error(tracker.uri, exc) from None

@@ -577,13 +577,18 @@ class TrackerProcess:
             self._replies[(kind, name)] = value
         return self._replies.get(key)
 
-    def parent_run(self, study: Any, run_name: str, params: Mapping[str, Any], *, storage: str | None) -> None:
-        """Open the study's parent run (in the child). Raises StorageError when MLflow cannot take this URI."""
+    def parent_run(self, study: Any, run_name: str, params: Mapping[str, Any], *, storage: str | None,
+                   ends_study: bool = True) -> None:
+        """Open the study's parent run (in the child). Raises StorageError when MLflow cannot take this URI.
+
+        `ends_study`: this process logs the best model and the report at the end, so the child prepares for
+        both while the study trains (a `--workers` worker's child does not).
+        """
         accepted = self._wait(("accepted", None), 120.0)
         if isinstance(accepted, str):
             self.close(wait=False)
             raise StorageError(accepted)
-        self._send("parent", storage, study.study_name, run_name, dict(params))
+        self._send("parent", storage, study.study_name, run_name, dict(params), ends_study)
 
     def parent_run_id(self, timeout: float = 120.0) -> str | None:
         return self._wait(("parent", None), timeout)
@@ -749,7 +754,7 @@ class _Served:
         tracker.live = self.runs
         self.parent: str | None = None
         self.study: Any = None  # the Optuna study, loaded from its storage when the study run opens
-        self.warm: threading.Thread | None = None  # the warm-up; the best model and the report wait for it
+        self.warm: _WarmUp | None = None  # started once the study run is open, where this process ends the study
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         if first is not None:
             self.inbox.put(first)
@@ -779,6 +784,8 @@ class _Served:
                 self._handle(message)
         finally:
             self.tracker.close()
+            if self.warm is not None:
+                self.warm.clean()
 
     def _handle(self, message: tuple) -> None:
         try:
@@ -792,7 +799,7 @@ class _Served:
         except OSError:
             pass
 
-    def on_parent(self, storage: str | None, study_name: str, run_name: str, params: dict) -> None:
+    def on_parent(self, storage: str | None, study_name: str, run_name: str, params: dict, ends_study: bool) -> None:
         import optuna
 
         from regsearch._storage import open_storage
@@ -807,10 +814,8 @@ class _Served:
         # their runs were already made from the messages read before (and read now)
         self._drain()
         self.tracker.sync()
-        # saving a PyTorch model imports torch's exporter and scans the installed packages, and the first report
-        # imports matplotlib and Optuna's importance evaluators (seconds): do it now, while the study trains
-        self.warm = threading.Thread(target=_warm_up, name="regsearch-mlflow-warm", daemon=True)
-        self.warm.start()
+        if ends_study:  # the best model and the report come at the end: prepare for them while the study trains
+            self.warm = _WarmUp()
 
     def _drain(self) -> None:
         """Carry out the messages already read, up to a close (put back for `run`)."""
@@ -847,14 +852,10 @@ class _Served:
         if self.parent:
             self.tracker.log_summary(self.parent, metrics, tags)
 
-    def _warmed(self) -> None:
-        """Wait for the warm-up: it saves a model too, and torch's exporter is not safe in two threads at once."""
-        if self.warm is not None:
-            self.warm.join()
-
     def on_model(self, blob: bytes, example: Any) -> None:
         if self.parent:
-            self._warmed()
+            if self.warm is not None:
+                self.warm.wait_for_model()
             self.tracker.log_model(self.parent, pickle.loads(blob), example)
 
     def on_pareto(self, front: list) -> None:
@@ -864,7 +865,8 @@ class _Served:
     def on_report(self) -> None:
         if not self.parent:
             return
-        self._warmed()
+        if self.warm is not None:
+            self.warm.wait()
         from regsearch import _report
 
         try:
@@ -879,35 +881,62 @@ class _Served:
             self.tracker.end_parent(self.parent, status)
 
 
-def _warm_up() -> None:
-    """Do once, while the study trains, what the end of the study would otherwise do for the first time."""
-    for step in (_warm_up_model, _warm_up_report):
-        with contextlib.suppress(Exception):
-            step()
+class _WarmUp:
+    """What the end of the study does for the first time, done by a thread while the study trains.
 
-
-def _warm_up_model() -> None:
-    """Save a throwaway two-number model as the best model will be logged (seconds the first time, not after).
-
-    The first save imports torch's exporter and traces for the first time, MLflow scans the installed packages;
-    logging it then reads the run's git context and validates the serving input (modules imported here).
+    Saving a PyTorch model imports torch's exporter, traces for the first time and scans the installed packages;
+    the first report imports matplotlib and Optuna's importance evaluators (seconds). The best model waits for
+    the model's part (torch's exporter is not safe in two threads at once), the report for all of it; neither
+    waits longer than `LIMIT_S`, so a warm-up stuck on, say, a slow file system cannot keep the study run open.
     """
+
+    LIMIT_S = 120.0
+
+    def __init__(self) -> None:
+        self.scratch = tempfile.mkdtemp(prefix="regsearch-warm-")
+        self.model_done = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="regsearch-mlflow-warm", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            _warm_up_model(self.scratch)
+        finally:
+            self.model_done.set()
+        with contextlib.suppress(Exception):
+            _warm_up_report()
+
+    def wait_for_model(self) -> None:
+        self.model_done.wait(self.LIMIT_S)
+
+    def wait(self) -> None:
+        self.thread.join(self.LIMIT_S)
+
+    def clean(self) -> None:
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def _warm_up_model(scratch: str) -> None:
+    """Save a throwaway two-number model as the best model will be saved, and what logging it imports."""
     import importlib
 
-    import mlflow.pytorch
-    import numpy
-    import torch
-    from mlflow.tracking.context.registry import resolve_tags
-    from mlflow.utils import requirements_utils
+    with contextlib.suppress(Exception):
+        import mlflow.pytorch
+        import numpy
+        import torch
+        from mlflow.utils import requirements_utils
 
-    requirements_utils._init_packages_to_modules_map()  # a scan of every installed package, cached
-    with tempfile.TemporaryDirectory(prefix="regsearch-warm-") as tmp:
+        requirements_utils._init_packages_to_modules_map()  # a scan of every installed package, cached
         mlflow.pytorch.save_model(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU()).eval(),
-                                  os.path.join(tmp, "model"),
-                                  input_example=numpy.zeros((2, 2), dtype="float32"), pip_requirements=["torch"])
-    resolve_tags()
+                                  os.path.join(scratch, "model"), input_example=numpy.zeros((2, 2), dtype="float32"),
+                                  pip_requirements=["torch"])
+    with contextlib.suppress(Exception):  # the run's git context, read when the model is logged
+        from mlflow.tracking.context.registry import resolve_tags
+
+        resolve_tags()
+    # validating the logged model's serving input
     for name in ("mlflow.pyfunc.scoring_server", "mlflow.models.display_utils", "mlflow.tracing.processor.otel"):
-        with contextlib.suppress(ImportError):
+        with contextlib.suppress(Exception):
             importlib.import_module(name)
 
 
