@@ -166,3 +166,25 @@ def test_a_one_cycle_schedule_of_four_steps_in_all_trains(data):
     training = TrainingSpec(epochs=2, batch_size=64, schedule="onecycle")
     metrics = fit(mlp(), data, [], training, lr=0.05, device=CPU, seed=0)
     assert 0.0 <= metrics["val_acc"] <= 1.0
+
+
+class SparseBag(nn.Module):
+    """A user's model whose embedding has sparse gradients: each feature's sign picks one of two rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.bag = nn.EmbeddingBag(12, 3, mode="sum", sparse=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bag((x > 0).long() + 2 * torch.arange(x.shape[1]))
+
+
+def test_a_model_with_sparse_gradients_trains_with_sgd(data):
+    # fused optimizer steps take no sparse gradients: such a model keeps the unfused step
+    model = SparseBag()
+    before = model.bag.weight.detach().clone()
+    metrics = fit(model, data, [], TrainingSpec(epochs=3, batch_size=32, schedule="constant"), lr=0.1, device=CPU,
+                  seed=0)
+    assert not torch.equal(model.bag.weight, before)
+    assert metrics["val_acc"] > 0.5  # the labels are sums of the first two signs: learnable by such a bag
