@@ -151,7 +151,9 @@ def test_workers_3_on_the_default_local_storage(mlflow_server, tmp_path):
 
 def test_a_killed_local_worker_loses_nothing(mlflow_server, tmp_path):
     name = f"localkill-{uuid.uuid4().hex[:6]}"
-    args = study_args(name, str(tmp_path / "regsearch.journal"), mlflow_server, 15)
+    # trials long enough that the main process has not run them all by the time its workers are up (about 10 s
+    # on two cores, each worker importing torch and starting its own tracking process)
+    args = study_args(name, str(tmp_path / "regsearch.journal"), mlflow_server, 40)
     main = subprocess.Popen([REGSEARCH, *args, "--workers", "3"], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     # the main process runs trials too; kill one of the worker processes it started
