@@ -64,6 +64,20 @@ def ratio(a: dict | None, b: dict | None) -> float | None:
     return a["median"] / b["median"]
 
 
+def sgemm_gflops(quick: bool) -> float:
+    """This machine's float32 matrix-multiply rate now, on torch's default threads (median of a few 2048^3)."""
+    import torch
+
+    size = 512 if quick else 2048
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    times = []
+    for _ in range(3 if quick else 7):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times[1:]) / 1e9
+
+
 def alternate(sides: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[Any]]:
     """Run each side `repeats` times, interleaved (A B A B ...) so slow spells of the machine hit both."""
     out: dict[str, list[Any]] = {k: [] for k in sides}

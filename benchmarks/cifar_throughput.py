@@ -100,14 +100,7 @@ def child_ceiling(quick: bool) -> dict:
 
     from regsearch.models import cnn
 
-    size = 512 if quick else 2048
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    times = []
-    for _ in range(3 if quick else 7):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    gflops = 2 * size**3 / statistics.median(times[1:]) / 1e9
+    gflops = common.sgemm_gflops(quick)
     model = cnn((3, 32, 32), 10)
     x, y = torch.randn(BATCH, 3, 32, 32), torch.randint(0, 10, (BATCH,))
     with FlopCounterMode(display=False) as counter:

@@ -4,7 +4,9 @@ Both sides run a small study in a fresh child process, alternating: the peer scr
 (`--data digits --n-trials T --epochs E`, its `s_per_trial`), and regsearch's Python API on the peer's MLP
 (Linear 64-256-256-10 with ReLU, dropout and weight decay always on, their values searched; no pruning),
 tracked to MLflow like the peer. A trial's time is its Optuna duration (start to finish, tracking included);
-start-up (imports, data) is reported apart.
+start-up (imports, data) is reported apart. The floor is what a trial's training arithmetic alone takes at
+this machine's sgemm rate measured in the same run (FLOPs of forward and backward by torch's flop counter,
+times the training samples and epochs): no trial on this CPU can be faster.
 
 usage: python benchmarks/digits_speed.py [--repeats 3] [--trials 3] [--epochs 20] [--quick]
 """
@@ -41,9 +43,32 @@ def child_regsearch(trials: int, epochs: int) -> dict:
             "process_s": time.perf_counter() - start, "best_val_acc": best, "test_acc": test}
 
 
+def child_floor(epochs: int, quick: bool) -> dict:
+    """The arithmetic floor of one trial: its training FLOPs at this machine's sgemm rate, measured now."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from regsearch.data import load_dataset
+    from regsearch.models import mlp
+
+    data = load_dataset("digits", val_fraction=0.2, seed=0)
+    model = mlp((64,), 10, hidden=(256, 256))
+    x, y = data.x_train[:64], data.y_train[:64]
+    with FlopCounterMode(display=False) as counter:
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    per_sample = counter.get_total_flops() / len(x)
+    gflops = common.sgemm_gflops(quick)
+    trial_gflop = per_sample * len(data.x_train) * epochs / 1e9
+    return {"sgemm_gflops": gflops, "training_samples": len(data.x_train), "gflop_per_trial": trial_gflop,
+            "floor_s": trial_gflop / gflops}
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        print(json.dumps(child_regsearch(int(sys.argv[2]), int(sys.argv[3]))))
+        if sys.argv[2] == "floor":
+            print(json.dumps(child_floor(int(sys.argv[3]), sys.argv[4] == "quick")))
+        else:
+            print(json.dumps(child_regsearch(int(sys.argv[2]), int(sys.argv[3]))))
         return
     ap = common.parser(__doc__, "digits_speed")
     ap.add_argument("--trials", type=int, default=3, help="trials per study run")
@@ -51,15 +76,21 @@ def main() -> None:
     a = ap.parse_args()
     trials, epochs = (1, 2) if a.quick else (a.trials, a.epochs)
     repeats = 1 if a.quick else a.repeats
-    sides = {"regsearch": lambda: common.run_json([sys.executable, __file__, "--child", str(trials), str(epochs)])}
+    sides = {"regsearch": lambda: common.run_json([sys.executable, __file__, "--child", str(trials), str(epochs)]),
+             "floor": lambda: common.run_json([sys.executable, __file__, "--child", "floor", str(epochs),
+                                               "quick" if a.quick else "full"])}
     if Path(a.peer).is_file():
         sides["peer"] = lambda: common.run_json([sys.executable, a.peer, "--data", "digits", "--n-trials",
                                                  str(trials), "--epochs", str(epochs)])
     runs = common.alternate(sides, repeats)
+    floor_runs = runs.pop("floor")
+    floor = common.summary([r["floor_s"] for r in floor_runs])
     trial = {k: common.summary([r["s_per_trial"] for r in v]) for k, v in runs.items()}
     process = {k: common.summary([r["process_wall_s"] for r in v]) for k, v in runs.items()}
     extra = {"trials_per_run": trials, "epochs": epochs,
              "speedup_per_trial_vs_peer": common.ratio(trial.get("peer"), trial["regsearch"]),
+             "regsearch_over_floor": common.ratio(trial["regsearch"], floor),
+             "peer_over_floor": common.ratio(trial.get("peer"), floor), "floor_runs": floor_runs,
              "regsearch_best_val_acc": statistics.median(r["best_val_acc"] for r in runs["regsearch"]),
              "peer_best_val_acc": statistics.median(r["best_val_acc"] for r in runs["peer"]) if "peer" in runs
              else None, "runs": runs}
@@ -68,6 +99,7 @@ def main() -> None:
         (f"peer, one {epochs}-epoch trial", trial.get("peer"), "s"),
         (f"regsearch, whole process ({trials} trials)", process["regsearch"], "s"),
         (f"peer, whole process ({trials} trials)", process.get("peer"), "s"),
+        (f"floor: a {epochs}-epoch trial's training FLOPs at the sgemm rate", floor, "s"),
     ], extra)
 
 
