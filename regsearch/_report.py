@@ -328,6 +328,7 @@ def _effects(views: list[TrialView]) -> Section:
 
 def _effect_figure(group: str, params: list[str], dists: dict[str, Any], complete: list[TrialView]) -> bytes:
     import numpy as np
+    from matplotlib.ticker import MaxNLocator, NullLocator
 
     columns = min(len(params), 4)
     blocks = math.ceil(len(params) / columns)
@@ -357,6 +358,7 @@ def _effect_figure(group: str, params: list[str], dists: dict[str, Any], complet
                 ax.scatter([x for x, _ in keep], [y for _, y in keep], s=22, alpha=0.7, color="tab:blue")
                 if getattr(dist, "log", False):
                     ax.set_xscale("log")
+                    ax.xaxis.set_minor_locator(NullLocator())  # dozens of unlabelled marks per panel, each drawn
                 if row == 0:
                     ax.tick_params(labelbottom=False)
             if row == 0:
@@ -365,6 +367,7 @@ def _effect_figure(group: str, params: list[str], dists: dict[str, Any], complet
                 ax.set_xlabel(name if not isinstance(dist, optuna.distributions.CategoricalDistribution) else "")
             if col == 0:
                 ax.set_ylabel(metric)
+            ax.yaxis.set_major_locator(MaxNLocator(nbins=4))
             ax.grid(alpha=0.3)
     for j in range(len(params), blocks * columns):
         block, col = divmod(j, columns)
