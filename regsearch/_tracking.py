@@ -14,6 +14,7 @@ storage once it answers (`regsearch._sync`).
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import logging
 import os
@@ -870,7 +871,8 @@ class _Served:
         from regsearch import _report
 
         try:
-            page = _report.render(self.study, "html")
+            with _no_gc():
+                page = _report.render(self.study, "html")
         except Exception as exc:  # drawing, not MLflow, failed: say so in its own words
             logger.warning("the study's report was not drawn, so it is not on the MLflow run: %s", error_gist(exc))
             return
@@ -905,6 +907,8 @@ class _WarmUp:
             self.model_done.set()
         with contextlib.suppress(Exception):
             _warm_up_report()
+        # what is imported and set up by now lives as long as the process: the collector need not look at it again
+        gc.freeze()
 
     def wait_for_model(self) -> None:
         self.model_done.wait(self.LIMIT_S)
@@ -914,6 +918,19 @@ class _WarmUp:
 
     def clean(self) -> None:
         shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _no_gc():
+    """No garbage collection meanwhile (collected after): matplotlib makes many cycles as it draws, and each full
+    collection walked the whole of this process (torch, MLflow, SQLAlchemy): a third of a report's drawing time."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _warm_up_model(scratch: str) -> None:
