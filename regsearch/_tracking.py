@@ -893,21 +893,32 @@ class _WarmUp:
     """
 
     LIMIT_S = 120.0
+    CLEAN_WAIT_S = 5.0
 
     def __init__(self) -> None:
-        self.scratch = tempfile.mkdtemp(prefix="regsearch-warm-")
+        self.scratch: str | None = None  # where the throwaway model goes; removed as the tracking process ends
         self.model_done = threading.Event()
+        self._lock = threading.Lock()
+        self._ended = False  # the tracking process is ending: make no folder any more
         self.thread = threading.Thread(target=self._run, name="regsearch-mlflow-warm", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
         try:
+            with self._lock:
+                if self._ended:
+                    return
+                self.scratch = tempfile.mkdtemp(prefix="regsearch-warm-")
             _warm_up_model(self.scratch)
+        except OSError:
+            pass  # no temporary folder: the best model is saved without a rehearsal
         finally:
             self.model_done.set()
         with contextlib.suppress(Exception):
             _warm_up_report()
         # what is imported and set up by now lives as long as the process: the collector need not look at it again
+        # (the warm-up's own garbage is collected first, not kept for good)
+        gc.collect()
         gc.freeze()
 
     def wait_for_model(self) -> None:
@@ -917,7 +928,12 @@ class _WarmUp:
         self.thread.join(self.LIMIT_S)
 
     def clean(self) -> None:
-        shutil.rmtree(self.scratch, ignore_errors=True)
+        """Remove the throwaway model; a study that ended early may find it being saved: wait a little for that."""
+        with self._lock:
+            self._ended = True
+        if self.scratch:
+            self.model_done.wait(self.CLEAN_WAIT_S)
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
 
 @contextlib.contextmanager
