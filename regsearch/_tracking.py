@@ -406,7 +406,6 @@ class Tracker:
 
     def _log_model(self, run_id: str, model: Any, example: Any) -> None:
         import mlflow
-        import torch
 
         previous = mlflow.get_tracking_uri()
         try:
@@ -414,8 +413,7 @@ class Tracker:
             with mlflow.start_run(run_id=run_id, nested=True):
                 if hasattr(example, "cpu"):  # a tensor (numpy arrays come from TrackerProcess)
                     example = example.cpu().numpy()
-                mlflow.pytorch.log_model(model.cpu().eval(), name="best_model", input_example=example,
-                                         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+                mlflow.pytorch.log_model(model.cpu().eval(), name="best_model", **_model_save_options(example))
         finally:
             mlflow.set_tracking_uri(previous)
 
@@ -949,6 +947,13 @@ def _no_gc():
             gc.enable()
 
 
+def _model_save_options(example: Any) -> dict[str, Any]:
+    """How the best model is saved (and the warm-up's throwaway one, so that it rehearses the same path)."""
+    import torch
+
+    return {"input_example": example, "pip_requirements": [f"torch=={torch.__version__.split('+')[0]}"]}
+
+
 def _warm_up_model(scratch: str) -> None:
     """Save a throwaway two-number model as the best model will be saved, and what logging it imports."""
     import importlib
@@ -961,8 +966,8 @@ def _warm_up_model(scratch: str) -> None:
 
         requirements_utils._init_packages_to_modules_map()  # a scan of every installed package, cached
         mlflow.pytorch.save_model(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU()).eval(),
-                                  os.path.join(scratch, "model"), input_example=numpy.zeros((2, 2), dtype="float32"),
-                                  pip_requirements=["torch"])
+                                  os.path.join(scratch, "model"),
+                                  **_model_save_options(numpy.zeros((2, 2), dtype="float32")))
     with contextlib.suppress(Exception):  # the run's git context, read when the model is logged
         from mlflow.tracking.context.registry import resolve_tags
 
