@@ -78,6 +78,16 @@ def sgemm_gflops(quick: bool) -> float:
     return 2 * size**3 / statistics.median(times[1:]) / 1e9
 
 
+def training_flops_per_sample(model: Any, x: Any, y: Any) -> float:
+    """FLOPs of one training step's forward and backward (cross-entropy) per sample, by torch's flop counter."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    return counter.get_total_flops() / len(x)
+
+
 def alternate(sides: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[Any]]:
     """Run each side `repeats` times, interleaved (A B A B ...) so slow spells of the machine hit both."""
     out: dict[str, list[Any]] = {k: [] for k in sides}

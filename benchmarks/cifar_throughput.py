@@ -96,16 +96,12 @@ def child_peer(peer: str, folder: str, epochs: int, train_size: int) -> dict:
 
 def child_ceiling(quick: bool) -> dict:
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     from regsearch.models import cnn
 
     gflops = common.sgemm_gflops(quick)
-    model = cnn((3, 32, 32), 10)
     x, y = torch.randn(BATCH, 3, 32, 32), torch.randint(0, 10, (BATCH,))
-    with FlopCounterMode(display=False) as counter:
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-    per_image = counter.get_total_flops() / BATCH / 1e9
+    per_image = common.training_flops_per_sample(cnn((3, 32, 32), 10), x, y) / 1e9
     return {"sgemm_gflops": gflops, "gflop_per_image": per_image, "ceiling_img_per_s": gflops / per_image,
             "threads": torch.get_num_threads()}
 

@@ -45,18 +45,12 @@ def child_regsearch(trials: int, epochs: int) -> dict:
 
 def child_floor(epochs: int, quick: bool) -> dict:
     """The arithmetic floor of one trial: its training FLOPs at this machine's sgemm rate, measured now."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
     from regsearch.data import load_dataset
     from regsearch.models import mlp
 
     data = load_dataset("digits", val_fraction=0.2, seed=0)
-    model = mlp((64,), 10, hidden=(256, 256))
-    x, y = data.x_train[:64], data.y_train[:64]
-    with FlopCounterMode(display=False) as counter:
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-    per_sample = counter.get_total_flops() / len(x)
+    per_sample = common.training_flops_per_sample(mlp((64,), 10, hidden=(256, 256)), data.x_train[:64],
+                                                  data.y_train[:64])
     gflops = common.sgemm_gflops(quick)
     trial_gflop = per_sample * len(data.x_train) * epochs / 1e9
     return {"sgemm_gflops": gflops, "training_samples": len(data.x_train), "gflop_per_trial": trial_gflop,
