@@ -64,12 +64,13 @@ def ratio(a: dict | None, b: dict | None) -> float | None:
     return a["median"] / b["median"]
 
 
-def sgemm_gflops(quick: bool) -> float:
-    """This machine's float32 matrix-multiply rate now, on torch's default threads (median of a few 2048^3)."""
+def sgemm_gflops(quick: bool, dtype: str = "float32") -> float:
+    """This machine's matrix-multiply rate now, on torch's default threads (median of a few 2048^3); float32
+    (sgemm) unless `dtype` says bfloat16."""
     import torch
 
     size = 512 if quick else 2048
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    a, b = (torch.randn(size, size, dtype=getattr(torch, dtype)) for _ in range(2))
     times = []
     for _ in range(3 if quick else 7):
         start = time.perf_counter()

@@ -7,9 +7,10 @@ Two child processes per repeat, alternating, each from a fresh empty folder (sta
   unregularized baseline (trial 0, tested when it ends) and the study's best (tested at the end).
 The bar: the peer's best test accuracy reached within 1/6 of the peer's wall time (the first tested trial at
 or above it, by the time it finished), and >= 0.68 test accuracy for regsearch's best trial within the peer's
-wall time.
+wall time. `--float32` adds a third side, the same study pinned to float32 (`training.precision=float32`), to
+see what bfloat16 autocast (the default on CPUs with native bf16) does to time and accuracy.
 
-usage: python benchmarks/time_to_quality.py [--repeats 1] [--peer-trials 12] [--quick]
+usage: python benchmarks/time_to_quality.py [--repeats 1] [--peer-trials 12] [--float32] [--quick]
 """
 
 from __future__ import annotations
@@ -60,19 +61,22 @@ def main() -> None:
     ap = common.parser(__doc__, "time_to_quality")
     ap.set_defaults(repeats=1)
     ap.add_argument("--peer-trials", type=int, default=12, help="the peer's trials (its default: 12)")
+    ap.add_argument("--float32", action="store_true", help="also run the study pinned to float32")
     a = ap.parse_args()
     repeats = 1 if a.quick else a.repeats
     with common.temp_dir() as tmp:
         folder, what = common.cifar_folder(a.data, Path(tmp), a.quick)
         data = str(folder) if a.quick or not Path(a.data).is_file() else a.data  # regsearch takes the archive
         shrink = ["--set", "training.epochs=2", "--set", "search.pruner.min_resource=1"] if a.quick else []
-        sides = {"regsearch default study": lambda: run_regsearch(data, ["--n-trials", "2", *shrink] if a.quick
-                                                                  else [])}
+        own = ["--n-trials", "2", *shrink] if a.quick else []
+        sides = {"regsearch default study": lambda: run_regsearch(data, own)}
+        if a.float32:
+            sides["regsearch, float32"] = lambda: run_regsearch(data, [*own, "--set", "training.precision=float32"])
         if Path(a.peer).is_file():
             peer_args = ["--n-trials", "1", "--epochs", "1"] if a.quick else ["--n-trials", str(a.peer_trials)]
             sides["peer"] = lambda: common.run_json([sys.executable, a.peer, "--data", "cifar", "--data-dir",
                                                      str(folder), *peer_args])
-            sides = {k: sides[k] for k in ("peer", "regsearch default study")}
+            sides = {"peer": sides.pop("peer"), **sides}
         runs = common.alternate(sides, repeats)
     peer = runs.get("peer")
     rows = []

@@ -17,7 +17,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import optuna
 import torch
@@ -29,8 +29,8 @@ from regsearch._regularizer import LoopState, NamespacedTrial, Regularizer, Tria
 from regsearch._spec import RegularizerSpec, StudySpec, TrainingSpec, load_study, search_value
 from regsearch._storage import describe_storage, mask_url, open_storage
 from regsearch._tracking import TrackerProcess, default_tracking_uri
-from regsearch._trainer import (Applied, _transformed, build_optimizer, evaluate, fit, resolve_device,
-                                set_thread_budget)
+from regsearch._trainer import (Applied, _transformed, autocast_context, autocast_dtype, build_optimizer, evaluate,
+                                fit, native_bf16, resolve_device, set_thread_budget)
 from regsearch.data._tensors import Batcher, TensorData, load_dataset
 from regsearch.models import model_factory
 from regsearch.surgery import trace
@@ -51,6 +51,8 @@ BASELINE_ATTR = "baseline"
 """True on the study's unregularized baseline trial (every regularizer off)."""
 TEST_ACC_ATTR = "test_acc"
 """The baseline trial's test accuracy (the best trial's is the study's `best_test`)."""
+PRECISION_ATTR = "precision"
+"""A trial's user attribute (and MLflow parameter): the precision it trained in, float32 or bfloat16."""
 SUMMARY_ATTR = "summary"
 """The study's finding in one sentence (a study user attr, printed by `optimize` and `show`)."""
 OBJECTIVE_ATTR = "regsearch.objective"
@@ -296,10 +298,14 @@ def preflight(exp: Experiment, registry: RegularizerRegistry) -> float:
             raise ConfigError(f"regularizers.{rspec.name}: {exc}") from None
         except Exception as exc:
             raise PluginError(f"{_who(rspec, registry)}: transform_batch failed: {type(exc).__name__}: {exc}") from exc
+    autocast = autocast_dtype(spec.training.precision, exp.device, model, x)
     model.train()
+
     def step() -> float:
         start = time.perf_counter()
-        loss = torch.nn.functional.cross_entropy(model(x), y)
+        with autocast_context(exp.device, autocast):
+            out = model(x)
+        loss = torch.nn.functional.cross_entropy(out.float(), y)
         for (rspec, reg), a in zip(exp.regularizers, applied):
             try:
                 term = reg.penalty(model, a.params)
@@ -378,7 +384,7 @@ def fixed_settings(spec: StudySpec) -> dict[str, Any]:
     return {"study_file": spec.source, "data": spec.data.name, "model": spec.model.name,
             **{f"model.{k}": v for k, v in spec.model.options.items()},
             "epochs": t.epochs, "batch_size": t.batch_size, "optimizer": t.optimizer, "lr": str(t.lr),
-            "schedule": t.schedule, "label_smoothing": t.label_smoothing, "seed": spec.seed,
+            "schedule": t.schedule, "label_smoothing": t.label_smoothing, "precision": t.precision, "seed": spec.seed,
             "objective": spec.search.objective,
             **({"max_gap": spec.search.max_gap} if spec.search.max_gap is not None else {}),
             "regularizers": ", ".join(f"{r.name}:{r.enabled}" for r in spec.regularizers) or "none"}
@@ -445,8 +451,10 @@ class _Objective:
         baseline = is_baseline(trial)
         try:
             model, applied, lr = build_trial(self.exp, trial, seed, baseline=baseline)
+            autocast = trial_autocast(self.exp, model)
+            trial.set_user_attr(PRECISION_ATTR, precision_name(autocast))
             if tracker:
-                tracker.log_params(run, {**trial.params, "seed": seed})
+                tracker.log_params(run, {**trial.params, "seed": seed, PRECISION_ATTR: precision_name(autocast)})
 
             ran = [0]
             curve: list[dict[str, float]] = []
@@ -468,10 +476,10 @@ class _Objective:
                     raise optuna.TrialPruned(f"pruned at epoch {epoch} (val_acc {metrics['val_acc']:.4f})")
 
             metrics = fit(model, self.exp.data, applied, training_for(self.exp, trial), lr=lr,
-                          device=self.exp.device, seed=seed, on_epoch=on_epoch)
+                          device=self.exp.device, seed=seed, on_epoch=on_epoch, autocast=autocast)
             trial.set_user_attr(METRIC_ATTR, metrics)
             if baseline and self.exp.data.y_test is not None:  # what the final summary compares against
-                trial.set_user_attr(TEST_ACC_ATTR, test_score(self.exp, model)[1])
+                trial.set_user_attr(TEST_ACC_ATTR, test_score(self.exp, model, autocast)[1])
             trial.set_user_attr("epochs", ran[0])  # fewer than training.epochs when a plugin stopped early
             self._constrain(trial, metrics)
             self._keep(trial.number, self._rank(metrics), model)
@@ -638,6 +646,10 @@ def prepare(spec: StudySpec, *, data: TensorData | None = None, model: Callable[
         registry.load_file(path)
     regs = [(r, registry.create(r.name, r.options)) for r in spec.regularizers]
     dev = resolve_device(device)
+    if spec.training.precision == "bfloat16" and not native_bf16(dev):
+        logger.warning("training.precision is bfloat16, but this %s has no native bfloat16 arithmetic (on a CPU: "
+                       "AVX512-BF16 or AMX), so trials may run many times slower than in float32; `auto` chooses "
+                       "per device", "CPU" if dev.type == "cpu" else f"device ({dev})")
     if data is None:
         data = load_dataset(spec.data.name, val_fraction=spec.data.val_fraction, seed=spec.seed,
                             train_size=spec.data.train_size, data_dir=data_dir)
@@ -978,9 +990,27 @@ def _run_workers(study: optuna.Study, job: dict[str, Any], workers: int, progres
     return stopper.gave_up or (3 in [p.exitcode for p in procs] and _committed(study) < job["n_trials"])
 
 
-def test_score(exp: Experiment, model: nn.Module) -> tuple[float, float]:
-    """(loss, accuracy) on the test split, in eval mode: asked once per study for the best trial and the baseline."""
-    return evaluate(model, Batcher(exp.data), exp.data.x_test, exp.data.y_test, exp.spec.training.eval_batch_size)
+def test_score(exp: Experiment, model: nn.Module, autocast: torch.dtype | None | Literal["auto"] = "auto"
+               ) -> tuple[float, float]:
+    """(loss, accuracy) on the test split, in eval mode: asked once per study for the best trial and the baseline.
+
+    Evaluated in the precision the trial trained in ("auto": chosen again for `model`, as for the trial).
+    """
+    if autocast == "auto":
+        autocast = trial_autocast(exp, model)
+    return evaluate(model, Batcher(exp.data), exp.data.x_test, exp.data.y_test, exp.spec.training.eval_batch_size,
+                    autocast)
+
+
+def trial_autocast(exp: Experiment, model: nn.Module) -> torch.dtype | None:
+    """The autocast dtype a trial of this study trains `model` in (None: float32; see `autocast_dtype`)."""
+    batch = min(exp.spec.training.batch_size, len(exp.data.y_train))
+    return autocast_dtype(exp.spec.training.precision, exp.device, model,
+                          Batcher(exp.data).inputs(exp.data.x_train[:batch]))
+
+
+def precision_name(autocast: torch.dtype | None) -> str:
+    return "float32" if autocast is None else str(autocast).removeprefix("torch.")
 
 
 def _rebuild(exp: Experiment, trial: optuna.trial.FrozenTrial) -> tuple[nn.Module, list[Applied], float, int]:

@@ -21,7 +21,7 @@ import optuna
 
 from regsearch._errors import StorageError, StudyError
 from regsearch._storage import mask_url
-from regsearch._study import CURVE_ATTR, FAIL_REASON_ATTR, METRIC_ATTR, SURPLUS, load_stored_study
+from regsearch._study import CURVE_ATTR, FAIL_REASON_ATTR, METRIC_ATTR, PRECISION_ATTR, SURPLUS, load_stored_study
 from regsearch._tracking import Tracker, default_tracking_uri, error_gist, log_batches
 
 SYNCED_TAG = "regsearch.synced"
@@ -223,8 +223,7 @@ def _log_trial(tracker: Tracker, trial: optuna.trial.FrozenTrial, parent_run_id:
               "regsearch.study": study_name, **tags, SYNCED_TAG: "true"})
     run_id = run.info.run_id
     params = dict(trial.params)
-    if "seed" in trial.user_attrs:
-        params["seed"] = trial.user_attrs["seed"]
+    params.update({key: trial.user_attrs[key] for key in ("seed", PRECISION_ATTR) if key in trial.user_attrs})
     log_batches(tracker.client, run_id, params=params, metrics=_trial_metrics(trial))
     tracker.client.set_terminated(run_id, status=status, end_time=_ms(trial.datetime_complete))
 

@@ -8,7 +8,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -87,11 +87,82 @@ def _schedule(optimizer: torch.optim.Optimizer, training: TrainingSpec, lr: floa
     return None
 
 
-def _autocast(device: torch.device):
-    # bf16 autocast only on CUDA: on CPUs without AVX-512 it runs many times slower than fp32.
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` does bfloat16 arithmetic in hardware (on a CPU: AVX512-BF16 or AMX).
+
+    On a CPU without it, bf16 autocast is emulated: a CIFAR CNN step ran 12x slower than float32 on an AVX2 CPU.
+    """
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+        return True
+    if device.type != "cpu":
+        return False
+    return any(getattr(torch.cpu, check, lambda: False)()
+               for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+BF16_MIN_STEP_FLOPS = 5e7
+"""Below this (a training step's forward and backward FLOPs) bf16 does not pay on a CPU: autocast's casts cost
+more than the arithmetic saves. Measured on an AVX512-BF16 CPU, one thread: a 30 MFLOP digits MLP step 0.90x,
+60 MFLOP 1.10x, 111 MFLOP 1.35x, the 8 GFLOP CIFAR CNN step 1.69x."""
+
+
+def step_flops(model: nn.Module, x: torch.Tensor) -> float:
+    """A training step's FLOPs on batch `x`: the Linear and convolution layers' forward, times 3 (with backward).
+
+    One forward pass in eval mode without gradients (nothing is learnt, BatchNorm's statistics are kept); other
+    operations are not counted (they are not what bf16 speeds up). Backward is taken as twice the forward, so
+    the first layer's input gradient, which torch does not compute, is counted too (7 % of a digits MLP step).
+    """
+    total = 0.0
+
+    def linear(module: nn.Linear, _inputs: Any, out: torch.Tensor) -> None:
+        nonlocal total
+        total += 2.0 * out.numel() * module.in_features
+
+    def conv(module: nn.modules.conv._ConvNd, inputs: Any, out: torch.Tensor) -> None:
+        nonlocal total
+        # each output element of a convolution (each input element of a transposed one) is a dot product
+        dots, width = (inputs[0].numel(), module.out_channels) if module.transposed else (out.numel(),
+                                                                                          module.in_channels)
+        total += 2.0 * dots * (width // module.groups) * math.prod(module.kernel_size)
+
+    hooks = [m.register_forward_hook(linear if isinstance(m, nn.Linear) else conv) for m in model.modules()
+             if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    finally:
+        model.train(training)
+        for hook in hooks:
+            hook.remove()
+    return 3.0 * total
+
+
+def autocast_dtype(precision: str, device: torch.device, model: nn.Module, batch: torch.Tensor
+                   ) -> torch.dtype | None:
+    """The dtype a trial trains and evaluates in under autocast (None: float32), as `training.precision` says.
+
+    "auto": bfloat16 on CUDA, and on a CPU with native bf16 where a training step on `batch` (inputs as the model
+    takes them, of the training batch size) is worth it (`BF16_MIN_STEP_FLOPS`); else float32. The choice
+    depends only on the model, the batch size and the hardware, never on timing, so a study is reproducible.
+    """
+    if precision == "float32":
+        return None
+    if precision == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16
+    if device.type == "cpu" and native_bf16(device) and step_flops(model, batch) >= BF16_MIN_STEP_FLOPS:
+        return torch.bfloat16
+    return None
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 _thread_budget: int | None = None
@@ -147,13 +218,13 @@ class ThreadChooser:
         torch.set_num_threads(min(seconds, key=seconds.get))
 
 
-def evaluate(model: nn.Module, batcher: Batcher, x: torch.Tensor, y: torch.Tensor, batch_size: int
-             ) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) in eval mode, without augmentation or penalty."""
+def evaluate(model: nn.Module, batcher: Batcher, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+             autocast: torch.dtype | None = None) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) in eval mode, without augmentation or penalty (under `autocast`, if any)."""
     model.eval()
     loss_sum = torch.zeros((), device=y.device)
     right = torch.zeros((), device=y.device, dtype=torch.long)
-    with torch.no_grad(), _autocast(y.device):
+    with torch.no_grad(), autocast_context(y.device, autocast):
         for start in range(0, len(y), batch_size):
             out = model(batcher.inputs(x[start:start + batch_size])).float()
             target = y[start:start + batch_size]
@@ -165,8 +236,11 @@ def evaluate(model: nn.Module, batcher: Batcher, x: torch.Tensor, y: torch.Tenso
 
 def fit(model: nn.Module, data: TensorData, applied: Sequence[Applied], training: TrainingSpec, *, lr: float,
         device: torch.device, seed: int, on_epoch: Callable[[int, dict[str, float]], None] | None = None,
-        epochs: int | None = None) -> dict[str, float]:
+        epochs: int | None = None, autocast: torch.dtype | None | Literal["auto"] = "auto") -> dict[str, float]:
     """Train `model` on `data` (already on `device`); returns the final model's metrics.
+
+    `autocast`: the dtype of `autocast_dtype` (None: float32), or "auto" to choose it here as `training.precision`
+    says.
 
     Each epoch ends with eval-mode metrics on a fixed training subset the size of the validation split and on
     the validation split; `on_epoch(epoch, metrics)` receives them (1-based epoch) and may raise to stop. A
@@ -188,6 +262,8 @@ def fit(model: nn.Module, data: TensorData, applied: Sequence[Applied], training
     gen = torch.Generator().manual_seed(seed)
     subset = torch.randperm(n, generator=gen)[:len(data.y_val)].to(device)
     x_fixed, y_fixed = data.x_train[subset], data.y_train[subset]
+    if autocast == "auto":
+        autocast = autocast_dtype(training.precision, device, model, batcher.inputs(data.x_train[:bs]))
     penalizers = [a for a in applied if _overrides(a.regularizer, "penalty")]
     batch_hooks = [a for a in applied if _overrides(a.regularizer, "on_batch_end")]
     batch_transforms = sorted((a for a in applied if _overrides(a.regularizer, "transform_batch")),
@@ -223,7 +299,7 @@ def fit(model: nn.Module, data: TensorData, applied: Sequence[Applied], training
             y = data.y_train[idx]
             for a in batch_transforms:
                 x, y = _transformed(a, x, y, checked=state.step > 0)
-            with _autocast(device):
+            with autocast_context(device, autocast):
                 out = model(x)
                 # y: int labels, or (N, C) probabilities once a plugin made them soft (mixup, label smoothing)
                 loss = F.cross_entropy(out.float(), y, label_smoothing=training.label_smoothing)
@@ -252,8 +328,8 @@ def fit(model: nn.Module, data: TensorData, applied: Sequence[Applied], training
         fit_loss = loss_sum.item() / steps
         if not math.isfinite(fit_loss):
             raise TrialDiverged(f"loss is NaN/inf at epoch {epoch}")
-        train_loss, train_acc = evaluate(model, batcher, x_fixed, y_fixed, training.eval_batch_size)
-        val_loss, val_acc = evaluate(model, batcher, data.x_val, data.y_val, training.eval_batch_size)
+        train_loss, train_acc = evaluate(model, batcher, x_fixed, y_fixed, training.eval_batch_size, autocast)
+        val_loss, val_acc = evaluate(model, batcher, data.x_val, data.y_val, training.eval_batch_size, autocast)
         if not math.isfinite(val_loss) or not math.isfinite(train_loss):
             raise TrialDiverged(f"loss is NaN/inf at epoch {epoch}")
         metrics = {
@@ -272,8 +348,8 @@ def fit(model: nn.Module, data: TensorData, applied: Sequence[Applied], training
         a.regularizer.on_train_end(state, a.params)
     if state.model is not model:
         final = state.model
-        train_loss, train_acc = evaluate(final, batcher, x_fixed, y_fixed, training.eval_batch_size)
-        val_loss, val_acc = evaluate(final, batcher, data.x_val, data.y_val, training.eval_batch_size)
+        train_loss, train_acc = evaluate(final, batcher, x_fixed, y_fixed, training.eval_batch_size, autocast)
+        val_loss, val_acc = evaluate(final, batcher, data.x_val, data.y_val, training.eval_batch_size, autocast)
         metrics = {**metrics, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
                    "val_acc": val_acc, "gap_loss": val_loss - train_loss, "gap_acc": train_acc - val_acc}
         _adopt(model, final, applied)

@@ -310,6 +310,8 @@ CASES = [
     case("study-unknown-optimizer", "optimize --study {tmp}/s.yaml",
          "s.yaml: training.optimizer: unknown value 'adamm' (did you mean 'adamw'?)",
          files={"s.yaml": "training: {optimizer: adamm}\n"}),
+    case("study-unknown-precision", "optimize --study digits --set training.precision=bf16",
+         "--set training.precision=bf16: training.precision: unknown value 'bf16' (did you mean 'bfloat16'?)"),
     case("study-unknown-sampler", "optimize --study {tmp}/s.yaml",
          "s.yaml: search.sampler.name: unknown value 'cmaes'; known: random, tpe",
          files={"s.yaml": "search: {sampler: {name: cmaes}}\n"}),

@@ -308,6 +308,7 @@ def test_trials_run_without_mlflow_are_logged_once_from_the_storage(tmp_path, mo
         assert run.data.tags["regsearch.synced"] == "true", number
         assert run.data.tags["regsearch.study"] == "synced" and run.info.run_name == f"trial-{number}"
         assert run.data.params["seed"] == str(trial.user_attrs["seed"])
+        assert run.data.params["precision"] == trial.user_attrs["precision"]
         assert run.info.start_time == int(trial.datetime_start.timestamp() * 1000)
         assert run.info.end_time == int(trial.datetime_complete.timestamp() * 1000)
         for key, value in trial.user_attrs.get("metrics", {}).items():

@@ -112,6 +112,7 @@ def test_one_experiment_one_study_run_and_a_child_run_per_trial(pruned_study):
         for key, value in tr.params.items():
             assert run.data.params.get(key) == str(value), f"{where}: param {key}"
         assert run.data.params["seed"] == str(tr.user_attrs["seed"]), where
+        assert run.data.params["precision"] == tr.user_attrs["precision"] == "float32", where  # a digits MLP's
 
         epochs = tr.user_attrs["epochs"]
         if tr.state == optuna.trial.TrialState.COMPLETE:

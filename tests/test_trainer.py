@@ -1,4 +1,5 @@
-"""The trainer's hooks for loop-event plugins: batch transforms with soft targets, early stop, a final model."""
+"""The trainer: hooks for loop-event plugins (batch transforms with soft targets, early stop, a final model) and the
+precision a trial trains in."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from torch import nn
 
 from regsearch import PluginError, Regularizer, TensorData
 from regsearch._spec import TrainingSpec
-from regsearch._trainer import Applied, evaluate, fit
+from regsearch._trainer import Applied, autocast_dtype, evaluate, fit, native_bf16, step_flops
 from regsearch.data._tensors import Batcher
+from regsearch.models import MODELS, model_factory
 from regsearch.regularizers.augment import Augment
 
 CPU = torch.device("cpu")
@@ -188,3 +190,55 @@ def test_a_model_with_sparse_gradients_trains_with_sgd(data):
                   seed=0)
     assert not torch.equal(model.bag.weight, before)
     assert metrics["val_acc"] > 0.5  # the labels are sums of the first two signs: learnable by such a bag
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_a_steps_flops_are_what_torchs_flop_counter_counts(name):
+    """The precision rule sees a model's real cost: forward and backward of every built-in model."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    shape = (64,) if name == "mlp" else (3, 32, 32)
+    model = model_factory(name, {}, shape, 10)()
+    x = torch.randn(8, *shape)
+    with FlopCounterMode(display=False) as counter:
+        nn.functional.cross_entropy(model(x), torch.zeros(8, dtype=torch.long)).backward()
+    # 3x the forward: torch skips the first layer's input gradient (7 % of a digits MLP step, 0.2 % of a CNN's)
+    assert step_flops(model, x) == pytest.approx(counter.get_total_flops(), rel=0.08)
+
+
+def test_counting_a_steps_flops_leaves_the_model_as_it_was():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(64, 2))
+    model.train()
+    before = copy.deepcopy(model.state_dict())
+    assert step_flops(model, torch.randn(5, 3, 6, 6)) == 3 * 5 * (2 * 4 * 4 * 4 * 27 + 2 * 2 * 64)
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BatchNorm learnt nothing
+    assert not any(m._forward_hooks for m in model.modules())
+    # a transposed convolution: a dot product per input element and output channel
+    assert step_flops(nn.ConvTranspose2d(3, 8, 3, stride=2), torch.randn(2, 3, 8, 8)) == 3 * 2 * (2 * 3 * 64) * 8 * 9
+
+
+def test_precision_follows_the_study_and_auto_takes_bfloat16_only_where_it_pays():
+    digits = model_factory("mlp", {}, (64,), 10)()
+    cifar = model_factory("cnn", {}, (3, 32, 32), 10)().to(memory_format=torch.channels_last)
+    small, large = torch.randn(64, 64), torch.randn(128, 3, 32, 32).to(memory_format=torch.channels_last)
+    assert autocast_dtype("float32", CPU, cifar, large) is None
+    assert autocast_dtype("bfloat16", CPU, digits, small) is torch.bfloat16
+    # a digits step (30 MFLOP) gains nothing from bf16 on any CPU; a CIFAR step (8 GFLOP) does where the CPU
+    # has bf16 arithmetic, and is many times slower where it has not
+    assert autocast_dtype("auto", CPU, digits, small) is None
+    assert autocast_dtype("auto", CPU, cifar, large) is (torch.bfloat16 if native_bf16(CPU) else None)
+    assert autocast_dtype("auto", torch.device("cuda"), digits, small) is torch.bfloat16
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_a_trial_trains_and_is_measured_in_its_precision(data, precision):
+    model = mlp()
+    seen: dict[bool, set] = {True: set(), False: set()}
+    model[0].register_forward_hook(lambda m, i, out: seen[m.training].add(out.dtype))
+    training = TrainingSpec(epochs=10, batch_size=16, schedule="constant", precision=precision)
+    metrics = fit(model, data, [], training, lr=0.1, device=CPU, seed=0)
+    dtype = getattr(torch, precision)
+    assert seen == {True: {dtype}, False: {dtype}}  # training steps and the eval-mode metrics alike
+    assert next(model.parameters()).dtype == torch.float32  # weights stay float32 under autocast
+    assert metrics["val_acc"] >= 0.8, metrics
