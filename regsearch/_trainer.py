@@ -18,6 +18,7 @@ from regsearch._errors import PluginError, TrialError
 from regsearch._regularizer import LoopState, Regularizer
 from regsearch._spec import TrainingSpec
 from regsearch.data._tensors import Batcher, TensorData
+from regsearch.surgery import watch
 
 
 class TrialDiverged(TrialError):
@@ -109,7 +110,7 @@ more than the arithmetic saves. Measured on an AVX512-BF16 CPU, one thread: a 30
 def step_flops(model: nn.Module, x: torch.Tensor) -> float:
     """A training step's FLOPs on batch `x`: the Linear and convolution layers' forward, times 3 (with backward).
 
-    One forward pass in eval mode without gradients (nothing is learnt, BatchNorm's statistics are kept); other
+    One forward pass in eval mode without gradients (`surgery.watch`: the model is left as it was); other
     operations are not counted (they are not what bf16 speeds up). Backward is taken as twice the forward, so
     the first layer's input gradient, which torch does not compute, is counted too (7 % of a digits MLP step).
     """
@@ -126,17 +127,8 @@ def step_flops(model: nn.Module, x: torch.Tensor) -> float:
                                                                                           module.in_channels)
         total += 2.0 * dots * (width // module.groups) * math.prod(module.kernel_size)
 
-    hooks = [m.register_forward_hook(linear if isinstance(m, nn.Linear) else conv) for m in model.modules()
-             if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
-    training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(x)
-    finally:
-        model.train(training)
-        for hook in hooks:
-            hook.remove()
+    watch(model, x, {m: linear if isinstance(m, nn.Linear) else conv for m in model.modules()
+                     if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))})
     return 3.0 * total
 
 

@@ -8,7 +8,7 @@ model still resolves to its site, and later insertions after the same site appen
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +37,21 @@ class Site:
         return len(self.out_shape)
 
 
+def watch(model: nn.Module, example: torch.Tensor, hooks: Mapping[nn.Module, Callable[..., None]]) -> None:
+    """One forward pass of `example` in eval mode without gradients, each of `hooks` (module: forward hook)
+    attached meanwhile; the model is left as it was (nothing learnt, BatchNorm's statistics kept, no hook)."""
+    handles = [module.register_forward_hook(hook) for module, hook in hooks.items()]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+
+
 def trace(model: nn.Module, example: torch.Tensor) -> list[Site]:
     """The leaf modules in the order one forward pass (eval mode, no grad) runs them, with output shapes."""
     leaves = {name: m for name, m in model.named_modules() if name and not any(True for _ in m.children())}
@@ -50,16 +65,7 @@ def trace(model: nn.Module, example: torch.Tensor) -> list[Site]:
                 order.append((name, type(module).__name__, tuple(output.shape)))
         return record
 
-    handles = [m.register_forward_hook(hook(name)) for name, m in leaves.items()]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(example)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    watch(model, example, {m: hook(name) for name, m in leaves.items()})
     sites = []
     for i, (name, type_name, shape) in enumerate(order):
         nxt = order[i + 1] if i + 1 < len(order) else None
