@@ -31,7 +31,7 @@ def child_regsearch(folder: str, epochs: int, train_size: int, precision: str) -
 
     import regsearch._trainer as trainer
     from regsearch._spec import load_study
-    from regsearch._study import build_trial, precision_name, prepare, trial_autocast
+    from regsearch._study import build_trial, precision_name, prepare
 
     overrides = [("training.epochs", str(epochs)), ("regularizers", "{augment: {enabled: true}}"),
                  ("model.name", "cnn"), ("model.channels", "[32, 64, 128]"), ("model.hidden", "256"),
@@ -62,7 +62,7 @@ def child_regsearch(folder: str, epochs: int, train_size: int, precision: str) -
     import torch
 
     return {"img_per_s": per_epoch, "threads": torch.get_num_threads(), "images": n,
-            "precision": precision_name(trial_autocast(exp, model))}
+            "precision": precision_name(trainer.training_autocast(spec.training, exp.device, model, exp.data))}
 
 
 def child_peer(peer: str, folder: str, epochs: int, train_size: int) -> dict:
@@ -100,9 +100,8 @@ def child_peer(peer: str, folder: str, epochs: int, train_size: int) -> dict:
 def child_ceiling(quick: bool) -> dict:
     import torch
 
-    from regsearch.models import cnn
-
     from regsearch._trainer import native_bf16
+    from regsearch.models import cnn
 
     gflops = common.sgemm_gflops(quick)
     bf16 = common.sgemm_gflops(quick, "bfloat16") if native_bf16(torch.device("cpu")) else None

@@ -17,7 +17,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import optuna
 import torch
@@ -29,8 +29,8 @@ from regsearch._regularizer import LoopState, NamespacedTrial, Regularizer, Tria
 from regsearch._spec import RegularizerSpec, StudySpec, TrainingSpec, load_study, search_value
 from regsearch._storage import describe_storage, mask_url, open_storage
 from regsearch._tracking import TrackerProcess, default_tracking_uri
-from regsearch._trainer import (Applied, _transformed, autocast_context, autocast_dtype, build_optimizer, evaluate,
-                                fit, native_bf16, resolve_device, set_thread_budget)
+from regsearch._trainer import (Applied, _transformed, autocast_context, build_optimizer, evaluate, fit, native_bf16,
+                                resolve_device, set_thread_budget, training_autocast)
 from regsearch.data._tensors import Batcher, TensorData, load_dataset
 from regsearch.models import model_factory
 from regsearch.surgery import trace
@@ -276,6 +276,7 @@ def preflight(exp: Experiment, registry: RegularizerRegistry) -> float:
             raise ConfigError(f"regularizers.{rspec.name}: {exc}") from None
         except Exception as exc:
             raise PluginError(f"{who}: {step} failed: {type(exc).__name__}: {exc}") from exc
+    autocast = training_autocast(spec.training, exp.device, model, exp.data)
     batch = min(spec.training.batch_size, len(exp.data.y_train))
     batcher = Batcher(exp.data)
     x = batcher.inputs(exp.data.x_train[:batch])
@@ -298,7 +299,6 @@ def preflight(exp: Experiment, registry: RegularizerRegistry) -> float:
             raise ConfigError(f"regularizers.{rspec.name}: {exc}") from None
         except Exception as exc:
             raise PluginError(f"{_who(rspec, registry)}: transform_batch failed: {type(exc).__name__}: {exc}") from exc
-    autocast = autocast_dtype(spec.training.precision, exp.device, model, x)
     model.train()
 
     def step() -> float:
@@ -451,10 +451,13 @@ class _Objective:
         baseline = is_baseline(trial)
         try:
             model, applied, lr = build_trial(self.exp, trial, seed, baseline=baseline)
-            autocast = trial_autocast(self.exp, model)
-            trial.set_user_attr(PRECISION_ATTR, precision_name(autocast))
             if tracker:
-                tracker.log_params(run, {**trial.params, "seed": seed, PRECISION_ATTR: precision_name(autocast)})
+                tracker.log_params(run, {**trial.params, "seed": seed})
+            autocast = training_autocast(self.exp.spec.training, self.exp.device, model, self.exp.data)
+            precision = precision_name(autocast)
+            trial.set_user_attr(PRECISION_ATTR, precision)
+            if tracker:
+                tracker.log_params(run, {PRECISION_ATTR: precision})
 
             ran = [0]
             curve: list[dict[str, float]] = []
@@ -990,27 +993,25 @@ def _run_workers(study: optuna.Study, job: dict[str, Any], workers: int, progres
     return stopper.gave_up or (3 in [p.exitcode for p in procs] and _committed(study) < job["n_trials"])
 
 
-def test_score(exp: Experiment, model: nn.Module, autocast: torch.dtype | None | Literal["auto"] = "auto"
-               ) -> tuple[float, float]:
-    """(loss, accuracy) on the test split, in eval mode: asked once per study for the best trial and the baseline.
-
-    Evaluated in the precision the trial trained in ("auto": chosen again for `model`, as for the trial).
-    """
-    if autocast == "auto":
-        autocast = trial_autocast(exp, model)
+def test_score(exp: Experiment, model: nn.Module, autocast: torch.dtype | None) -> tuple[float, float]:
+    """(loss, accuracy) on the test split, in eval mode and in the precision the trial trained in (`autocast`):
+    asked once per study for the best trial and the baseline."""
     return evaluate(model, Batcher(exp.data), exp.data.x_test, exp.data.y_test, exp.spec.training.eval_batch_size,
                     autocast)
 
 
-def trial_autocast(exp: Experiment, model: nn.Module) -> torch.dtype | None:
-    """The autocast dtype a trial of this study trains `model` in (None: float32; see `autocast_dtype`)."""
-    batch = min(exp.spec.training.batch_size, len(exp.data.y_train))
-    return autocast_dtype(exp.spec.training.precision, exp.device, model,
-                          Batcher(exp.data).inputs(exp.data.x_train[:batch]))
-
-
 def precision_name(autocast: torch.dtype | None) -> str:
+    """How a trial's precision is recorded: float32 (no autocast) or bfloat16."""
     return "float32" if autocast is None else str(autocast).removeprefix("torch.")
+
+
+def stored_autocast(exp: Experiment, trial: optuna.trial.FrozenTrial, model: nn.Module) -> torch.dtype | None:
+    """The precision a stored trial trained in, whatever this machine or the study file would choose now (another
+    worker's machine may have had bf16 arithmetic); chosen afresh for trials stored before it was recorded."""
+    recorded = trial.user_attrs.get(PRECISION_ATTR)
+    if recorded is None:
+        return training_autocast(exp.spec.training, exp.device, model, exp.data)
+    return None if recorded == "float32" else getattr(torch, recorded)
 
 
 def _rebuild(exp: Experiment, trial: optuna.trial.FrozenTrial) -> tuple[nn.Module, list[Applied], float, int]:
@@ -1022,9 +1023,10 @@ def _rebuild(exp: Experiment, trial: optuna.trial.FrozenTrial) -> tuple[nn.Modul
 
 
 def retrain(exp: Experiment, trial: optuna.trial.FrozenTrial) -> nn.Module:
-    """Train a stored trial again from its parameters and seed (the same model on CPU)."""
+    """Train a stored trial again from its parameters and seed, in its precision (the same model on CPU)."""
     model, applied, lr, seed = _rebuild(exp, trial)
-    fit(model, exp.data, applied, training_for(exp, trial), lr=lr, device=exp.device, seed=seed)
+    fit(model, exp.data, applied, training_for(exp, trial), lr=lr, device=exp.device, seed=seed,
+        autocast=stored_autocast(exp, trial, model))
     return model
 
 
@@ -1057,7 +1059,7 @@ def _final_report(study: optuna.Study, exp: Experiment, objective: _Objective, t
     else:
         logger.info("retraining the best trial (%d) of an earlier run for the test report", best.number)
         model = retrain(exp, best)
-    test_loss, test_acc = test_score(exp, model)
+    test_loss, test_acc = test_score(exp, model, stored_autocast(exp, best, model))
     result = {"trial": best.number, "test_acc": test_acc, "test_loss": test_loss, "mlflow_run_id": parent}
     study.set_user_attr(TEST_ATTR, result)
     sentence = summary_sentence(study, exp.spec, best, test_acc)

@@ -34,7 +34,7 @@ __all__ = ["CHECKS", "check_regularizer", "contract_tests"]
 
 CPU = torch.device("cpu")
 CLASSES = 3
-TRAINING = TrainingSpec(epochs=3, batch_size=16, schedule="constant", eval_batch_size=64)
+TRAINING = TrainingSpec(epochs=3, batch_size=16, schedule="constant", eval_batch_size=64, precision="float32")
 LR = 0.05
 
 

@@ -224,6 +224,22 @@ def test_trial_seeds_make_a_trial_reproducible(in_tmp, data):
     assert val_acc == pytest.approx(study.trials[0].value)
 
 
+def test_a_stored_trial_is_retrained_and_tested_in_the_precision_it_trained_in(in_tmp, data):
+    """Another machine (without bf16 arithmetic) or another study file retrains and tests a trial as it trained."""
+    from regsearch._study import prepare, retrain, stored_autocast, test_score
+
+    study = regsearch.optimize(small_spec(precision="bfloat16"), data=data, model=Tabular, n_trials=1,
+                               tracking=False, storage=str(in_tmp / "p.journal"))
+    trial = study.trials[0]
+    assert trial.user_attrs["precision"] == "bfloat16"
+    exp = prepare(small_spec(precision="float32"), data=data, model=Tabular)
+    model = retrain(exp, trial)
+    val_loss, _ = evaluate(model, Batcher(exp.data), exp.data.x_val, exp.data.y_val, 1024, torch.bfloat16)
+    assert val_loss == pytest.approx(trial.user_attrs["metrics"]["val_loss"], rel=1e-5)  # the same model again
+    test_acc = test_score(exp, model, stored_autocast(exp, trial, model))[1]
+    assert test_acc == pytest.approx(study.user_attrs["best_test"]["test_acc"])
+
+
 def test_a_study_starts_from_its_first_trial_recipe(in_tmp, data):
     spec = spec_from_dict({"training": {"epochs": 2}, "search": {"n_trials": 2, "pruner": {"name": "none"},
                            "first_trial": {"lr": 0.05, "l2.enabled": True, "l2.weight_decay": 1e-4}},

@@ -11,7 +11,8 @@ from torch import nn
 
 from regsearch import PluginError, Regularizer, TensorData
 from regsearch._spec import TrainingSpec
-from regsearch._trainer import Applied, autocast_dtype, evaluate, fit, native_bf16, step_flops
+from regsearch import _trainer as trainer
+from regsearch._trainer import Applied, autocast_dtype, evaluate, fit, step_flops
 from regsearch.data._tensors import Batcher
 from regsearch.models import MODELS, model_factory
 from regsearch.regularizers.augment import Augment
@@ -218,7 +219,9 @@ def test_counting_a_steps_flops_leaves_the_model_as_it_was():
     assert step_flops(nn.ConvTranspose2d(3, 8, 3, stride=2), torch.randn(2, 3, 8, 8)) == 3 * 2 * (2 * 3 * 64) * 8 * 9
 
 
-def test_precision_follows_the_study_and_auto_takes_bfloat16_only_where_it_pays():
+@pytest.mark.parametrize("bf16_cpu", [True, False], ids=["bf16-cpu", "avx2-cpu"])
+def test_precision_follows_the_study_and_auto_takes_bfloat16_only_where_it_pays(monkeypatch, bf16_cpu):
+    monkeypatch.setattr(trainer, "native_bf16", lambda device: device.type == "cuda" or bf16_cpu)
     digits = model_factory("mlp", {}, (64,), 10)()
     cifar = model_factory("cnn", {}, (3, 32, 32), 10)().to(memory_format=torch.channels_last)
     small, large = torch.randn(64, 64), torch.randn(128, 3, 32, 32).to(memory_format=torch.channels_last)
@@ -227,7 +230,7 @@ def test_precision_follows_the_study_and_auto_takes_bfloat16_only_where_it_pays(
     # a digits step (30 MFLOP) gains nothing from bf16 on any CPU; a CIFAR step (8 GFLOP) does where the CPU
     # has bf16 arithmetic, and is many times slower where it has not
     assert autocast_dtype("auto", CPU, digits, small) is None
-    assert autocast_dtype("auto", CPU, cifar, large) is (torch.bfloat16 if native_bf16(CPU) else None)
+    assert autocast_dtype("auto", CPU, cifar, large) is (torch.bfloat16 if bf16_cpu else None)
     assert autocast_dtype("auto", torch.device("cuda"), digits, small) is torch.bfloat16
 
 
