@@ -137,8 +137,8 @@ class TrainingSpec:
     label_smoothing: float = field(default=0.0, metadata=_check(minimum=0.0, maximum=0.5))
     eval_batch_size: int = field(default=1024, metadata=_check(minimum=1))
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
-    """bfloat16 autocast (weights stay float32) or float32; auto: bfloat16 on CUDA and, where a step is big enough
-    to gain, on CPUs with native bfloat16 (AVX512-BF16, AMX)."""
+    """bfloat16 autocast (weights stay float32) or float32; auto: bfloat16 on GPUs with native bfloat16 (Ampere on)
+    and, where a step is big enough to gain, on CPUs with it (AVX512-BF16, AMX)."""
 
 
 @dataclass(frozen=True)

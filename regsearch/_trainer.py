@@ -90,12 +90,15 @@ def _schedule(optimizer: torch.optim.Optimizer, training: TrainingSpec, lr: floa
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 autocast pays on `device`: CUDA (as always here), or a CPU with AVX512-BF16 or AMX.
+    """Whether `device` does bfloat16 arithmetic in hardware: a GPU from Ampere on, a CPU with AVX512-BF16 or AMX.
 
-    On a CPU without them, bf16 is emulated: a CIFAR CNN step ran 12x slower than float32 on an AVX2 CPU.
+    Elsewhere bf16 is emulated: a CIFAR CNN step ran 12x slower than float32 on an AVX2 CPU.
     """
     if device.type == "cuda":
-        return True
+        try:
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # torch before 2.4 does not emulate, and has no such argument
+            return torch.cuda.is_bf16_supported()
     return device.type == "cpu" and _cpu_has_bf16()
 
 
@@ -154,7 +157,7 @@ def autocast_dtype(precision: str, device: torch.device, model: nn.Module, batch
                    ) -> torch.dtype | None:
     """The dtype a trial trains and evaluates in under autocast (None: float32), as `training.precision` says.
 
-    "auto": bfloat16 on CUDA, and on a CPU with native bf16 where a training step on `batch` (inputs as the model
+    "auto": bfloat16 on a GPU with native bf16, and on a CPU with it where a training step on `batch` (inputs as the model
     takes them, of the training batch size) is worth it (`BF16_MIN_STEP_FLOPS`); else float32. The choice
     depends only on the model, the batch size and the hardware, never on timing, so a study is reproducible.
     """
@@ -163,7 +166,7 @@ def autocast_dtype(precision: str, device: torch.device, model: nn.Module, batch
     if precision == "bfloat16":
         return torch.bfloat16
     if device.type == "cuda":
-        return torch.bfloat16
+        return torch.bfloat16 if native_bf16(device) else None
     if device.type == "cpu" and native_bf16(device) and step_flops(model, batch) >= BF16_MIN_STEP_FLOPS:
         return torch.bfloat16
     return None
