@@ -1005,12 +1005,13 @@ def precision_name(autocast: torch.dtype | None) -> str:
     return "float32" if autocast is None else str(autocast).removeprefix("torch.")
 
 
-def stored_autocast(exp: Experiment, trial: optuna.trial.FrozenTrial, model: nn.Module) -> torch.dtype | None:
+def stored_autocast(exp: Experiment, trial: optuna.trial.FrozenTrial) -> torch.dtype | None:
     """The precision a stored trial trained in, whatever this machine or the study file would choose now (another
-    worker's machine may have had bf16 arithmetic); chosen afresh for trials stored before it was recorded."""
+    worker's machine may have had bf16 arithmetic). A trial stored before precisions were recorded trained as
+    regsearch did then: bfloat16 on CUDA, float32 elsewhere."""
     recorded = trial.user_attrs.get(PRECISION_ATTR)
     if recorded is None:
-        return training_autocast(exp.spec.training, exp.device, model, exp.data)
+        return torch.bfloat16 if exp.device.type == "cuda" else None
     return None if recorded == "float32" else getattr(torch, recorded)
 
 
@@ -1026,7 +1027,7 @@ def retrain(exp: Experiment, trial: optuna.trial.FrozenTrial) -> nn.Module:
     """Train a stored trial again from its parameters and seed, in its precision (the same model on CPU)."""
     model, applied, lr, seed = _rebuild(exp, trial)
     fit(model, exp.data, applied, training_for(exp, trial), lr=lr, device=exp.device, seed=seed,
-        autocast=stored_autocast(exp, trial, model))
+        autocast=stored_autocast(exp, trial))
     return model
 
 
@@ -1059,7 +1060,7 @@ def _final_report(study: optuna.Study, exp: Experiment, objective: _Objective, t
     else:
         logger.info("retraining the best trial (%d) of an earlier run for the test report", best.number)
         model = retrain(exp, best)
-    test_loss, test_acc = test_score(exp, model, stored_autocast(exp, best, model))
+    test_loss, test_acc = test_score(exp, model, stored_autocast(exp, best))
     result = {"trial": best.number, "test_acc": test_acc, "test_loss": test_loss, "mlflow_run_id": parent}
     study.set_user_attr(TEST_ATTR, result)
     sentence = summary_sentence(study, exp.spec, best, test_acc)

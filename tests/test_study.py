@@ -236,8 +236,11 @@ def test_a_stored_trial_is_retrained_and_tested_in_the_precision_it_trained_in(i
     model = retrain(exp, trial)
     val_loss, _ = evaluate(model, Batcher(exp.data), exp.data.x_val, exp.data.y_val, 1024, torch.bfloat16)
     assert val_loss == pytest.approx(trial.user_attrs["metrics"]["val_loss"], rel=1e-5)  # the same model again
-    test_acc = test_score(exp, model, stored_autocast(exp, trial, model))[1]
+    test_acc = test_score(exp, model, stored_autocast(exp, trial))[1]
     assert test_acc == pytest.approx(study.user_attrs["best_test"]["test_acc"])
+    # a trial stored before precisions were recorded trained in float32 on a CPU, whatever the study says now
+    older = optuna.trial.create_trial(value=trial.value, params=trial.params, distributions=trial.distributions)
+    assert stored_autocast(prepare(small_spec(precision="bfloat16"), data=data, model=Tabular), older) is None
 
 
 def test_a_study_starts_from_its_first_trial_recipe(in_tmp, data):
