@@ -31,7 +31,7 @@ def child_regsearch(folder: str, epochs: int, train_size: int, precision: str) -
 
     import regsearch._trainer as trainer
     from regsearch._spec import load_study
-    from regsearch._study import build_trial, precision_name, prepare
+    from regsearch._study import build_trial, prepare
 
     overrides = [("training.epochs", str(epochs)), ("regularizers", "{augment: {enabled: true}}"),
                  ("model.name", "cnn"), ("model.channels", "[32, 64, 128]"), ("model.hidden", "256"),
@@ -62,7 +62,7 @@ def child_regsearch(folder: str, epochs: int, train_size: int, precision: str) -
     import torch
 
     return {"img_per_s": per_epoch, "threads": torch.get_num_threads(), "images": n,
-            "precision": precision_name(trainer.training_autocast(spec.training, exp.device, model, exp.data))}
+            "precision": trainer.precision_name(trainer.training_autocast(spec.training, exp.device, model, exp.data))}
 
 
 def child_peer(peer: str, folder: str, epochs: int, train_size: int) -> dict:

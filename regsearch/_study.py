@@ -29,8 +29,8 @@ from regsearch._regularizer import LoopState, NamespacedTrial, Regularizer, Tria
 from regsearch._spec import RegularizerSpec, StudySpec, TrainingSpec, load_study, search_value
 from regsearch._storage import describe_storage, mask_url, open_storage
 from regsearch._tracking import TrackerProcess, default_tracking_uri
-from regsearch._trainer import (Applied, _transformed, autocast_context, build_optimizer, evaluate, fit, native_bf16,
-                                resolve_device, set_thread_budget, training_autocast)
+from regsearch._trainer import (PINNED, Applied, _transformed, autocast_context, build_optimizer, evaluate, fit,
+                                native_bf16, precision_name, resolve_device, set_thread_budget, training_autocast)
 from regsearch.data._tensors import Batcher, TensorData, load_dataset
 from regsearch.models import model_factory
 from regsearch.surgery import trace
@@ -1000,11 +1000,6 @@ def test_score(exp: Experiment, model: nn.Module, autocast: torch.dtype | None) 
                     autocast)
 
 
-def precision_name(autocast: torch.dtype | None) -> str:
-    """How a trial's precision is recorded: float32 (no autocast) or bfloat16."""
-    return "float32" if autocast is None else str(autocast).removeprefix("torch.")
-
-
 def stored_autocast(exp: Experiment, trial: optuna.trial.FrozenTrial) -> torch.dtype | None:
     """The precision a stored trial trained in, whatever this machine or the study file would choose now (another
     worker's machine may have had bf16 arithmetic). A trial stored before precisions were recorded trained as
@@ -1012,7 +1007,7 @@ def stored_autocast(exp: Experiment, trial: optuna.trial.FrozenTrial) -> torch.d
     recorded = trial.user_attrs.get(PRECISION_ATTR)
     if recorded is None:
         return torch.bfloat16 if exp.device.type == "cuda" else None
-    return None if recorded == "float32" else getattr(torch, recorded)
+    return PINNED[recorded]
 
 
 def _rebuild(exp: Experiment, trial: optuna.trial.FrozenTrial) -> tuple[nn.Module, list[Applied], float, int]:

@@ -146,6 +146,15 @@ def step_flops(model: nn.Module, x: torch.Tensor) -> float:
     return 3.0 * total
 
 
+PINNED: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16}
+"""A pinned `training.precision`, or the one a trial recorded, as the dtype it autocasts to (None: no autocast)."""
+
+
+def precision_name(autocast: torch.dtype | None) -> str:
+    """How a trial's precision is recorded: the `PINNED` name of its autocast dtype."""
+    return next(name for name, dtype in PINNED.items() if dtype == autocast)
+
+
 def training_autocast(training: TrainingSpec, device: torch.device, model: nn.Module, data: TensorData
                       ) -> torch.dtype | None:
     """`autocast_dtype` for `model` trained on `data` (on `device`) as `training` says: its first training batch."""
@@ -157,14 +166,13 @@ def autocast_dtype(precision: str, device: torch.device, model: nn.Module, batch
                    ) -> torch.dtype | None:
     """The dtype a trial trains and evaluates in under autocast (None: float32), as `training.precision` says.
 
-    "auto": bfloat16 on a GPU with native bf16, and on a CPU with it where a training step on `batch` (inputs as the model
-    takes them, of the training batch size) is worth it (`BF16_MIN_STEP_FLOPS`); else float32. The choice
-    depends only on the model, the batch size and the hardware, never on timing, so a study is reproducible.
+    "auto": bfloat16 on a GPU with native bf16, and on a CPU with it where a training step on `batch` (inputs as
+    the model takes them, of the training batch size) is worth it (`BF16_MIN_STEP_FLOPS`); else float32. The
+    choice depends only on the model, the batch size and the hardware, never on timing, so a study is
+    reproducible.
     """
-    if precision == "float32":
-        return None
-    if precision == "bfloat16":
-        return torch.bfloat16
+    if precision in PINNED:
+        return PINNED[precision]
     if device.type == "cuda":
         return torch.bfloat16 if native_bf16(device) else None
     if device.type == "cpu" and native_bf16(device) and step_flops(model, batch) >= BF16_MIN_STEP_FLOPS:

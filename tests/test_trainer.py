@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from regsearch import PluginError, Regularizer, TensorData
-from regsearch._spec import TrainingSpec
 from regsearch import _trainer as trainer
+from regsearch._spec import TrainingSpec
 from regsearch._trainer import Applied, autocast_dtype, evaluate, fit, step_flops
 from regsearch.data._tensors import Batcher
 from regsearch.models import MODELS, model_factory
