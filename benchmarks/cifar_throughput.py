@@ -30,8 +30,10 @@ def child_regsearch(folder: str, epochs: int, train_size: int, precision: str) -
     import optuna
 
     import regsearch._trainer as trainer
+    from regsearch._device import precision_name, training_autocast
+    from regsearch._experiment import prepare
     from regsearch._spec import load_study
-    from regsearch._study import build_trial, prepare
+    from regsearch._trial import build_trial
 
     overrides = [("training.epochs", str(epochs)), ("regularizers", "{augment: {enabled: true}}"),
                  ("model.name", "cnn"), ("model.channels", "[32, 64, 128]"), ("model.hidden", "256"),
@@ -62,7 +64,7 @@ def child_regsearch(folder: str, epochs: int, train_size: int, precision: str) -
     import torch
 
     return {"img_per_s": per_epoch, "threads": torch.get_num_threads(), "images": n,
-            "precision": trainer.precision_name(trainer.training_autocast(spec.training, exp.device, model, exp.data))}
+            "precision": precision_name(training_autocast(spec.training, exp.device, model, exp.data))}
 
 
 def child_peer(peer: str, folder: str, epochs: int, train_size: int) -> dict:
@@ -100,7 +102,7 @@ def child_peer(peer: str, folder: str, epochs: int, train_size: int) -> dict:
 def child_ceiling(quick: bool) -> dict:
     import torch
 
-    from regsearch._trainer import native_bf16
+    from regsearch._device import native_bf16
     from regsearch.models import cnn
 
     gflops = common.sgemm_gflops(quick)

@@ -18,7 +18,6 @@ usage: python benchmarks/gpu.py [--data ARCHIVE] [--epochs 5] [--batch-sizes 512
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -86,10 +85,10 @@ def busy_share(prof, wall_us: float) -> float:
 
 def measure(spec, data, epochs: int, smi: SmiSampler) -> dict:
     import optuna
-    import torch
 
     import regsearch._trainer as trainer
-    from regsearch._study import build_trial, prepare
+    from regsearch._experiment import prepare
+    from regsearch._trial import build_trial
 
     exp = prepare(spec, data=data, device=DEVICE)
     recipe = dict(spec.search.first_trial)  # the study's known-good recipe (its trial 1)

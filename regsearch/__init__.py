@@ -20,7 +20,7 @@ _EXPORTS = {
     "RegularizerRegistry": "regsearch._registry",
     "RegularizerInfo": "regsearch._registry",
     "optimize": "regsearch._study",
-    "leaderboard": "regsearch._study",
+    "leaderboard": "regsearch._records",
     "StudySpec": "regsearch._spec",
     "Range": "regsearch._spec",
     "parse_range": "regsearch._spec",
@@ -39,16 +39,30 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 if TYPE_CHECKING:
-    from regsearch._errors import (ConfigError, DataError, PluginError, RegsearchError, StorageError, StudyError,
-                                   TrialError)
+    from regsearch._errors import (
+        ConfigError,
+        DataError,
+        PluginError,
+        RegsearchError,
+        StorageError,
+        StudyError,
+        TrialError,
+    )
+    from regsearch._records import leaderboard
     from regsearch._registry import RegularizerInfo, RegularizerRegistry, default_registry, register
     from regsearch._regularizer import LoopState, Regularizer, TrialContext
     from regsearch._spec import Range, StudySpec, load_study, parse_range, spec_from_dict
-    from regsearch._study import leaderboard, optimize
+    from regsearch._study import optimize
     from regsearch.data._tensors import TensorData
 
 
+_SUBMODULES = ("testing", "surgery", "models", "data")
+"""Public submodules reachable as attributes (`regsearch.testing.contract_tests`) without importing them first."""
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"regsearch.{name}")
     if name in _EXPORTS:
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
         globals()[name] = value

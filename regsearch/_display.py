@@ -8,8 +8,18 @@ from typing import Any
 import click
 import optuna
 
-from regsearch._study import (FAIL_REASON_ATTR, SUMMARY_ATTR, TEST_ATTR, best_trial, is_pareto, leaderboard,
-                              pareto_front, state_counts, study_max_gap, trial_val_acc)
+from regsearch._records import (
+    FAIL_REASON_ATTR,
+    SUMMARY_ATTR,
+    TEST_ATTR,
+    best_trial,
+    is_pareto,
+    leaderboard,
+    pareto_front,
+    state_counts,
+    study_max_gap,
+    trial_val_acc,
+)
 
 
 class TqdmProgress:

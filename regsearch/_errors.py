@@ -40,6 +40,10 @@ class TrialError(RegsearchError):
     """A single trial failed (divergence, a plugin raising); the study goes on."""
 
 
+class TrialDiverged(TrialError):
+    """The training loss became NaN or infinite."""
+
+
 class StudyError(RegsearchError):
     """The study as a whole cannot go on (run-time failure, exit 1)."""
 

@@ -19,12 +19,12 @@ def _example_context() -> TrialContext:
 
 def search_space_lines(info: RegularizerInfo) -> list[str]:
     """'name: distribution' lines of a regularizer with default options, on a small example MLP."""
-    from regsearch._study import _RecordingTrial
+    from regsearch._search_space import RecordingTrial
 
     try:
         reg = info.cls()
         reg.context = _example_context()
-        recorder = _RecordingTrial()
+        recorder = RecordingTrial()
         reg.search_space(NamespacedTrial(recorder, info.name))
     except Exception as exc:  # a listing must not fail on a plugin that needs options or an image model
         return [f"(search space depends on its options or the model: {type(exc).__name__}: {exc})"]

@@ -115,6 +115,18 @@ class Regularizer(abc.ABC):
         return f"{type(self).__name__}({options})"
 
 
+@dataclass(frozen=True)
+class Applied:
+    """A regularizer switched on in a trial, with the values its search space returned."""
+
+    regularizer: Regularizer
+    params: dict[str, Any]
+
+    def overrides(self, hook: str) -> bool:
+        """Whether the plugin has its own `hook` (the trainer calls only those)."""
+        return getattr(type(self.regularizer), hook) is not getattr(Regularizer, hook)
+
+
 HOOKS: dict[str, tuple[str, ...]] = {
     "search_space": ("trial",),
     "transform_model": ("model", "params"),

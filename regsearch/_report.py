@@ -22,8 +22,18 @@ from typing import Any
 import optuna
 
 from regsearch._errors import ConfigError
-from regsearch._study import (CURVE_ATTR, FAIL_REASON_ATTR, MAX_GAP_ATTR, METRIC_ATTR, SURPLUS, TEST_ATTR,
-                              best_trial, is_baseline, is_feasible)
+from regsearch._records import (
+    CURVE_ATTR,
+    MAX_GAP_ATTR,
+    METRIC_ATTR,
+    TEST_ATTR,
+    best_trial,
+    is_baseline,
+    is_feasible,
+    is_surplus,
+    nondominated,
+    rank_key,
+)
 
 logger = logging.getLogger("regsearch")
 
@@ -50,6 +60,7 @@ class TrialView:
     baseline: bool
     test_acc: float | None
     """Only the baseline trial has its own test accuracy (the best trial's is the study's `best_test`)."""
+    val_loss: float | None = None
     feasible: bool | None = None
     """Under a gap limit (`--max-gap`): whether gap_acc <= the limit; None where the study has no limit."""
 
@@ -71,7 +82,7 @@ def trial_views(study: optuna.Study) -> list[TrialView]:
     max_gap = study.user_attrs.get(MAX_GAP_ATTR)
     views = []
     for t in study.get_trials(deepcopy=False):
-        if t.user_attrs.get(FAIL_REASON_ATTR) == SURPLUS:
+        if is_surplus(t):
             continue  # asked for after the study had its total (a race between workers): never trained
         metrics = t.user_attrs.get(METRIC_ATTR) or {}
         val, gap = metrics.get("val_acc"), metrics.get("gap_acc")
@@ -81,7 +92,7 @@ def trial_views(study: optuna.Study) -> list[TrialView]:
                 gap = t.values[1]
         views.append(TrialView(t.number, t.state.name, _number(val), _number(gap), _number(metrics.get("train_acc")),
                                dict(t.params), dict(t.distributions), list(t.user_attrs.get(CURVE_ATTR) or []),
-                               is_baseline(t), _number(t.user_attrs.get("test_acc"))))
+                               is_baseline(t), _number(t.user_attrs.get("test_acc")), _number(metrics.get("val_loss"))))
         if max_gap is not None:
             views[-1].feasible = is_feasible(t)
     return views
@@ -102,17 +113,12 @@ def _complete(views: list[TrialView]) -> list[TrialView]:
 def pareto_front(views: list[TrialView]) -> list[TrialView]:
     """The complete trials no other beats on both validation accuracy (higher) and gap (lower), by gap."""
     points = [v for v in _complete(views) if v.gap_acc is not None]
-    front = [p for p in points
-             if not any(q.val_acc >= p.val_acc and q.gap_acc <= p.gap_acc
-                        and (q.val_acc > p.val_acc or q.gap_acc < p.gap_acc) for q in points)]
-    return sorted(front, key=lambda v: (v.gap_acc, v.val_acc))
+    return sorted(nondominated(points, lambda v: v.val_acc, lambda v: v.gap_acc), key=lambda v: (v.gap_acc, v.val_acc))
 
 
 def _ranked(views: list[TrialView]) -> list[TrialView]:
-    """Complete trials, best validation accuracy first (the smaller gap breaks ties); under a gap limit the
-    feasible ones first, as `optimize` and `show` rank them."""
-    return sorted(_complete(views), key=lambda v: (v.feasible is False, -v.val_acc,
-                                                   v.gap_acc if v.gap_acc is not None else math.inf))
+    """Complete trials, best first, as `optimize` and `show` rank them (`_records.rank_key`)."""
+    return sorted(_complete(views), key=lambda v: rank_key(v.val_acc, v.val_loss, v.feasible, v.number))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -475,7 +481,7 @@ def summary_lines(study: optuna.Study, views: list[TrialView], top: int = 5) -> 
 
 
 def _best(study: optuna.Study, views: list[TrialView]) -> TrialView | None:
-    """The trial `optimize` tests and logs (`_study.best_trial`), as the report sees it."""
+    """The trial `optimize` tests and logs (`_records.best_trial`), as the report sees it."""
     best = best_trial(study)
     return None if best is None else next((v for v in views if v.number == best.number), None)
 

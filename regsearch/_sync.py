@@ -20,8 +20,9 @@ from typing import Any
 import optuna
 
 from regsearch._errors import StorageError, StudyError
+from regsearch._opening import load_stored_study
+from regsearch._records import CURVE_ATTR, METRIC_ATTR, PRECISION_ATTR, is_surplus, run_outcome
 from regsearch._storage import mask_url
-from regsearch._study import CURVE_ATTR, FAIL_REASON_ATTR, METRIC_ATTR, PRECISION_ATTR, SURPLUS, load_stored_study
 from regsearch._tracking import Tracker, default_tracking_uri, error_gist, log_batches
 
 SYNCED_TAG = "regsearch.synced"
@@ -55,24 +56,6 @@ def _numbers(numbers: list[int]) -> str:
         return ""
     shown = ", ".join(str(n) for n in numbers[:10])
     return f" (trial{'' if len(numbers) == 1 else 's'} {shown}{', ...' if len(numbers) > 10 else ''})"
-
-
-def run_outcome(trial: optuna.trial.FrozenTrial) -> tuple[str, dict[str, str]]:
-    """The MLflow end status and `regsearch.state`/`regsearch.reason` tags of a finished trial.
-
-    The same mapping a live run gets: COMPLETE -> FINISHED, PRUNED -> KILLED, FAIL -> FAILED (KILLED when the
-    trial was interrupted).
-    """
-    state = trial.state
-    if state == optuna.trial.TrialState.COMPLETE:
-        return "FINISHED", {"regsearch.state": "COMPLETE"}
-    if state == optuna.trial.TrialState.PRUNED:
-        epoch = trial.user_attrs.get("epochs") or max(trial.intermediate_values, default=0)
-        value = (trial.user_attrs.get(METRIC_ATTR) or {}).get("val_acc", trial.intermediate_values.get(epoch))
-        reason = f"pruned at epoch {epoch}" + (f" (val_acc {value:.4f})" if value is not None else "")
-        return "KILLED", {"regsearch.state": "PRUNED", "regsearch.reason": reason}
-    reason = trial.user_attrs.get(FAIL_REASON_ATTR) or "failed without a reason (its worker may have died)"
-    return ("KILLED" if reason == "interrupted" else "FAILED"), {"regsearch.state": "FAIL", "regsearch.reason": reason}
 
 
 def _ms(when: Any) -> int | None:
@@ -126,7 +109,7 @@ def _plan(study: optuna.Study, runs: dict[int, list], skip: Collection[int] = ()
     for trial in study.get_trials(deepcopy=False):
         if not trial.state.is_finished() or trial.number in skip:
             continue
-        if trial.user_attrs.get(FAIL_REASON_ATTR) == SURPLUS:
+        if is_surplus(trial):
             continue  # a trial asked for after the study had its total: never trained, never logged
         found = runs.get(trial.number)
         if not found:

@@ -161,8 +161,8 @@ def studies() -> None:
 @plugin_option
 def plugins(plugins: tuple[str, ...]) -> None:
     """List the registered regularizers, where each came from and its search space."""
-    from regsearch._registry import default_registry
     from regsearch._introspect import search_space_lines
+    from regsearch._registry import default_registry
 
     registry = default_registry()
     for path in plugins:
@@ -238,7 +238,7 @@ def show(study: str, storage: str | None, study_name: str | None, top: int) -> N
     import optuna
 
     from regsearch._display import print_leaderboard
-    from regsearch._study import load_stored_study
+    from regsearch._opening import load_stored_study
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     print_leaderboard(load_stored_study(study, storage, study_name), top=top or 10, front_top=top)
@@ -281,7 +281,7 @@ def report(study: str, storage: str | None, study_name: str | None, tracking_uri
 
     from regsearch import _report
     from regsearch._errors import ConfigError
-    from regsearch._study import load_stored_study
+    from regsearch._opening import load_stored_study
     from regsearch._tracking import default_tracking_uri, local_store_problem
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)

@@ -22,11 +22,12 @@ import optuna
 import torch
 from torch import nn
 
+from regsearch import _contract
 from regsearch._errors import ConfigError, PluginError
 from regsearch._registry import _check_contract
-from regsearch._regularizer import LoopState, NamespacedTrial, Regularizer, TrialContext
+from regsearch._regularizer import Applied, LoopState, NamespacedTrial, Regularizer, TrialContext
 from regsearch._spec import TrainingSpec
-from regsearch._trainer import Applied, evaluate, fit
+from regsearch._trainer import evaluate, fit
 from regsearch.data._tensors import Batcher, TensorData
 from regsearch.surgery import trace
 
@@ -111,14 +112,16 @@ class _Case:
         torch.manual_seed(seed)
         model = _model(kind)
         reg.context = self.context(model, kind, seed)
-        params = reg.search_space(NamespacedTrial(optuna.trial.FixedTrial(dict(trial_params)), self.name))
-        if params is not None and not isinstance(params, Mapping):
-            raise self.fail(f"search_space must return a dict of the values it chose; got {type(params).__name__}")
-        params = dict(params or {})
-        model = reg.transform_model(model, params)
-        if not isinstance(model, nn.Module):
-            raise self.fail(f"transform_model must return an nn.Module; got {type(model).__name__}")
-        return model, params
+        params = self.kept(_contract.search_space_params,
+                           reg.search_space(NamespacedTrial(optuna.trial.FixedTrial(dict(trial_params)), self.name)))
+        return self.kept(_contract.transformed_model, reg.transform_model(model, params)), params
+
+    def kept(self, check: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """`check(*args)` from `regsearch._contract`, its broken rule said as this plugin's failure."""
+        try:
+            return check(*args, **kwargs)
+        except PluginError as exc:
+            raise self.fail(str(exc)) from None
 
     def kinds(self) -> list[str]:
         """The model kinds this plugin accepts (it may refuse one with a ConfigError, not both)."""
@@ -216,7 +219,7 @@ def check_training_hooks(case: _Case) -> None:
         reg = case.create()
         model, params = case.build(reg, case.sample(reg, 0, kind), kind, 0)
         model.train()
-        _check_penalty(case, reg, model, params)
+        case.kept(_contract.penalty_term, reg.penalty(model, params), CPU, strict=True)
         x = Batcher(data).inputs(data.x_train[:8])
         y = data.y_train[:8]
         soft = torch.nn.functional.one_hot(y, CLASSES).float()
@@ -225,7 +228,7 @@ def check_training_hooks(case: _Case) -> None:
         reg.on_train_start(state, params)
         for labels in (y, soft):  # int labels, or soft targets from a plugin before it
             result = reg.transform_batch(x.clone(), labels.clone(), params)
-            _check_batch(case, result, x, labels)
+            case.kept(_contract.batch, result, x, CLASSES, strict=True)
             out = model(result[0])
             if tuple(out.shape) != (len(x), CLASSES):
                 raise case.fail(f"the model returns {tuple(out.shape)} on the batch transform_batch made")
@@ -241,38 +244,6 @@ def check_training_hooks(case: _Case) -> None:
             raise case.fail(f"the trained model scores val_loss {loss:.5f}, but the trial reported "
                             f"{metrics['val_loss']:.5f}: the model left behind is not the one evaluated")
         _check_eval(case, model, Batcher(data).inputs(data.x_val[:8]), "after training")
-
-
-def _check_penalty(case: _Case, reg: Regularizer, model: nn.Module, params: dict[str, Any]) -> None:
-    term = reg.penalty(model, params)
-    if term is None:
-        return
-    if not isinstance(term, torch.Tensor) or term.numel() != 1 or term.ndim > 1:
-        got = tuple(term.shape) if isinstance(term, torch.Tensor) else type(term).__name__
-        raise case.fail(f"penalty must return a scalar tensor or None; got {got}")
-    device = next(model.parameters()).device
-    if term.device != device:
-        raise case.fail(f"penalty returned a tensor on {term.device}; the model is on {device}")
-    if not torch.isfinite(term).all():
-        raise case.fail(f"penalty is not finite: {term.item()}")
-    if not term.requires_grad:
-        raise case.fail("penalty does not depend on the model's parameters (no gradient): it cannot regularize")
-
-
-def _check_batch(case: _Case, result: Any, x: torch.Tensor, y: torch.Tensor) -> None:
-    if not (isinstance(result, tuple) and len(result) == 2 and all(isinstance(t, torch.Tensor) for t in result)):
-        raise case.fail(f"transform_batch must return a tuple (x, y) of tensors; got {type(result).__name__}")
-    x2, y2 = result
-    if x2.shape != x.shape or x2.dtype != x.dtype or x2.device != x.device:
-        raise case.fail(f"transform_batch turned inputs {tuple(x.shape)} {x.dtype} into {tuple(x2.shape)} "
-                        f"{x2.dtype} on {x2.device}")
-    if y2.dtype == torch.long and y2.shape == (len(x),):
-        return
-    if not (y2.is_floating_point() and y2.shape == (len(x), CLASSES)):
-        raise case.fail(f"transform_batch must return int64 labels (N,) or float probabilities (N, C); got "
-                        f"{y2.dtype} {tuple(y2.shape)} for labels {y.dtype} {tuple(y.shape)}")
-    if (y2 < 0).any() or not torch.allclose(y2.sum(1), torch.ones(len(x)), atol=1e-4):
-        raise case.fail("transform_batch returned soft targets that are not probabilities (>= 0, rows sum to 1)")
 
 
 def check_no_state_between_trials(case: _Case) -> None:

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from regsearch import LoopState, RegularizerRegistry, TensorData
+from regsearch._regularizer import Applied
 from regsearch._spec import TrainingSpec
-from regsearch._trainer import Applied, fit
+from regsearch._trainer import fit
 from regsearch.testing import check_regularizer
 
 from .conftest import REPO

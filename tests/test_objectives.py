@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 
 import regsearch
 from regsearch import ConfigError
-from regsearch._study import best_trial, pareto_front
+from regsearch._records import best_trial, pareto_front
 from regsearch.cli import cli
 
 COMPLETE, PRUNED = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from regsearch import ConfigError, default_registry
-from regsearch._regularizer import NamespacedTrial, TrialContext
-from regsearch._trainer import Applied, build_optimizer
+from regsearch._optim import build_optimizer
+from regsearch._regularizer import Applied, NamespacedTrial, TrialContext
 from regsearch._spec import TrainingSpec
 from regsearch.regularizers.dropout import ElementDropout
 from regsearch.surgery import Chain, trace

@@ -214,7 +214,8 @@ def test_pruned_trials_are_recorded_with_their_last_metrics(in_tmp, data):
 
 
 def test_trial_seeds_make_a_trial_reproducible(in_tmp, data):
-    from regsearch._study import prepare, retrain
+    from regsearch._experiment import prepare
+    from regsearch._trial import retrain
 
     storage = str(in_tmp / "r.journal")
     study = regsearch.optimize(small_spec(), data=data, model=Tabular, n_trials=1, tracking=False, storage=storage)
@@ -226,7 +227,8 @@ def test_trial_seeds_make_a_trial_reproducible(in_tmp, data):
 
 def test_a_stored_trial_is_retrained_and_tested_in_the_precision_it_trained_in(in_tmp, data):
     """Another machine (without bf16 arithmetic) or another study file retrains and tests a trial as it trained."""
-    from regsearch._study import prepare, retrain, stored_autocast, test_score
+    from regsearch._experiment import prepare
+    from regsearch._trial import retrain, stored_autocast, test_score
 
     study = regsearch.optimize(small_spec(precision="bfloat16"), data=data, model=Tabular, n_trials=1,
                                tracking=False, storage=str(in_tmp / "p.journal"))

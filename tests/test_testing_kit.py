@@ -163,3 +163,14 @@ def test_a_plugin_may_refuse_one_kind_of_data_and_the_options_reach_the_construc
     check_regularizer(ImagesOnly)
     with pytest.raises(AssertionError, match=r"'l1' .*constructor refused options \{'strength': \[0, 1\]\}"):
         check_regularizer(regsearch.default_registry().get("l1").cls, strength=[0, 1])
+
+
+def test_the_kit_is_reachable_as_the_readme_writes_it():
+    """`import regsearch; regsearch.testing.contract_tests(...)` in a fresh process, as the plugin guide says."""
+    import subprocess
+    import sys
+
+    code = "import regsearch; print(regsearch.testing.contract_tests.__name__, regsearch.surgery.trace.__name__)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["contract_tests", "trace"]

@@ -9,10 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from regsearch import PluginError, Regularizer, TensorData
-from regsearch import _trainer as trainer
+from regsearch import PluginError, Regularizer, TensorData, _device
+from regsearch._device import autocast_dtype, step_flops
+from regsearch._regularizer import Applied
 from regsearch._spec import TrainingSpec
-from regsearch._trainer import Applied, autocast_dtype, evaluate, fit, step_flops
+from regsearch._trainer import evaluate, fit
 from regsearch.data._tensors import Batcher
 from regsearch.models import MODELS, model_factory
 from regsearch.regularizers.augment import Augment
@@ -221,7 +222,7 @@ def test_counting_a_steps_flops_leaves_the_model_as_it_was():
 
 @pytest.mark.parametrize("bf16_cpu", [True, False], ids=["bf16-hardware", "no-bf16-hardware"])
 def test_precision_follows_the_study_and_auto_takes_bfloat16_only_where_it_pays(monkeypatch, bf16_cpu):
-    monkeypatch.setattr(trainer, "native_bf16", lambda device: bf16_cpu)
+    monkeypatch.setattr(_device, "native_bf16", lambda device: bf16_cpu)
     digits = model_factory("mlp", {}, (64,), 10)()
     cifar = model_factory("cnn", {}, (3, 32, 32), 10)().to(memory_format=torch.channels_last)
     small, large = torch.randn(64, 64), torch.randn(128, 3, 32, 32).to(memory_format=torch.channels_last)

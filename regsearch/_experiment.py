@@ -1,0 +1,74 @@
+"""What a process prepares once before its trials: plugins, data on the device, the model factory, the preflight."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from regsearch._device import native_bf16, resolve_device
+from regsearch._errors import ConfigError
+from regsearch._preflight import preflight
+from regsearch._registry import RegularizerRegistry, default_registry
+from regsearch._spec import StudySpec
+from regsearch._trial import Experiment
+from regsearch.data._tensors import Batcher, TensorData, load_dataset
+from regsearch.models import model_factory
+
+logger = logging.getLogger("regsearch")
+
+SLOW_TRIAL_S = 300.0
+"""A trial expected to take longer than this on a CPU is announced with ways to shrink the study."""
+
+
+def prepare(spec: StudySpec, *, data: TensorData | None = None, model: Callable[[], nn.Module] | None = None,
+            data_dir: str | None = None, device: str = "auto", registry: RegularizerRegistry | None = None,
+            plugins: Iterable[str] = ()) -> Experiment:
+    """Load plugins, data and model factory once, and check every regularizer against them."""
+    registry = registry or default_registry()
+    for path in (*spec.plugins, *plugins):
+        registry.load_file(path)
+    regs = [(r, registry.create(r.name, r.options)) for r in spec.regularizers]
+    dev = resolve_device(device)
+    if spec.training.precision == "bfloat16" and not native_bf16(dev):
+        logger.warning("training.precision is bfloat16, but this %s has no native bfloat16 arithmetic (on a CPU: "
+                       "AVX512-BF16 or AMX), so trials may run many times slower than in float32; `auto` chooses "
+                       "per device", "CPU" if dev.type == "cpu" else f"device ({dev})")
+    if data is None:
+        data = load_dataset(spec.data.name, val_fraction=spec.data.val_fraction, seed=spec.seed,
+                            train_size=spec.data.train_size, data_dir=data_dir)
+    data = data.to(dev)
+    build = model or model_factory(spec.model.name, spec.model.options, data.input_shape, data.num_classes)
+    exp = Experiment(spec, data, build, regs, dev, Batcher(data).inputs(data.x_train[:4]))
+    _check_model(exp)
+    step_s = preflight(exp, registry)
+    _announce_slow_trials(exp, step_s)
+    return exp
+
+
+def _check_model(exp: Experiment) -> None:
+    """The model takes the data's inputs and returns (batch, classes) logits, or the study stops here."""
+    try:
+        probe = exp.build_model().to(exp.device)
+        probe.eval()
+        with torch.no_grad():
+            out = probe(exp.example)
+    except Exception as exc:
+        raise ConfigError(f"the model cannot take this data (inputs of shape {tuple(exp.data.input_shape)}): "
+                          f"{type(exc).__name__}: {exc}") from None
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] != exp.data.num_classes:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"the model must return logits of shape (batch, {exp.data.num_classes}); got {shape}")
+
+
+def _announce_slow_trials(exp: Experiment, step_s: float) -> None:
+    spec, n = exp.spec, len(exp.data.y_train)
+    trial_s = step_s * math.ceil(n / spec.training.batch_size) * spec.training.epochs
+    if exp.device.type == "cpu" and trial_s > SLOW_TRIAL_S:
+        logger.warning(
+            "on this CPU one trial will take about %.0f min (%d epochs x %d training examples, %.2f s per batch "
+            "of %d). To shrink the study: --set data.train_size=5000 --set training.epochs=5, or run on a GPU.",
+            trial_s / 60, spec.training.epochs, n, step_s, spec.training.batch_size)

@@ -1,0 +1,223 @@
+"""A stored trial as everyone reads it: field names, readers, the one ranking, the Pareto front, the run status.
+
+`show`, `report`, `sync`, the tracker and `optimize` all read trials through this module, so that "the best trial",
+"feasible" and "how a trial ended" mean the same everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import optuna
+
+from regsearch._search_space import switched_on
+from regsearch._spec import StudySpec
+
+COMPLETE = optuna.trial.TrialState.COMPLETE
+PRUNED = optuna.trial.TrialState.PRUNED
+FAIL = optuna.trial.TrialState.FAIL
+RUNNING = optuna.trial.TrialState.RUNNING
+FINISHED = (COMPLETE, PRUNED)
+"""Trials that count toward `n_trials` (failed ones are retried, not counted)."""
+
+WORKER_ATTR = "worker"
+SURPLUS = "surplus: the study already had its total when this trial started"
+METRIC_ATTR = "metrics"
+FAIL_REASON_ATTR = "fail_reason"
+TEST_ATTR = "best_test"
+CURVE_ATTR = "curve"
+"""Per-epoch eval-mode metrics of a trial (a list of dicts with `epoch`), for reports without MLflow."""
+BASELINE_ATTR = "baseline"
+"""True on the study's unregularized baseline trial (every regularizer off)."""
+TEST_ACC_ATTR = "test_acc"
+"""The baseline trial's test accuracy (the best trial's is the study's `best_test`)."""
+PRECISION_ATTR = "precision"
+"""A trial's user attribute (and MLflow parameter): the precision it trained in, float32 or bfloat16."""
+RUN_ID_ATTR = "mlflow_run_id"
+SUMMARY_ATTR = "summary"
+"""The study's finding in one sentence (a study user attr, printed by `optimize` and `show`)."""
+OBJECTIVE_ATTR = "regsearch.objective"
+"""The study's objective (`val_acc` or `pareto`), fixed when the study is created."""
+MAX_GAP_ATTR = "regsearch.max_gap"
+"""The study's gap constraint (gap_acc <= max_gap; None: none), fixed when the study is created."""
+GAP_CONSTRAINT = "gap_acc"
+"""The Optuna constraint key of a trial: gap_acc - max_gap (feasible when <= 0)."""
+INTERRUPTED = "interrupted"
+
+T = TypeVar("T")
+
+
+def is_pareto(study: optuna.Study) -> bool:
+    """Whether the study has two objectives (val_acc up, gap_acc down)."""
+    return len(study.directions) > 1
+
+
+def study_max_gap(study: optuna.Study) -> float | None:
+    return study.user_attrs.get(MAX_GAP_ATTR)
+
+
+def metrics(trial: Any) -> dict[str, float]:
+    return trial.user_attrs.get(METRIC_ATTR) or {}
+
+
+def trial_val_acc(trial: optuna.trial.FrozenTrial) -> float | None:
+    """The trial's validation accuracy: its (first) objective value, else its last metrics (pruned trials)."""
+    if trial.values:
+        return trial.values[0]
+    return metrics(trial).get("val_acc")
+
+
+def trial_gap_acc(trial: optuna.trial.FrozenTrial) -> float | None:
+    if trial.values and len(trial.values) > 1:
+        return trial.values[1]
+    return metrics(trial).get("gap_acc")
+
+
+def is_feasible(trial: optuna.trial.FrozenTrial) -> bool:
+    """Optuna's rule: every constraint value <= 0 (a trial without constraints is feasible)."""
+    return all(v <= 0.0 for v in trial.constraints.values())
+
+
+def is_baseline(trial: Any) -> bool:
+    """Whether a trial (frozen or running) is the study's unregularized baseline."""
+    return bool(getattr(trial, "user_attrs", {}).get(BASELINE_ATTR))
+
+
+def is_surplus(trial: optuna.trial.FrozenTrial) -> bool:
+    """A trial asked for after the study had its total (a race between workers): never trained, never shown."""
+    return trial.user_attrs.get(FAIL_REASON_ATTR) == SURPLUS
+
+
+def rank_key(val_acc: float | None, val_loss: float | None, feasible: bool | None, number: int,
+             gap_acc: float | None = None) -> tuple:
+    """The one ranking (smaller is better): feasible first, higher val_acc, then (pareto studies) the lower gap,
+    then the lower val_loss, then the earlier trial. A tie in val_acc is never decided by trial order alone."""
+    return (feasible is False, -(val_acc if val_acc is not None else -math.inf),
+            gap_acc if gap_acc is not None else 0.0,
+            val_loss if val_loss is not None and math.isfinite(val_loss) else math.inf, number)
+
+
+def trial_rank(trial: optuna.trial.FrozenTrial, constrained: bool, pareto: bool = False) -> tuple:
+    return rank_key(trial_val_acc(trial), metrics(trial).get("val_loss"),
+                    is_feasible(trial) if constrained else None, trial.number,
+                    trial_gap_acc(trial) if pareto else None)
+
+
+def nondominated(points: Iterable[T], val: Callable[[T], float], gap: Callable[[T], float]) -> list[T]:
+    """The points no other beats on both val (higher) and gap (lower): the Pareto front."""
+    points = list(points)
+    return [p for p in points
+            if not any(val(q) >= val(p) and gap(q) <= gap(p) and (val(q) > val(p) or gap(q) < gap(p))
+                       for q in points)]
+
+
+def _front(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    complete = [t for t in study.get_trials(deepcopy=False, states=(COMPLETE,))
+                if t.values and len(t.values) > 1 and is_feasible(t)]
+    return nondominated(complete, lambda t: t.values[0], lambda t: t.values[1])
+
+
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The trial regsearch reports, tests and logs; None when no complete trial qualifies.
+
+    Single objective: the first by `rank_key` among feasible complete trials. Pareto: the front's first by
+    `rank_key` (the front holds feasible trials only).
+    """
+    constrained, pareto = study_max_gap(study) is not None, is_pareto(study)
+    if pareto:
+        pool = _front(study)
+    else:
+        pool = [t for t in study.get_trials(deepcopy=False, states=(COMPLETE,))
+                if t.values and (not constrained or is_feasible(t))]
+    return min(pool, key=lambda t: trial_rank(t, constrained, pareto)) if pool else None
+
+
+def pareto_front(study: optuna.Study) -> list[dict[str, Any]]:
+    """The Pareto front, highest val_acc first: trial, val_acc, gap_acc, params."""
+    front = sorted(_front(study), key=lambda t: (-t.values[0], t.values[1], t.number))
+    return [{"trial": t.number, "val_acc": t.values[0], "gap_acc": t.values[1], "params": t.params} for t in front]
+
+
+def leaderboard(study: optuna.Study, top: int = 5) -> list[dict[str, Any]]:
+    """The best finished trials, best first: number, state, val_acc, gap_acc, train_acc, feasible, params.
+
+    Complete trials come first, ranked by `rank_key`; `feasible` is None in a study without a gap constraint.
+    """
+    constrained = study_max_gap(study) is not None
+    trials = sorted(study.get_trials(deepcopy=False, states=FINISHED),
+                    key=lambda t: (t.state != COMPLETE, trial_rank(t, constrained)))
+    return [{"number": t.number, "state": t.state.name, "val_acc": trial_val_acc(t), "gap_acc": trial_gap_acc(t),
+             "train_acc": metrics(t).get("train_acc"), "epochs": t.user_attrs.get("epochs"),
+             "feasible": is_feasible(t) if constrained else None, "params": t.params, "baseline": is_baseline(t)}
+            for t in trials[:top]]
+
+
+def state_counts(study: optuna.Study) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        counts[t.state.name] = counts.get(t.state.name, 0) + 1
+    return counts
+
+
+def run_status(state: str, reason: str | None = None, *, killed: bool = False) -> tuple[str, dict[str, str]]:
+    """The MLflow end status and `regsearch.state`/`regsearch.reason` tags of a trial that ended in `state`.
+
+    COMPLETE -> FINISHED, PRUNED -> KILLED, FAIL -> FAILED (KILLED when the trial was interrupted or its worker
+    `killed`).
+    """
+    tags = {"regsearch.state": state, **({"regsearch.reason": reason} if reason else {})}
+    if state == "COMPLETE":
+        return "FINISHED", tags
+    if state == "PRUNED":
+        return "KILLED", tags
+    return ("KILLED" if killed or reason == INTERRUPTED else "FAILED"), tags
+
+
+def run_outcome(trial: optuna.trial.FrozenTrial) -> tuple[str, dict[str, str]]:
+    """`run_status` of a stored trial, with the reason its records give."""
+    if trial.state == COMPLETE:
+        return run_status("COMPLETE")
+    if trial.state == PRUNED:
+        epoch = trial.user_attrs.get("epochs") or max(trial.intermediate_values, default=0)
+        value = metrics(trial).get("val_acc", trial.intermediate_values.get(epoch))
+        return run_status("PRUNED", f"pruned at epoch {epoch}" + (f" (val_acc {value:.4f})" if value is not None
+                                                                    else ""))
+    return run_status("FAIL", trial.user_attrs.get(FAIL_REASON_ATTR)
+                      or "failed without a reason (its worker may have died)")
+
+
+def combination(spec: StudySpec, trial: optuna.trial.FrozenTrial) -> list[str]:
+    """The regularizers a trial switched on, each with its own searched values: ["l2(weight_decay=0.0004)", ...]."""
+    if is_baseline(trial):
+        return []
+    on = []
+    for name in switched_on(spec.regularizers, trial.params):
+        own = {k[len(name) + 1:]: v for k, v in trial.params.items() if k.startswith(f"{name}.")
+               and k != f"{name}.enabled" and not isinstance(v, bool)}
+        values = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(own.items()))
+        on.append(f"{name}({values})" if values else name)
+    return on
+
+
+def summary_sentence(study: optuna.Study, spec: StudySpec, best: optuna.trial.FrozenTrial,
+                     test_acc: float | None) -> str:
+    """What the study found, in words: the best combination, its test accuracy and gap against the baseline."""
+    found_metrics = metrics(best)
+    found = " + ".join(combination(spec, best)) or "no regularizer"
+    score = (f"test accuracy {test_acc:.3f}" if test_acc is not None
+             else f"validation accuracy {found_metrics.get('val_acc', float('nan')):.3f}")
+    gap = found_metrics.get("gap_acc")
+    sentence = (f"Best combination (trial {best.number}): {found} - {score}"
+                + (f", generalization gap {gap:.3f}" if gap is not None else ""))
+    baseline = next((t for t in study.get_trials(deepcopy=False, states=(COMPLETE,)) if is_baseline(t)), None)
+    if baseline is None or baseline.number == best.number:
+        return sentence + ("; it is the unregularized baseline itself." if baseline is not None else ".")
+    base = metrics(baseline)
+    base_test = baseline.user_attrs.get(TEST_ACC_ATTR)
+    parts = [f"test accuracy {base_test:.3f}" if base_test is not None and test_acc is not None
+             else f"validation accuracy {base['val_acc']:.3f}" if "val_acc" in base else None,
+             f"gap {base['gap_acc']:.3f}" if "gap_acc" in base else None]
+    return sentence + f"; the unregularized baseline (trial {baseline.number}): " + ", ".join(
+        p for p in parts if p) + "."

@@ -1,0 +1,112 @@
+"""Which regularizers a trial switches on, asked of Optuna once and read back from stored parameters the same way."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import optuna
+
+from regsearch._errors import PluginError
+from regsearch._spec import RegularizerSpec, StudySpec
+
+NONE = "none"
+
+
+def _is_choice(r: RegularizerSpec) -> bool:
+    return r.choice is not None and r.enabled == "search"
+
+
+def choice_param(group: str) -> str:
+    return f"choice.{group}"
+
+
+def enabled_param(name: str) -> str:
+    return f"{name}.enabled"
+
+
+def suggest_switches(trial: Any, regularizers: Sequence[RegularizerSpec]) -> list[str]:
+    """Ask the trial which regularizers are on: a categorical per choice group ("none" or one member), an on/off
+    switch per searched one; pinned ones are on, "off" ones never. Returns the names switched on, in study order."""
+    chosen: dict[str, Any] = {}
+    for r in regularizers:
+        if _is_choice(r) and r.choice not in chosen:
+            members = [m.name for m in regularizers if m.choice == r.choice and _is_choice(m)]
+            chosen[r.choice] = trial.suggest_categorical(choice_param(r.choice), [NONE, *members])
+    on = []
+    for r in regularizers:
+        if _is_choice(r):
+            picked = chosen[r.choice] == r.name
+        else:
+            picked = r.enabled == "on" or (
+                r.enabled == "search" and trial.suggest_categorical(enabled_param(r.name), [True, False]))
+        if picked:
+            on.append(r.name)
+    return on
+
+
+def switched_on(regularizers: Sequence[RegularizerSpec], params: Mapping[str, Any]) -> list[str]:
+    """The names `suggest_switches` switched on, read back from a stored trial's parameters."""
+    return suggest_switches(_StoredSwitches(params), regularizers)
+
+
+class _StoredSwitches:
+    """A stored trial's answers; a switch it lacks (made by another version of the study file) reads as off."""
+
+    def __init__(self, params: Mapping[str, Any]) -> None:
+        self.params = params
+
+    def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any:
+        return self.params.get(name, NONE if NONE in choices else False)
+
+
+def baseline_params(spec: StudySpec) -> dict[str, Any]:
+    """The baseline trial's parameters: only the learning rate (the first trial's, else mid-range)."""
+    lr = spec.training.lr
+    if lr.fixed:
+        return {}
+    if "lr" in spec.search.first_trial:
+        return {"lr": spec.search.first_trial["lr"]}
+    return {"lr": math.sqrt(lr.low * lr.high) if lr.log else (lr.low + lr.high) / 2}
+
+
+class RecordingTrial:
+    """Answers suggestions with a mid-range value and records the distributions (checks and listings)."""
+
+    number = 0
+
+    def __init__(self) -> None:
+        self.distributions: dict[str, optuna.distributions.BaseDistribution] = {}
+        self.params: dict[str, Any] = {}
+
+    def _record(self, name: str, dist: optuna.distributions.BaseDistribution, value: Any) -> Any:
+        if name in self.distributions and self.distributions[name] != dist:
+            raise PluginError(f"parameter {name!r} is suggested twice with different ranges: "
+                              f"{self.distributions[name]} and {dist}")
+        self.distributions[name] = dist
+        self.params.setdefault(name, value)
+        return self.params[name]
+
+    def suggest_float(self, name: str, low: float, high: float, *, step: float | None = None,
+                      log: bool = False) -> float:
+        dist = optuna.distributions.FloatDistribution(low, high, log=log, step=step)
+        mid = math.sqrt(low * high) if log else (low + high) / 2
+        return self._record(name, dist, mid)
+
+    def suggest_int(self, name: str, low: int, high: int, *, step: int = 1, log: bool = False) -> int:
+        dist = optuna.distributions.IntDistribution(low, high, log=log, step=step)
+        return self._record(name, dist, low)
+
+    def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any:
+        dist = optuna.distributions.CategoricalDistribution(list(choices))
+        return self._record(name, dist, list(choices)[0])
+
+    def set_user_attr(self, key: str, value: Any) -> None:
+        pass
+
+    def report(self, value: float, step: int) -> None:
+        pass
+
+    def should_prune(self) -> bool:
+        return False
