@@ -866,7 +866,7 @@ class _Served:
             return
         if self.warm is not None:
             self.warm.wait()
-        from regsearch import _report
+        from regsearch import report as _report
 
         try:
             with _no_gc():
@@ -982,7 +982,7 @@ def _warm_up_report() -> None:
     """Import matplotlib and Optuna's importance evaluators (scipy, scikit-learn) and draw a first figure."""
     import optuna.importance  # noqa: F401
 
-    from regsearch import _report
+    from regsearch import report as _report
 
     _report.warm_up()
 

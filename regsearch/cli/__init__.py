@@ -216,8 +216,8 @@ def optimize(study: str, n_trials: int | None, timeout: float | None, storage: s
     _check_locations(storage, tracking_uri)
     import optuna
 
-    from regsearch._display import TqdmProgress, print_leaderboard
     from regsearch._study import optimize as run
+    from regsearch.cli._display import TqdmProgress, print_leaderboard
 
     debug = click.get_current_context().meta.get("debug")
     optuna.logging.set_verbosity(optuna.logging.INFO if debug else optuna.logging.ERROR)
@@ -237,8 +237,8 @@ def show(study: str, storage: str | None, study_name: str | None, top: int) -> N
     """Print the leaderboard of a stored study."""
     import optuna
 
-    from regsearch._display import print_leaderboard
     from regsearch._opening import load_stored_study
+    from regsearch.cli._display import print_leaderboard
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     print_leaderboard(load_stored_study(study, storage, study_name), top=top or 10, front_top=top)
@@ -279,7 +279,7 @@ def report(study: str, storage: str | None, study_name: str | None, tracking_uri
     """
     import optuna
 
-    from regsearch import _report
+    from regsearch import report as _report
     from regsearch._errors import ConfigError
     from regsearch._opening import load_stored_study
     from regsearch._tracking import default_tracking_uri, local_store_problem
