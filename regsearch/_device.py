@@ -29,7 +29,7 @@ def resolve_device(device: str) -> torch.device:
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` does bfloat16 arithmetic in hardware: a GPU from Ampere on, a CPU with AVX512-BF16 or AMX.
 
-    Elsewhere bf16 is emulated: a CIFAR CNN step ran 12x slower than float32 on an AVX2 CPU.
+    Elsewhere bf16 is emulated, many times slower than float32 (BENCHMARKS.md, "Precision").
     """
     if device.type == "cuda":
         try:
@@ -54,8 +54,7 @@ def _cpu_has_bf16() -> bool:
 
 BF16_MIN_STEP_FLOPS = 5e7
 """Below this (a training step's forward and backward FLOPs) bf16 does not pay on a CPU: autocast's casts cost
-more than the arithmetic saves. Measured on an AVX512-BF16 CPU, one thread: a 30 MFLOP digits MLP step 0.90x,
-60 MFLOP 1.10x, 111 MFLOP 1.35x, the 8 GFLOP CIFAR CNN step 1.69x."""
+more than the arithmetic saves (BENCHMARKS.md, "Precision")."""
 
 
 def step_flops(model: nn.Module, x: torch.Tensor) -> float:

@@ -17,8 +17,8 @@ _CPU_FUSED = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2
 def _fusable(model: nn.Module, groups: list[dict]) -> bool:
     """One fused kernel per step instead of a few per parameter group, where torch has one for every parameter.
 
-    Small networks on a GPU wait on the host's kernel launches; on a CPU a digits MLP's SGD step took 0.73 ms
-    fused against 0.82 ms with foreach. Fused steps take no sparse gradients (`sparse=True` embeddings).
+    Small networks wait on kernel launches (BENCHMARKS.md); fused steps take no sparse gradients
+    (`sparse=True` embeddings).
     """
     devices = ("cpu", "cuda") if _CPU_FUSED else ("cuda",)
     return (all(p.device.type in devices and p.is_floating_point() for g in groups for p in g["params"])
