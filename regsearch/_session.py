@@ -10,7 +10,7 @@ from regsearch._errors import ConfigError
 from regsearch._opening import fixed_settings, open_study, queue_first_trials
 from regsearch._spec import StudySpec
 from regsearch._storage import mask_url
-from regsearch._tracking import TrackerProcess, default_tracking_uri
+from regsearch.tracking import TrackerProcess, default_tracking_uri
 
 
 @dataclass(frozen=True)

@@ -515,7 +515,7 @@ def test_a_run_its_worker_ended_just_before_dying_is_ended_as_the_storage_says(m
     trial and queues it again, so its MLflow run must not stay FINISHED beside the retry's."""
     import uuid
 
-    from regsearch._tracking import Tracker
+    from regsearch.tracking._client import Tracker
 
     study = optuna.create_study(study_name="dead", storage=open_storage(str(tmp_path / "s.journal")))
     tracker = Tracker(mlflow_server, f"dead_{uuid.uuid4().hex[:8]}")

@@ -103,7 +103,7 @@ def _check_locations(storage: str | None, tracking_uri: str | None) -> None:
     """
     from regsearch._errors import StorageError
     from regsearch._storage import DEFAULT_STORAGE, mask_url
-    from regsearch._tracking import check_tracking_uri, default_tracking_uri, local_store_problem, sqlite_path
+    from regsearch.tracking import check_tracking_uri, default_tracking_uri, local_store_problem, sqlite_path
 
     url = storage or DEFAULT_STORAGE
     if "://" not in url:
@@ -253,7 +253,7 @@ def sync(study: str, storage: str | None, tracking_uri: str | None, study_name: 
     """Log to MLflow the finished trials it lacks (the tracking store was down), from the Optuna storage."""
     import optuna
 
-    from regsearch._sync import sync_study
+    from regsearch.tracking import sync_study
 
     _check_locations(storage, tracking_uri)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -282,7 +282,7 @@ def report(study: str, storage: str | None, study_name: str | None, tracking_uri
     from regsearch import report as _report
     from regsearch._errors import ConfigError
     from regsearch._opening import load_stored_study
-    from regsearch._tracking import default_tracking_uri, local_store_problem
+    from regsearch.tracking import default_tracking_uri, local_store_problem, log_to_parent_run
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     fmt = fmt or ("png" if out and out.lower().endswith(".png") else "html")
@@ -295,7 +295,7 @@ def report(study: str, storage: str | None, study_name: str | None, tracking_uri
         raise ConfigError(f"--out {path}: {problem}")
     written = _report.write(opt_study, path, fmt)
     click.echo(str(written))
-    _report.log_to_parent_run(opt_study, written, tracking_uri or default_tracking_uri())
+    log_to_parent_run(opt_study, written, tracking_uri or default_tracking_uri())
 
 
 _signal_received: int | None = None

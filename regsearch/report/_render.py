@@ -9,7 +9,6 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any
 
 import optuna
 
@@ -129,58 +128,3 @@ def write(study: optuna.Study, path: str | os.PathLike[str], fmt: str = "html") 
         partial.unlink(missing_ok=True)
         raise ConfigError(f"cannot write the report to {path}: {exc.strerror or exc}") from None
     return path
-
-
-
-
-def log_to_parent_run(study: optuna.Study, path: str | os.PathLike[str], tracking_uri: str) -> str | None:
-    """Log the report file as an artifact of the study's MLflow parent run; its id, or None after one warning.
-
-    A missing store, a store without the study's parent run, or one that does not answer is not an error: the
-    report file is there anyway. A local SQLite store that does not exist is not created.
-    """
-    from regsearch._errors import StorageError
-    from regsearch._storage import mask_url
-    from regsearch._tracking import PARENT_RUN_ATTR, _local_tracking_path, check_tracking_uri, error_gist
-
-    where = f"MLflow ({mask_url(tracking_uri)})"
-    local = _local_tracking_path(tracking_uri)
-    if local is not None and not local[0].exists():
-        logger.warning("%s: no tracking store there; the report is not logged to MLflow", where)
-        return None
-    try:
-        check_tracking_uri(tracking_uri)
-    except StorageError as exc:
-        logger.warning("%s: cannot use the tracking store (%s); the report is not logged to MLflow", where, exc)
-        return None
-    # an unreachable server must cost seconds, not MLflow's default minutes of retries (as for a study)
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    try:
-        from mlflow import MlflowClient
-
-        client = MlflowClient(tracking_uri=tracking_uri)
-        run_id = study.user_attrs.get(PARENT_RUN_ATTR)
-        experiment = client.get_experiment_by_name(study.study_name)
-        run = _run(client, run_id) if run_id and experiment is not None else None
-        if run is None or run.info.experiment_id != experiment.experiment_id or run.info.lifecycle_stage != "active":
-            logger.warning("%s: study %s has no parent run in this store; the report is not logged to MLflow", where,
-                           study.study_name)
-            return None
-        client.log_artifact(run_id, str(path))
-    except Exception as exc:
-        logger.warning("%s: the report was not logged to MLflow: %s", where, error_gist(exc))
-        return None
-    return run_id
-
-
-def _run(client: Any, run_id: str) -> Any:
-    """The run, or None when the store does not hold it (the study ran against another store)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_run(run_id)
-    except MlflowException as exc:
-        if exc.get_http_status_code() == 404:
-            return None
-        raise

@@ -19,11 +19,8 @@ from typing import Any
 
 import optuna
 
-from regsearch._errors import StorageError, StudyError
-from regsearch._opening import load_stored_study
 from regsearch._records import CURVE_ATTR, METRIC_ATTR, PRECISION_ATTR, is_surplus, run_outcome
-from regsearch._storage import mask_url
-from regsearch._tracking import Tracker, default_tracking_uri, error_gist, log_batches
+from regsearch.tracking._batches import log_batches
 
 SYNCED_TAG = "regsearch.synced"
 _LOCK_STALE_SECONDS = 600.0
@@ -84,7 +81,7 @@ def _trial_metrics(trial: optuna.trial.FrozenTrial) -> list:
     return metrics
 
 
-def _trial_runs(tracker: Tracker, parent_run_id: str) -> dict[int, list]:
+def _trial_runs(tracker: Any, parent_run_id: str) -> dict[int, list]:
     """The parent run's child runs by trial number (deleted ones too: a user's deletion is respected)."""
     from mlflow.entities import ViewType
 
@@ -124,7 +121,7 @@ def _plan(study: optuna.Study, runs: dict[int, list], skip: Collection[int] = ()
 
 
 @contextlib.contextmanager
-def _sync_lock(study: optuna.Study, tracker: Tracker) -> Iterator[bool]:
+def _sync_lock(study: optuna.Study, tracker: Any) -> Iterator[bool]:
     """True when this process may sync the study to this store now (creating an Optuna study is atomic)."""
     digest = hashlib.sha1(f"{tracker.uri}|{tracker.experiment_id}".encode()).hexdigest()[:10]
     name = f"{study.study_name}.regsearch-sync.{digest}"
@@ -165,7 +162,7 @@ def _stale(storage: Any, name: str) -> bool:
     return True  # its owner died between creating it and writing the time
 
 
-def sync_runs(study: optuna.Study, tracker: Tracker, parent_run_id: str, skip: Collection[int] = ()) -> SyncReport:
+def sync_runs(study: optuna.Study, tracker: Any, parent_run_id: str, skip: Collection[int] = ()) -> SyncReport:
     """Give every finished trial of `study` its child run under `parent_run_id`; raises when the store fails.
 
     `skip`: trials whose runs the caller is still logging (their last records may not be sent yet).
@@ -197,7 +194,7 @@ def sync_runs(study: optuna.Study, tracker: Tracker, parent_run_id: str, skip: C
         return report
 
 
-def _log_trial(tracker: Tracker, trial: optuna.trial.FrozenTrial, parent_run_id: str, study_name: str) -> None:
+def _log_trial(tracker: Any, trial: optuna.trial.FrozenTrial, parent_run_id: str, study_name: str) -> None:
     status, tags = run_outcome(trial)
     run = tracker.client.create_run(
         tracker.experiment_id, start_time=_ms(trial.datetime_start) or _ms(trial.datetime_complete),
@@ -209,34 +206,3 @@ def _log_trial(tracker: Tracker, trial: optuna.trial.FrozenTrial, parent_run_id:
     params.update({key: trial.user_attrs[key] for key in ("seed", PRECISION_ATTR) if key in trial.user_attrs})
     log_batches(tracker.client, run_id, params=params, metrics=_trial_metrics(trial))
     tracker.client.set_terminated(run_id, status=status, end_time=_ms(trial.datetime_complete))
-
-
-def sync_study(study: str, *, storage: str | None = None, tracking_uri: str | None = None,
-               study_name: str | None = None) -> tuple[str, SyncReport]:
-    """`regsearch sync`: log a stored study's missing trial runs; returns (the study's name, the report)."""
-    opt_study = load_stored_study(study, storage, study_name)
-    name = opt_study.study_name
-    uri = tracking_uri or default_tracking_uri()
-    try:
-        tracker = Tracker(uri, name)
-    except Exception as exc:
-        raise StorageError(f"--tracking-uri {mask_url(uri)}: cannot use the MLflow tracking store: "
-                           f"{error_gist(exc)}") from None
-    try:
-        parent = tracker.find_parent(opt_study)
-        if parent is None:
-            if not opt_study.get_trials(deepcopy=False):
-                return name, SyncReport()
-            parent = tracker.parent_run(opt_study, name, {"study_file": opt_study.user_attrs.get(
-                "regsearch.source", "")}, sync=False)
-        report = sync_runs(opt_study, tracker, parent)
-        # a study run left RUNNING by an outage at its end: ended, unless a trial is running somewhere now
-        if (not opt_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-                and tracker.client.get_run(parent).info.status == "RUNNING"):
-            tracker.client.set_terminated(parent, status="FINISHED")
-    except Exception as exc:
-        raise StudyError(f"MLflow ({mask_url(uri)}): syncing study {name!r} stopped: {error_gist(exc)}; the runs "
-                         f"logged so far stay, rerun `regsearch sync` to log the rest") from None
-    finally:
-        tracker.close()
-    return name, report

@@ -1,0 +1,381 @@
+"""A study's runs in one MLflow tracking store, with outages handled: logging pauses, then catches up."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from regsearch._storage import mask_url
+from regsearch.tracking._batches import MAX_METRICS_PER_CALL, log_batches
+from regsearch.tracking._store import PARENT_RUN_ATTR, check_tracking_uri, error_gist, is_outage
+from regsearch.tracking._warmup import model_save_options
+
+logger = logging.getLogger("regsearch")
+
+
+_MAX_PENDING_METRICS = 200_000
+"""At most this many metric values wait for an unreachable store (the oldest are dropped beyond)."""
+
+
+_PROBE_SECONDS = 5.0
+"""How often the background thread asks an unreachable tracking store whether it is back."""
+
+
+class Tracker:
+    """Logs a study's runs to one MLflow tracking store.
+
+    Every call to the store goes through `_call`: the first failure of the store itself (unreachable, 5xx after
+    MLflow's retries) marks it down, and from then on calls are skipped, not retried, until the background
+    thread's probe gets an answer. A dead server so costs training one failed call (about 5 s with the
+    settings below), not a failed call per logged value. Once the store answers again, the finished trials
+    without a run are logged from the Optuna storage; the same happens when the parent run is opened (a study
+    run) and when the tracker closes after an outage.
+    """
+
+    def __init__(self, tracking_uri: str, experiment: str, flush_interval: float = 2.0) -> None:
+        # A dead tracking server must not stall training for minutes (MLflow's defaults: 7 retries, 120 s each;
+        # these give about 5 s for a refused connection, about 35 s for a server that accepts and hangs).
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        check_tracking_uri(tracking_uri)
+        from mlflow import MlflowClient
+
+        self.uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.experiment_id = self._experiment(experiment)
+        self._pending: list[tuple[str, Any]] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = False
+        self._warned: set[str] = set()
+        self._interval = flush_interval
+        self._down = False
+        self._next_probe = 0.0
+        self._unsynced = False  # a call failed since the last sync: some trial may lack its run or its end
+        self._outages = 0
+        self._study: Any = None  # set by parent_run(): the Optuna study whose runs this tracker can sync
+        self._parent: str | None = None
+        self.live: Mapping[int, Any] = {}
+        """Trials whose runs are being logged (by number): a sync leaves them alone, their end may be queued."""
+        self._sync_lock = threading.Lock()
+        self._deferred: list[tuple[str, Any, tuple, dict]] = []
+        self._thread = threading.Thread(target=self._loop, name="regsearch-mlflow", daemon=True)
+        self._thread.start()
+
+    def _experiment(self, name: str) -> str:
+        from mlflow.exceptions import MlflowException
+
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            if found.lifecycle_stage == "deleted":
+                self.client.restore_experiment(found.experiment_id)
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(name)
+        except MlflowException:  # another worker created it a moment ago
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    def _warn(self, what: str, exc: BaseException) -> None:
+        if what not in self._warned:
+            self._warned.add(what)
+            logger.warning("MLflow (%s): %s failed, training goes on: %s", mask_url(self.uri), what, error_gist(exc))
+
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """`fn(*args, **kwargs)` on the store; None when it fails (a warning) or the store is down (skipped)."""
+        if self._down:
+            self._unsynced = True
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            self._failed(what, exc)
+            return None
+
+    def _failed(self, what: str, exc: BaseException) -> None:
+        self._unsynced = True
+        if not is_outage(exc):
+            self._warn(what, exc)
+            return
+        if not self._down:
+            self._down = True
+            self._outages += 1
+            self._next_probe = time.monotonic() + _PROBE_SECONDS
+            logger.warning("MLflow (%s) does not answer (%s failed: %s); training goes on, and the trials that "
+                           "finish meanwhile are logged once it is back (or by `regsearch sync`)",
+                           mask_url(self.uri), what, error_gist(exc))
+
+    def _probe(self) -> None:
+        """Ask a store marked down whether it answers again; if it does, send what waited and sync."""
+        self._next_probe = time.monotonic() + _PROBE_SECONDS
+        try:
+            self.client.get_experiment(self.experiment_id)
+        except Exception:
+            return
+        self._down = False
+        self._warned.clear()
+        logger.warning("MLflow (%s) is back; logging the trials that finished meanwhile", mask_url(self.uri))
+        self.flush()
+        self.sync()
+        self._replay()
+
+    # --- runs --------------------------------------------------------------------------------------------
+
+    def parent_run(self, study: Any, run_name: str, params: Mapping[str, Any], *, sync: bool = True) -> str:
+        """The study's parent run, created once and remembered in the study's user attributes.
+
+        Processes started at the same moment on several machines agree on one parent run: creating an Optuna
+        study is atomic in every storage, so a marker study decides which process creates the run; the
+        others wait for its id to appear. With `sync`, the finished trials that have no run yet (the store was
+        unreachable when they ran) are logged now, and again whenever the store comes back.
+        """
+        run = self._parent_run(study)
+        if run is None:
+            run_id = self._create_parent(study, run_name, params)
+        else:
+            run_id = run.info.run_id
+            if run.info.status != "RUNNING":
+                self.client.update_run(run_id, status="RUNNING")
+        self._study, self._parent = study, run_id
+        if sync:
+            self.sync()
+        return run_id
+
+    def _create_parent(self, study: Any, run_name: str, params: Mapping[str, Any]) -> str:
+        import optuna
+
+        digest = hashlib.sha1(f"{self.uri}|{self.experiment_id}".encode()).hexdigest()[:10]
+        marker = f"{study.study_name}.regsearch-parent-run.{digest}"
+        try:
+            optuna.create_study(study_name=marker, storage=study._storage)
+        except optuna.exceptions.DuplicatedStudyError:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                time.sleep(0.2)
+                run_id = self.find_parent(study)
+                if run_id:
+                    return run_id
+            logger.warning("MLflow: no parent run appeared for study %s within 60 s; creating one",
+                           study.study_name)
+        run = self.client.create_run(self.experiment_id, run_name=run_name,
+                                     tags={"regsearch.study": run_name, "regsearch.role": "study"})
+        run_id = run.info.run_id
+        self._log_now(run_id, params=params)
+        study.set_user_attr(PARENT_RUN_ATTR, run_id)
+        return run_id
+
+    def find_parent(self, study: Any) -> str | None:
+        """The id of the study's parent run in this experiment, if the study has one that is not deleted."""
+        run = self._parent_run(study)
+        return run.info.run_id if run is not None else None
+
+    def _parent_run(self, study: Any) -> Any:
+        run_id = study._storage.get_study_user_attrs(study._study_id).get(PARENT_RUN_ATTR)
+        if run_id:
+            try:
+                run = self.client.get_run(run_id)
+                if run.info.experiment_id == self.experiment_id and run.info.lifecycle_stage == "active":
+                    return run
+            except Exception:  # the run is gone (another tracking store, deleted): make a new one
+                pass
+        return None
+
+    def sync(self) -> Any:
+        """Log the study's finished trials that lack a run, end their runs left RUNNING; a warning on failure.
+
+        Returns the `SyncReport`, or None when there was nothing to sync with or the store did not answer.
+        """
+        if self._study is None or self._down:
+            return None
+        from regsearch.tracking._sync import sync_runs
+
+        with self._sync_lock:
+            self._unsynced = False
+            try:
+                report = sync_runs(self._study, self, self._parent, skip=set(self.live))
+            except Exception as exc:
+                self._failed("logging the missing trial runs", exc)
+                return None
+        if report.logged or report.ended:
+            logger.info("MLflow (%s): %s", mask_url(self.uri), report.describe())
+        return report
+
+    def start_trial(self, parent_run_id: str, number: int, study_name: str) -> str | None:
+        run = self._call("creating a trial run", self.client.create_run, self.experiment_id,
+                         run_name=f"trial-{number}", tags={
+                             "mlflow.parentRunId": parent_run_id, "trial_number": str(number),
+                             "regsearch.study": study_name, "regsearch.state": "RUNNING"})
+        return run.info.run_id if run is not None else None
+
+    def log_params(self, run_id: str | None, params: Mapping[str, Any]) -> None:
+        """Log a trial's parameters; if the store is down, once it is back (a run cut off keeps them)."""
+        if run_id is not None:
+            self._now_or_later("logging parameters", log_batches, self.client, run_id, params=params)
+
+    def log_epoch(self, run_id: str | None, step: int, metrics: Mapping[str, float], *,
+                  at_ms: int | None = None) -> None:
+        """Queue one epoch's metrics (measured at `at_ms`, else now); the background thread sends them in batches."""
+        if run_id is None:
+            return
+        from mlflow.entities import Metric
+
+        now = at_ms if at_ms is not None else int(time.time() * 1000)
+        with self._lock:
+            self._pending.extend((run_id, Metric(k, float(v), now, step)) for k, v in metrics.items())
+            if len(self._pending) > _MAX_PENDING_METRICS:  # the store has been down for a long time
+                del self._pending[:len(self._pending) - _MAX_PENDING_METRICS]
+        if len(self._pending) >= MAX_METRICS_PER_CALL:
+            self._wake.set()
+
+    def end_trial(self, run_id: str | None, status: str, tags: Mapping[str, str]) -> None:
+        if run_id is None:
+            return
+        self.flush()
+        self._log_now(run_id, tags=tags)
+        self._call("ending a trial run", self.client.set_terminated, run_id, status=status)
+
+    def end_dead_trial(self, run_id: str | None, number: int, status: str, tags: Mapping[str, str]) -> None:
+        """End the run of a trial whose process died with `status` and `tags`, unless it already has them; found by
+        its trial number without an id."""
+        if run_id is None and self._parent is not None:
+            found = self._call("finding a trial run", self.client.search_runs, [self.experiment_id],
+                               filter_string=f"tags.mlflow.parentRunId = '{self._parent}' and "
+                                             f"tags.trial_number = '{number}'", max_results=5)
+            run_id = found[0].info.run_id if found else None
+        if run_id is None:
+            return
+        run = self._call("reading a trial run", self.client.get_run, run_id)
+        # also a run its worker ended just before it died (before Optuna heard of the trial's end): the storage
+        # says the trial died, so its run says so too
+        if run is not None and (run.info.status, run.data.tags.get("regsearch.state")) != (
+                status, tags.get("regsearch.state")):
+            self.end_trial(run_id, status, tags)
+
+    def log_summary(self, run_id: str, metrics: Mapping[str, float], tags: Mapping[str, str]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._now_or_later("logging the study's summary", log_batches, self.client, run_id,
+                           metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()], tags=tags)
+
+    def end_parent(self, run_id: str, status: str = "FINISHED") -> None:
+        self._now_or_later("ending the study run", self.client.set_terminated, run_id, status=status)
+
+    def log_model(self, run_id: str, model: Any, example: Any) -> None:
+        """The best trial's model, with an input example (and so a signature), on the study's parent run."""
+        self._now_or_later("logging the best model", self._log_model, run_id, model, example)
+
+    def _log_model(self, run_id: str, model: Any, example: Any) -> None:
+        import mlflow
+
+        previous = mlflow.get_tracking_uri()
+        try:
+            mlflow.set_tracking_uri(self.uri)
+            with mlflow.start_run(run_id=run_id, nested=True):
+                if hasattr(example, "cpu"):  # a tensor (numpy arrays come from TrackerProcess)
+                    example = example.cpu().numpy()
+                mlflow.pytorch.log_model(model.cpu().eval(), name="best_model", **model_save_options(example))
+        finally:
+            mlflow.set_tracking_uri(previous)
+
+    def _now_or_later(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+        """Call now or, while the store is down, once it answers again.
+
+        For records nothing else holds: the study run's (summary, best model, end state) and the parameters of a
+        trial run that exists (a trial without a run gets one, parameters included, from the Optuna storage).
+        """
+        if not self._down:
+            try:
+                fn(*args, **kwargs)
+                return
+            except Exception as exc:
+                self._failed(what, exc)
+                if not self._down:
+                    return  # refused, not unreachable: retrying would not help
+        with self._lock:
+            self._deferred.append((what, fn, args, kwargs))
+
+    def _replay(self) -> None:
+        while not self._down:
+            with self._lock:
+                if not self._deferred:
+                    return
+                what, fn, args, kwargs = self._deferred.pop(0)
+            self._now_or_later(what, fn, *args, **kwargs)
+
+    # --- batching ----------------------------------------------------------------------------------------
+
+    def _log_now(self, run_id: str, params: Mapping[str, Any] | None = None, metrics: list | None = None,
+                 tags: Mapping[str, str] | None = None) -> None:
+        self._call("logging", log_batches, self.client, run_id, params=params, metrics=metrics, tags=tags)
+
+    def flush(self) -> None:
+        """Send every queued metric now (kept queued while the store is down)."""
+        if self._down:
+            return
+        with self._lock:
+            pending, self._pending = self._pending, []
+        by_run: dict[str, list] = {}
+        for run_id, metric in pending:
+            by_run.setdefault(run_id, []).append(metric)
+        for run_id, metrics in by_run.items():
+            for i in range(0, len(metrics), MAX_METRICS_PER_CALL):
+                self._call("logging metrics", self.client.log_batch, run_id,
+                           metrics=metrics[i:i + MAX_METRICS_PER_CALL])
+
+    def _loop(self) -> None:
+        while not self._closed:
+            self._wake.wait(self._interval)
+            self._wake.clear()
+            if not self._down:
+                self.flush()
+            elif time.monotonic() >= self._next_probe:
+                self._probe()
+
+    def close(self) -> None:
+        """Send what is queued; after an outage, log the trials that finished without a run (if it answers)."""
+        self._closed = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+        if self._down:
+            self._probe()  # one last try: it flushes and syncs when the store answers
+        if self._down:
+            logger.warning("MLflow (%s) still does not answer: the trials finished during the outage have no run "
+                           "(%d metric values and %d other records not sent); `regsearch sync` logs them from "
+                           "the Optuna storage once it is back", mask_url(self.uri), len(self._pending),
+                           len(self._deferred))
+            return
+        self.flush()
+        if self._unsynced or self._outages:  # a trial started during an outage may have finished since
+            self.sync()
+        self._replay()
+
+    def log_artifact(self, run_id: str, name: str, data: bytes) -> None:
+        """A file `name` holding `data` on a run (the study run's report)."""
+
+        def log() -> None:
+            with tempfile.TemporaryDirectory(prefix="regsearch-artifact-") as folder:
+                path = os.path.join(folder, name)
+                with open(path, "wb") as f:
+                    f.write(data)
+                self.client.log_artifact(run_id, path)
+
+        self._now_or_later(f"logging {name}", log)
+
+    def log_pareto_front(self, run_id: str, front: list[Mapping[str, Any]]) -> None:
+        """A pareto study's front on its study run: `pareto_front.json` (one row per trial) and its size."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._now_or_later("logging the Pareto front", log_batches, self.client, run_id,
+                           metrics=[Metric("pareto_front_size", float(len(front)), now, 0)])
+        self._now_or_later("logging the Pareto front", self.client.log_dict, run_id, {"trials": list(front)},
+                           "pareto_front.json")

@@ -1,0 +1,122 @@
+"""Where MLflow keeps a study's runs: the default URI, checks of a local store before training, an error's gist."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import urllib.parse
+from pathlib import Path
+
+from regsearch._errors import StorageError
+from regsearch._storage import mask_url
+
+logger = logging.getLogger("regsearch")
+
+
+PARENT_RUN_ATTR = "mlflow_parent_run_id"
+
+
+MIN_FREE_BYTES = 1 << 20
+"""A local store on a disk with less free space than this is refused before training (it would fail midway)."""
+
+
+def default_tracking_uri() -> str:
+    """MLflow's own default, made explicit: `mlflow.db` in the current folder (found by a plain `mlflow ui`)."""
+    return f"sqlite:///{os.path.abspath('mlflow.db')}"
+
+
+def local_store_problem(path: str | os.PathLike[str], *, folder: bool = False) -> str | None:
+    """Why a local store cannot be written at `path` (a file; a folder when `folder`), or None when it can.
+
+    Checked before any training: a missing or read-only folder, a path that is not a regular file (`/dev/full`
+    reads as endless zeros and takes every write as "disk full"; `/dev/null` keeps nothing), a full disk.
+    """
+    path = Path(path).expanduser()
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.exists():
+        if folder and not path.is_dir():
+            return f"{path} is not a folder"
+        if not folder and path.is_dir():
+            return f"{path} is a folder, not a file"
+        if not folder and not path.is_file():
+            return f"{path} is not a regular file"
+        if not os.access(path, os.W_OK | (os.X_OK if folder else 0)):
+            return f"cannot write to {path}"
+    if not parent.is_dir():
+        return f"folder {parent} does not exist"
+    # a new file, or the journal files SQLite writes next to its database, need a writable folder
+    where = path if folder and path.exists() else parent
+    if not os.access(where, os.W_OK | os.X_OK):
+        return f"cannot write to folder {where}"
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return None
+    if free < MIN_FREE_BYTES:
+        return f"no space left on the disk holding {where} ({free // 1024} KiB free)"
+    return None
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a `sqlite:///` URL (relative with three slashes, absolute with four); None in memory."""
+    rest = url.split(":", 1)[1].split("?", 1)[0]
+    path = rest[len("//"):].lstrip("/")
+    if not path or path == ":memory:":
+        return None
+    return Path("/" + path if rest.startswith("////") else path)
+
+
+def local_tracking_path(uri: str) -> tuple[Path, bool] | None:
+    """(path, is a folder store) of a local tracking URI; None for a remote or in-memory store."""
+    if uri.split(":", 1)[0].lower() in ("databricks", "databricks-uc", "uc"):
+        return None
+    if "://" not in uri and not uri.startswith("file:"):
+        return Path(uri), True  # a plain path is MLflow's file store
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()
+    if scheme == "sqlite":
+        path = sqlite_path(uri)
+        return (path, False) if path is not None else None
+    if scheme == "file":
+        return Path(urllib.parse.unquote(urllib.parse.urlparse(uri).path)), True
+    return None
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Raise StorageError when a local tracking store (sqlite:///FILE, file:///DIR, a path) cannot be used.
+
+    Without this MLflow retries a read-only SQLite file for about two minutes, creates missing folders for a
+    mistyped path, and refuses its file store with a paragraph.
+    """
+    local = local_tracking_path(uri)
+    if local is None:
+        return
+    path, folder = local
+    problem = local_store_problem(path, folder=folder)
+    if problem:
+        raise StorageError(problem)
+    if folder and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() not in ("true", "1"):
+        raise StorageError("MLflow 3 takes a file store only with MLFLOW_ALLOW_FILE_STORE=true; use a database "
+                           f"such as sqlite:///{path.parent / 'mlflow.db'}")
+
+
+def is_outage(exc: BaseException) -> bool:
+    """A failure of the store itself (unreachable, 5xx after retries), not a request it refused (4xx) or a bug."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        return exc.get_http_status_code() >= 500
+    return isinstance(exc, OSError)  # connection errors and timeouts (requests' exceptions are OSErrors)
+
+
+def error_gist(exc: BaseException) -> str:
+    """The gist of an error in one line: the OS's reason for a failed connection, else the first line."""
+    text = mask_url(str(exc)).strip()
+    errno = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
+    if errno:
+        return errno.group(1).strip().rstrip(".")
+    if "timed out" in text.lower():
+        return "timed out"
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if len(line) <= 300 else line[:297] + "..."
