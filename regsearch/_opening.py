@@ -131,7 +131,7 @@ def fixed_settings(spec: StudySpec) -> dict[str, Any]:
 def load_stored_study(study: str, storage: str | None = None, study_name: str | None = None) -> optuna.Study:
     """A stored study by its study file/name (or explicit study name), for `show`, `report` and `sync`."""
     name = study_name or (Path(study).stem if study.endswith((".yaml", ".yml")) else study)
-    optuna_storage = open_storage(storage)
+    optuna_storage = open_storage(storage, create=False)  # reading creates no empty storage
     names = [s.study_name for s in optuna.get_all_study_summaries(optuna_storage, include_best_trial=False)]
     if name not in names:
         raise ConfigError(unknown_name(f"study in {describe_storage(storage)}:", name, names))

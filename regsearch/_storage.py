@@ -58,15 +58,21 @@ def _rdb_storage(url: str, scheme: str, heartbeat_interval: int, grace_period: i
     raise AssertionError("unreachable")
 
 
-def open_storage(url: str | None = None, *, heartbeat_interval: int = 30, grace_period: int = 90) -> Any:
-    """An Optuna storage: an RDB URL (sqlite:///, postgresql://, ...) or a journal file path."""
-    url = url or DEFAULT_STORAGE
+def open_storage(url: str | None = None, *, heartbeat_interval: int = 30, grace_period: int = 90,
+                 create: bool = True) -> Any:
+    """An Optuna storage: an RDB URL (sqlite:///, postgresql://, ...) or a journal file path.
+
+    `create=False` (show, report, sync) refuses a missing journal or SQLite file instead of creating an empty one.
+    """
+    given, url = url is not None, url or DEFAULT_STORAGE
     if "://" not in url:
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
         path = Path(url).expanduser()
         if path.is_dir():
             raise StorageError(f"--storage {url}: is a folder; give a file path such as {path / DEFAULT_STORAGE}")
+        if not create and not path.exists():
+            raise _no_stored_study(url if given else None, path)
         if path.exists() and not path.is_file():  # /dev/full reads as endless zeros: the journal never ends
             raise StorageError(f"--storage {url}: {path} is not a regular file")
         folder = path.parent if str(path.parent) else Path(".")
@@ -82,6 +88,12 @@ def open_storage(url: str | None = None, *, heartbeat_interval: int = 30, grace_
     if scheme not in _RDB_SCHEMES:
         raise StorageError(f"--storage {mask_url(url)}: unknown scheme {scheme!r}; use a file path (journal), "
                            f"sqlite:///FILE, postgresql://USER@HOST/DB or mysql://USER@HOST/DB")
+    if not create and scheme == "sqlite":
+        from regsearch._tracking import sqlite_path  # deferred: _tracking imports this module
+
+        path = sqlite_path(url)
+        if path is not None and not path.expanduser().exists():
+            raise _no_stored_study(mask_url(url), path)
     try:
         return _rdb_storage(url, scheme, heartbeat_interval, grace_period)
     except ImportError as exc:
@@ -91,3 +103,10 @@ def open_storage(url: str | None = None, *, heartbeat_interval: int = 30, grace_
     except Exception as exc:  # SQLAlchemy/driver errors carry the URL; report them masked, in one line
         reason = mask_url(str(getattr(exc, "orig", None) or exc)).strip().splitlines()[0]
         raise StorageError(f"--storage {mask_url(url)}: cannot open the database: {reason}") from None
+
+
+def _no_stored_study(url: str | None, path: Path) -> StorageError:
+    """The error of a read-only command given no storage file: it names where it looked and what to do."""
+    where = f"--storage {url}: " if url else "no study storage here: "
+    return StorageError(f"{where}{path.absolute()} does not exist; pass --storage (where the study was stored) or "
+                        f"run from the study's folder")

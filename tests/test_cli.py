@@ -85,7 +85,7 @@ BAD_INPUT = [
     (["optimize", "--study", "digits", "--plugin", "/nonexistent/p.py"], "plugin file /nonexistent/p.py does not exist"),
     (["optimize", "--study", "digits", "--storage", "redis://127.0.0.1/0"], "unknown scheme 'redis'"),
     (["optimize", "--study", "/no/such/study.yaml"], "study file /no/such/study.yaml does not exist"),
-    (["show", "--study", "never-ran", "--storage", "{tmp}/empty.journal"], "unknown study in"),
+    (["show", "--study", "never-ran", "--storage", "{tmp}/none.journal"], "none.journal does not exist; pass --storage"),
 ]
 
 
