@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import random
 import re
+import shutil
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 from regsearch._errors import StorageError
+
+logger = logging.getLogger("regsearch")
 
 DEFAULT_STORAGE = "regsearch.journal"
 """The default: an Optuna journal file in the current folder (safe for several local worker processes)."""
@@ -80,6 +85,8 @@ def open_storage(url: str | None = None, *, heartbeat_interval: int = 30, grace_
             raise StorageError(f"--storage {url}: folder {folder} does not exist")
         if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
             raise StorageError(f"--storage {url}: cannot write to {path}")
+        if path.exists():
+            _cut_torn_tail(url, path)
         try:
             return JournalStorage(JournalFileBackend(str(path)))
         except OSError as exc:
@@ -110,3 +117,69 @@ def _no_stored_study(url: str | None, path: Path) -> StorageError:
     where = f"--storage {url}: " if url else "no study storage here: "
     return StorageError(f"{where}{path.absolute()} does not exist; pass --storage (where the study was stored) or "
                         f"run from the study's folder")
+
+
+def _torn_tail(path: Path) -> int | None:
+    """Where the journal's last line starts when Optuna would not read it (no newline, or not JSON), else None."""
+    with open(path, "rb") as f:
+        pos = f.seek(0, os.SEEK_END)
+        if pos == 0:
+            return None
+        tail, start = b"", 0
+        while pos > 0:  # read backwards until the newline that ends the line before the last one
+            step = min(1 << 16, pos)
+            pos -= step
+            f.seek(pos)
+            tail = f.read(step) + tail
+            newline = tail.rfind(b"\n", 0, len(tail) - 1)
+            if newline >= 0:
+                start = pos + newline + 1
+                break
+    line = tail[start - pos:]
+    if line.endswith(b"\n"):
+        try:
+            json.loads(line)  # what Optuna's JournalFileBackend.read_logs does with each line
+            return None
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError
+            pass
+    return start
+
+
+def _cut_torn_tail(url: str, path: Path) -> None:
+    """Cut a journal's torn last record (a crash or full disk mid-write), keeping the whole file as a backup.
+
+    Optuna skips a torn last line when reading but appends after it when writing, and then can read nothing.
+    """
+    if _torn_tail(path) is None:
+        return
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    lock = JournalFileSymlinkLock(str(path))  # the lock Optuna's JournalFileBackend appends under
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    backup = path.with_name(f"{path.name}.torn-{stamp}")
+    try:
+        lock.acquire()
+        try:
+            start = _torn_tail(path)  # again under the lock: what looked torn may have been an append in flight
+            if start is None:
+                return
+            size = path.stat().st_size
+            n = 0
+            while backup.exists():  # a second torn record within the same second
+                n += 1
+                backup = path.with_name(f"{path.name}.torn-{stamp}-{n}")
+            try:
+                shutil.copyfile(path, backup)
+            except OSError:
+                backup.unlink(missing_ok=True)  # a partial copy (disk full) is no backup; the journal stays as is
+                raise
+            with open(path, "r+b") as f:
+                f.truncate(start)
+                os.fsync(f.fileno())
+        finally:
+            lock.release()
+    except OSError as exc:
+        raise StorageError(f"--storage {url}: the journal's last record is torn (a crash or full disk mid-write) "
+                           f"and could not be cut, so it is left as it is: {exc}") from None
+    logger.warning("%s: cut its torn last record (%d bytes at byte %d, left by a crash or a full disk mid-write); "
+                   "the file as it was is kept in %s", path, size - start, start, backup)

@@ -1,15 +1,42 @@
-"""The Optuna storage: read-only commands create nothing."""
+"""The Optuna storage: read-only commands create nothing; a journal torn by a crash is cut back, not lost."""
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import shutil
+import subprocess
+import threading
+import time
+
+import optuna
 import pytest
 from click.testing import CliRunner
+from optuna.storages.journal import JournalFileSymlinkLock
 
+import regsearch
+from regsearch import StorageError
+from regsearch._storage import open_storage
 from regsearch.cli import cli
+
+COMPLETE = optuna.trial.TrialState.COMPLETE
 
 
 def invoke(*args: str):
     return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+@pytest.fixture
+def warnings_logged():
+    """The warnings on the `regsearch` logger, whatever its handlers and propagation are at the time."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    log = logging.getLogger("regsearch")
+    log.addHandler(handler)
+    yield records
+    log.removeHandler(handler)
 
 
 @pytest.mark.parametrize("command", ["show", "report", "sync"])
@@ -26,3 +53,88 @@ def test_a_read_only_command_without_the_study_says_what_to_do_and_creates_nothi
     assert "pass --storage" in lines[0] and "run from the study's folder" in lines[0]
     assert "known: none" not in lines[0]
     assert list(in_tmp.iterdir()) == [], "a read-only command left files behind"
+
+
+def test_a_journal_torn_by_a_crash_loses_only_its_last_record(in_tmp, warnings_logged, restore_logging):
+    journal = in_tmp / "s.journal"
+    run = {"overrides": {"training.epochs": 2}, "tracking": False, "storage": str(journal)}
+    first = regsearch.optimize("digits", n_trials=3, **run)
+    kept = [(t.number, t.value) for t in first.get_trials(states=(COMPLETE,))]
+    assert len(kept) == 3
+    # what a crash or a full disk mid-write leaves: the last record without its end
+    with open(journal, "r+b") as f:
+        f.truncate(journal.stat().st_size - 37)
+    torn = journal.read_bytes()
+    assert warnings_logged == []
+
+    resumed = regsearch.optimize("digits", n_trials=5, **run)
+
+    finished = resumed.get_trials(states=(COMPLETE,))
+    assert len(finished) == 5
+    assert [(t.number, t.value) for t in finished[:3]] == kept
+    torn_warnings = [r.getMessage() for r in warnings_logged if "torn" in r.getMessage()]
+    assert len(torn_warnings) == 1, [r.getMessage() for r in warnings_logged]
+    backups = list(in_tmp.glob("s.journal.torn-*"))
+    assert len(backups) == 1 and backups[0].read_bytes() == torn
+    assert str(backups[0]) in torn_warnings[0]
+    # nothing was appended to the torn line: every record reads as Optuna reads it
+    lines = journal.read_bytes().splitlines(keepends=True)
+    assert all(line.endswith(b"\n") and json.loads(line) for line in lines)
+
+    shown = invoke("show", "--study", "digits", "--storage", str(journal))
+    assert shown.exit_code == 0, shown.output
+    assert "study digits: 5 complete" in shown.stdout
+    assert len(list(in_tmp.glob("s.journal.torn-*"))) == 1
+
+
+def test_an_append_in_flight_under_the_journal_lock_is_not_cut(tmp_path, warnings_logged):
+    """Another worker writing its record holds the journal's lock; its half-written line is no torn record."""
+    journal = tmp_path / "s.journal"
+    optuna.create_study(study_name="busy", storage=open_storage(str(journal)))
+    record = json.dumps({"op_code": 0, "worker_id": "w", "study_name": "other", "directions": [1]}) + "\n"
+    whole = journal.read_bytes() + record.encode()
+    lock = JournalFileSymlinkLock(str(journal))
+    lock.acquire()
+    with open(journal, "ab") as f:
+        f.write(record[:20].encode())
+    opened: list = []
+    opener = threading.Thread(target=lambda: opened.append(open_storage(str(journal))))
+    opener.start()
+    time.sleep(0.5)
+    assert opener.is_alive(), "the half-written record was not waited for"
+    with open(journal, "ab") as f:
+        f.write(record[20:].encode())
+    lock.release()
+    opener.join(timeout=30)
+    assert journal.read_bytes() == whole
+    assert sorted(optuna.get_all_study_names(opened[0])) == ["busy", "other"]
+    assert warnings_logged == [] and list(tmp_path.glob("*.torn-*")) == []
+
+
+def test_a_torn_journal_on_a_full_disk_is_left_as_it_is_with_one_clear_error(tmp_path):
+    """The backup cannot be written, so nothing is cut; freeing space and rerunning repairs it then."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], check=False,
+                           capture_output=True, text=True) if shutil.which("mount") else None
+    if mount is None or mount.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here to fill it ({mount.stderr.strip() if mount else 'no mount'})")
+    try:
+        journal = folder / "s.journal"
+        optuna.create_study(study_name="full", storage=open_storage(str(journal)))
+        with open(journal, "ab") as f:
+            f.write(b'{"op_code": 0, "worker_id": "w", "study_na')
+        torn = journal.read_bytes()
+        fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            with pytest.raises(OSError, match="No space left"):
+                while True:
+                    os.write(fd, b"\0" * 4096)
+        finally:
+            os.close(fd)
+        with pytest.raises(StorageError, match="last record is torn.*No space left"):
+            open_storage(str(journal))
+        assert journal.read_bytes() == torn
+        assert sorted(p.name for p in folder.iterdir()) == ["filler", "s.journal"]
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)
