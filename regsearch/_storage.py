@@ -33,6 +33,15 @@ def describe_storage(url: str | None) -> str:
     return mask_url(url or DEFAULT_STORAGE)
 
 
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a `sqlite:///` URL (relative with three slashes, absolute with four); None in memory."""
+    rest = url.split(":", 1)[1].split("?", 1)[0]
+    path = rest[len("//"):].lstrip("/")
+    if not path or path == ":memory:":
+        return None
+    return Path("/" + path if rest.startswith("////") else path)
+
+
 def _rdb_storage(url: str, scheme: str, heartbeat_interval: int, grace_period: int) -> Any:
     import optuna
 
@@ -96,7 +105,6 @@ def open_storage(url: str | None = None, *, heartbeat_interval: int = 30, grace_
         raise StorageError(f"--storage {mask_url(url)}: unknown scheme {scheme!r}; use a file path (journal), "
                            f"sqlite:///FILE, postgresql://USER@HOST/DB or mysql://USER@HOST/DB")
     if not create and scheme == "sqlite":
-        from regsearch._tracking import sqlite_path  # deferred: _tracking imports this module
 
         path = sqlite_path(url)
         if path is not None and not path.expanduser().exists():

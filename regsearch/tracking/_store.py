@@ -10,7 +10,7 @@ import urllib.parse
 from pathlib import Path
 
 from regsearch._errors import StorageError
-from regsearch._storage import mask_url
+from regsearch._storage import mask_url, sqlite_path
 
 logger = logging.getLogger("regsearch")
 
@@ -57,15 +57,6 @@ def local_store_problem(path: str | os.PathLike[str], *, folder: bool = False) -
     if free < MIN_FREE_BYTES:
         return f"no space left on the disk holding {where} ({free // 1024} KiB free)"
     return None
-
-
-def sqlite_path(url: str) -> Path | None:
-    """The database file of a `sqlite:///` URL (relative with three slashes, absolute with four); None in memory."""
-    rest = url.split(":", 1)[1].split("?", 1)[0]
-    path = rest[len("//"):].lstrip("/")
-    if not path or path == ":memory:":
-        return None
-    return Path("/" + path if rest.startswith("////") else path)
 
 
 def local_tracking_path(uri: str) -> tuple[Path, bool] | None:
