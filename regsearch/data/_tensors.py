@@ -26,6 +26,8 @@ class TensorData:
 
     Images are kept as uint8 (N, C, H, W) and normalised per batch (a quarter of the memory of float32);
     other inputs are float32. `mean` and `std` are per-channel statistics of the training split (images).
+    A table also keeps `classes` (the label values, index = class id), the `columns` it was read from and its
+    fitted `preprocessor` (`.transform(DataFrame)` turns raw rows with those columns into float32 inputs).
     """
 
     x_train: torch.Tensor
@@ -38,6 +40,9 @@ class TensorData:
     name: str = "data"
     mean: torch.Tensor | None = None
     std: torch.Tensor | None = None
+    classes: tuple | None = None
+    preprocessor: Any | None = None
+    columns: tuple | None = None
 
     @property
     def is_image(self) -> bool:
