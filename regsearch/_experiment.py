@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -11,6 +10,7 @@ from torch import nn
 
 from regsearch._device import native_bf16, resolve_device
 from regsearch._errors import ConfigError
+from regsearch._estimate import announce_slow_trials
 from regsearch._preflight import preflight
 from regsearch._registry import RegularizerRegistry, default_registry
 from regsearch._spec import StudySpec
@@ -19,10 +19,6 @@ from regsearch.data._tensors import Batcher, TensorData, load_dataset
 from regsearch.models import model_factory
 
 logger = logging.getLogger("regsearch")
-
-SLOW_TRIAL_S = 300.0
-"""A trial expected to take longer than this on a CPU is announced with ways to shrink the study."""
-
 
 def prepare(spec: StudySpec, *, data: TensorData | None = None, model: Callable[[], nn.Module] | None = None,
             data_dir: str | None = None, device: str = "auto", registry: RegularizerRegistry | None = None,
@@ -43,13 +39,12 @@ def prepare(spec: StudySpec, *, data: TensorData | None = None, model: Callable[
     data = data.to(dev)
     build = model or model_factory(spec.model.name, spec.model.options, data.input_shape, data.num_classes)
     exp = Experiment(spec, data, build, regs, dev, Batcher(data).inputs(data.x_train[:4]))
-    _check_model(exp)
-    step_s = preflight(exp, registry)
-    _announce_slow_trials(exp, step_s)
+    bare = _check_model(exp)
+    announce_slow_trials(exp, preflight(exp, registry), bare)
     return exp
 
 
-def _check_model(exp: Experiment) -> None:
+def _check_model(exp: Experiment) -> nn.Module:
     """The model takes the data's inputs and returns (batch, classes) logits, or the study stops here."""
     try:
         probe = exp.build_model().to(exp.device)
@@ -62,13 +57,5 @@ def _check_model(exp: Experiment) -> None:
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] != exp.data.num_classes:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ConfigError(f"the model must return logits of shape (batch, {exp.data.num_classes}); got {shape}")
+    return probe
 
-
-def _announce_slow_trials(exp: Experiment, step_s: float) -> None:
-    spec, n = exp.spec, len(exp.data.y_train)
-    trial_s = step_s * math.ceil(n / spec.training.batch_size) * spec.training.epochs
-    if exp.device.type == "cpu" and trial_s > SLOW_TRIAL_S:
-        logger.warning(
-            "on this CPU one trial will take about %.0f min (%d epochs x %d training examples, %.2f s per batch "
-            "of %d). To shrink the study: --set data.train_size=5000 --set training.epochs=5, or run on a GPU.",
-            trial_s / 60, spec.training.epochs, n, step_s, spec.training.batch_size)

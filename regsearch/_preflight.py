@@ -12,6 +12,7 @@ from torch import nn
 from regsearch import _contract
 from regsearch._device import autocast_context, training_autocast
 from regsearch._errors import ConfigError, PluginError
+from regsearch._estimate import trial_seconds
 from regsearch._optim import build_optimizer
 from regsearch._registry import RegularizerRegistry
 from regsearch._regularizer import Applied, LoopState, NamespacedTrial
@@ -78,8 +79,9 @@ def _first_batch(exp: Experiment, registry: RegularizerRegistry, state: LoopStat
     return x, y
 
 
-def preflight(exp: Experiment, registry: RegularizerRegistry) -> float:
-    """Run every regularizer's hooks once on a real batch before any trial; returns seconds per train step.
+def preflight(exp: Experiment, registry: RegularizerRegistry) -> float | None:
+    """Run every regularizer's hooks once on a real batch before any trial; returns the seconds one trial takes
+    with every regularizer on, on a CPU (`trial_seconds`; None on other devices, which are not warned about).
 
     A plugin that breaks the contract (bad search space, a hook raising, a penalty that is not a scalar on the
     training device) is reported here, naming the plugin, instead of failing every trial.
@@ -97,7 +99,10 @@ def preflight(exp: Experiment, registry: RegularizerRegistry) -> float:
     model.train()
     step = _step(exp, registry, model, applied, autocast, x, y)
     step()
-    seconds = fastest_threads(step) if exp.device.type == "cpu" else min(step() for _ in range(2))
+    seconds = None
+    if exp.device.type == "cpu":
+        fastest_threads(step)  # the thread count of epochs too short for fit's own probe
+        seconds = trial_seconds(exp, model, applied)
     for _, reg in exp.regularizers:
         reg.context = None
     return seconds

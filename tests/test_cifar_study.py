@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -134,3 +136,26 @@ def test_missing_data_dir_is_one_line_error(tmp_path):
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error:") and "does not exist" in lines[0], result.stderr
+
+
+def test_the_trial_time_warning_brackets_the_baseline_trial(cifar_sample, tmp_path, monkeypatch, caplog):
+    """The up-front CPU warning's range holds the first real trial's duration (the baseline's, within 0.5x the
+    low end and 2x the high end), with the threshold lowered so that a small study is warned about."""
+    import regsearch
+    from regsearch import _estimate
+
+    monkeypatch.setattr(_estimate, "LONG_TRIAL_S", 1.0)
+    caplog.set_level(logging.WARNING, logger="regsearch")
+    # 1,800 training images: 14 steps an epoch, enough for the trial's own thread probe
+    study = regsearch.optimize("cifar", n_trials=1, tracking=False, data_dir=str(cifar_sample), device="cpu",
+                               storage=str(tmp_path / "j.journal"),
+                               overrides={"data.train_size": 2000, "training.epochs": 4, "search.pruner.name": "none"})
+    warned = [r.getMessage() for r in caplog.records if "one trial will take about" in r.getMessage()]
+    assert len(warned) == 1, warned
+    said = re.search(r"about ([0-9.]+)-([0-9.]+) (s|min) \(from no regularizer to all of them on", warned[0])
+    assert said, warned[0]
+    low, high = (float(v) * (60 if said[3] == "min" else 1) for v in said.groups()[:2])
+    baseline = study.trials[0]
+    assert baseline.user_attrs["baseline"] is True
+    took = (baseline.datetime_complete - baseline.datetime_start).total_seconds()
+    assert 0.5 * low <= took <= 2 * high, f"the baseline trial took {took:.1f} s; the warning: {warned[0]}"
