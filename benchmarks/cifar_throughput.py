@@ -30,7 +30,7 @@ def child_regsearch(folder: str, epochs: int, train_size: int, precision: str) -
     import optuna
 
     import regsearch._trainer as trainer
-    from regsearch._spec import load_study
+    from regsearch._study_file import load_study
     from regsearch._study import build_trial, prepare
 
     overrides = [("training.epochs", str(epochs)), ("regularizers", "{augment: {enabled: true}}"),

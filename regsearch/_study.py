@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import multiprocessing
@@ -26,8 +25,9 @@ from torch import nn
 from regsearch._errors import ConfigError, PluginError, RegsearchError, StudyError
 from regsearch._registry import RegularizerRegistry, default_registry
 from regsearch._regularizer import LoopState, NamespacedTrial, Regularizer, TrialContext
-from regsearch._spec import RegularizerSpec, StudySpec, TrainingSpec, load_study, search_value
+from regsearch._spec import RegularizerSpec, StudySpec, TrainingSpec, search_value
 from regsearch._storage import describe_storage, mask_url, open_storage
+from regsearch._study_file import load_study
 from regsearch._tracking import TrackerProcess, default_tracking_uri
 from regsearch._trainer import (PINNED, Applied, _transformed, autocast_context, build_optimizer, evaluate, fit,
                                 native_bf16, precision_name, resolve_device, set_thread_budget, training_autocast)
@@ -197,7 +197,7 @@ def is_baseline(trial: Any) -> bool:
 def training_for(exp: Experiment, trial: Any) -> TrainingSpec:
     """The study's training recipe; the baseline trial trains without label smoothing (unregularized)."""
     if is_baseline(trial):
-        return dataclasses.replace(exp.spec.training, label_smoothing=0.0)
+        return exp.spec.training.replace(label_smoothing=0.0)
     return exp.spec.training
 
 
@@ -705,11 +705,11 @@ def optimize(study: str | StudySpec, *, n_trials: int | None = None, timeout: fl
     """
     spec = study if isinstance(study, StudySpec) else load_study(study, overrides)
     if seed is not None:
-        spec = dataclasses.replace(spec, seed=seed)
+        spec = spec.replace(seed=seed)
     given = {key: search_value(key, value, key) for key, value in (("objective", objective), ("max_gap", max_gap))
              if value is not None}
     if given:
-        spec = dataclasses.replace(spec, search=dataclasses.replace(spec.search, **given))
+        spec = spec.replace(search=spec.search.replace(**given))
     if n_trials is not None and n_trials < 1:
         raise ConfigError(f"n_trials must be at least 1; got {n_trials}")
     if timeout is not None and timeout <= 0:
