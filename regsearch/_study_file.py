@@ -5,12 +5,14 @@ from __future__ import annotations
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from regsearch._errors import ConfigError, unknown_name
-from regsearch._spec import StudySpec, spec_from_dict
+
+if TYPE_CHECKING:  # the spec (and pydantic) is imported when a study is validated: `regsearch studies` needs neither
+    from regsearch._spec import StudySpec
 
 _PACKAGE_STUDIES = Path(__file__).resolve().parent / "studies"
 _CHECKOUT_STUDIES = Path(__file__).resolve().parent.parent / "studies"
@@ -107,6 +109,8 @@ def apply_overrides(raw: Any, overrides: Overrides) -> Any:
 
 def load_study(name_or_path: str, overrides: Overrides = ()) -> StudySpec:
     """Find, read, override and validate a study file."""
+    from regsearch._spec import spec_from_dict
+
     path = resolve_study(name_or_path)
     raw = read_study_file(path)
     if overrides:
