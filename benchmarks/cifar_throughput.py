@@ -32,7 +32,7 @@ def child_regsearch(folder: str, epochs: int, train_size: int, precision: str) -
     import regsearch._trainer as trainer
     from regsearch._device import precision_name, training_autocast
     from regsearch._experiment import prepare
-    from regsearch._spec import load_study
+    from regsearch._study_file import load_study
     from regsearch._trial import build_trial
 
     overrides = [("training.epochs", str(epochs)), ("regularizers", "{augment: {enabled: true}}"),

@@ -27,7 +27,7 @@ import _common as common  # noqa: E402
 def child_regsearch(trials: int, epochs: int) -> dict:
     start = time.perf_counter()
     import regsearch
-    from regsearch._spec import load_study
+    from regsearch._study_file import load_study
 
     overrides = [("training.epochs", str(epochs)), ("model.hidden", "[256, 256]"),
                  ("search.pruner", "{name: none}"), ("search.baseline", "false"), ("search.first_trial", "{}"),

@@ -171,7 +171,7 @@ def main() -> None:
 
     import optuna
 
-    from regsearch._spec import load_study
+    from regsearch._study_file import load_study
     from regsearch.data._tensors import TensorData, load_dataset
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -24,7 +24,7 @@ _EXPORTS = {
     "StudySpec": "regsearch._spec",
     "Range": "regsearch._spec",
     "parse_range": "regsearch._spec",
-    "load_study": "regsearch._spec",
+    "load_study": "regsearch._study_file",
     "spec_from_dict": "regsearch._spec",
     "TensorData": "regsearch.data._tensors",
     "RegsearchError": "regsearch._errors",
@@ -51,8 +51,9 @@ if TYPE_CHECKING:
     from regsearch._records import leaderboard
     from regsearch._registry import RegularizerInfo, RegularizerRegistry, default_registry, register
     from regsearch._regularizer import LoopState, Regularizer, TrialContext
-    from regsearch._spec import Range, StudySpec, load_study, parse_range, spec_from_dict
+    from regsearch._spec import Range, StudySpec, parse_range, spec_from_dict
     from regsearch._study import optimize
+    from regsearch._study_file import load_study
     from regsearch.data._tensors import TensorData
 
 

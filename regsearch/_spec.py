@@ -1,28 +1,34 @@
-"""Study files: YAML validated into a frozen, typed StudySpec.
+"""The study's typed, frozen spec: pydantic models whose errors read as one line (key, value, what was expected).
 
-Every value is checked once, here, so that a mistake is reported before any training starts, with the key
-that holds it, what was got and what was expected.
+Every value is checked once, here, so that a mistake is reported before any training starts. Reading study
+files and `--set` overrides live in `regsearch._study_file`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import re
-import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, Self
 
-import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, ValidationError, model_validator
 
 from regsearch._errors import ConfigError, did_you_mean, unknown_name
 
-_PACKAGE_STUDIES = Path(__file__).resolve().parent / "studies"
-_CHECKOUT_STUDIES = Path(__file__).resolve().parent.parent / "studies"
+
+class _Invalid(ValueError):
+    """A bad value said without its key: the key is put in front where the value's place is known.
+
+    `key` names a part of the value (`log` of a range), appended to the value's own key.
+    """
+
+    def __init__(self, message: str, key: str = "") -> None:
+        super().__init__(message)
+        self.key = key
 
 
 @dataclass(frozen=True)
@@ -66,199 +72,271 @@ def parse_range(
 
     `where` names the value in error messages, e.g. "regularizers.l1.strength".
     """
+    try:
+        return _read_range(value, log=log, integer=integer, minimum=minimum, maximum=maximum,
+                           maximum_open=maximum_open)
+    except _Invalid as exc:
+        raise ConfigError(f"{where}{'.' + exc.key if exc.key else ''}: {exc}") from None
+
+
+def _read_range(value: Any, *, log: bool = False, integer: bool = False, minimum: float | None = None,
+                maximum: float | None = None, maximum_open: bool = False) -> Range:
     if isinstance(value, Range):
         low, high, log = value.low, value.high, value.log
     elif isinstance(value, Mapping):
         extra = set(value) - {"low", "high", "log"}
         if extra or not {"low", "high"} <= set(value):
-            raise ConfigError(f"{where}: expected a number, [low, high] or {{low, high, log}}; got {dict(value)!r}")
+            raise _Invalid(f"expected a number, [low, high] or {{low, high, log}}; got {dict(value)!r}")
         low, high, log = value["low"], value["high"], value.get("log", log)
     elif isinstance(value, (list, tuple)):
         if len(value) != 2:
-            raise ConfigError(f"{where}: a range is [low, high]; got {list(value)!r}")
+            raise _Invalid(f"a range is [low, high]; got {list(value)!r}")
         low, high = value
     else:
         low = high = value
     for bound in (low, high):
         if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not math.isfinite(bound):
-            raise ConfigError(f"{where}: expected a number or [low, high] of numbers; got {value!r}")
+            raise _Invalid(f"expected a number or [low, high] of numbers; got {value!r}")
         if integer and bound != int(bound):
-            raise ConfigError(f"{where}: expected whole numbers; got {value!r}")
+            raise _Invalid(f"expected whole numbers; got {value!r}")
     if not isinstance(log, bool):
-        raise ConfigError(f"{where}.log: expected true or false; got {log!r}")
+        raise _Invalid(f"expected true or false; got {log!r}", key="log")
     if low > high:
-        raise ConfigError(f"{where}: low must not exceed high; got [{low}, {high}]")
+        raise _Invalid(f"low must not exceed high; got [{low}, {high}]")
     if log and low <= 0:
-        raise ConfigError(f"{where}: a log-scale range must be above 0; got [{low}, {high}]")
+        raise _Invalid(f"a log-scale range must be above 0; got [{low}, {high}]")
     if minimum is not None and low < minimum:
-        raise ConfigError(f"{where}: must be >= {minimum}; got {value!r}")
+        raise _Invalid(f"must be >= {minimum}; got {value!r}")
     if maximum is not None and (high > maximum or (maximum_open and high == maximum)):
         bracket = ")" if maximum_open else "]"
         lower = "" if minimum is None else f"[{minimum}, "
-        raise ConfigError(f"{where}: must be in {lower or '(-inf, '}{maximum}{bracket}; got {value!r}")
-    return Range(float(low), float(high), log=log and not low == high, integer=integer)
+        raise _Invalid(f"must be in {lower or '(-inf, '}{maximum}{bracket}; got {value!r}")
+    return Range(float(low), float(high), log=log and low != high, integer=integer)
 
 
-def _range_field(default: Range, **checks: Any) -> Any:
-    return field(default=default, metadata={"range": checks})
+def _searched(**checks: Any) -> PlainValidator:
+    """A Range field's validator: what parse_range reads, with `checks` (log, minimum, ...) as its defaults."""
+    return PlainValidator(lambda value: _read_range(value, **checks))
 
 
-def _check(**checks: Any) -> Any:
-    return {"check": checks}
+def _whole(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value  # YAML's 2.0 counts as 2
 
 
-@dataclass(frozen=True)
-class DataSpec:
+Whole = Annotated[int, BeforeValidator(_whole)]
+
+
+def _on_off(value: Any) -> Any:
+    """A study file writes `enabled: true` / `false` (or leaves it out to search it); the spec holds on / off."""
+    value = "on" if value is True else "off" if value is False else value
+    if value not in ("search", "on", "off"):
+        raise _Invalid(f"expected search, true or false; got {value!r}")
+    return value
+
+
+_GROUP = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def _group_name(value: Any) -> Any:
+    if value is not None and (not isinstance(value, str) or not _GROUP.match(value)):
+        raise _Invalid(f"a group name of lower-case letters, digits and '_'; got {value!r}")
+    return value
+
+
+class _Spec(BaseModel):
+    """A part of a study: frozen, unknown keys refused, no silent conversions ('5' is not a number)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False, defer_build=True)
+    not_from_file: ClassVar[tuple[str, ...]] = ()
+    """Fields filled by the loader itself, never written in a study file."""
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise ConfigError(_error_line(exc, type(self), "")) from None
+
+    # Marks this __init__ as one that only validates (as pydantic's RootModel does), so that a nested part is built
+    # without it and its error keeps its full path (`training.epochs`) instead of becoming the parent's one line.
+    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], where: str) -> Self:
+        """Validate `data`; an error names its key under `where` (`search.pruner.name`)."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(_error_line(exc, cls, where)) from None
+
+    def replace(self, **changes: Any) -> Self:
+        """A copy with `changes`, checked like the original (`model_copy` would take any value unchecked)."""
+        return type(self)(**{**dict(self), **changes})
+
+
+class DataSpec(_Spec):
     """Which data, and how the training data is split into training and validation."""
 
     name: Literal["digits", "cifar10"] = "digits"
-    val_fraction: float = field(default=0.2, metadata=_check(minimum=0.01, maximum=0.9))
-    train_size: int | None = field(default=None, metadata=_check(minimum=10))
+    val_fraction: Annotated[float, Field(ge=0.01, le=0.9)] = 0.2
+    train_size: Annotated[Whole | None, Field(ge=10)] = None
 
 
-@dataclass(frozen=True)
-class ModelSpec:
+class ModelSpec(_Spec):
     """A built-in model by name; the other keys are the model's own options."""
 
     name: str = "mlp"
-    options: Mapping[str, Any] = field(default_factory=dict)
+    options: Mapping[Any, Any] = Field(default_factory=dict)  # checked by the model factory (call_with_options)
 
 
-@dataclass(frozen=True)
-class TrainingSpec:
+class TrainingSpec(_Spec):
     """The training recipe every trial shares (ranges here are searched like regularizer parameters)."""
 
-    epochs: int = field(default=30, metadata=_check(minimum=1))
-    batch_size: int = field(default=64, metadata=_check(minimum=1))
+    epochs: Annotated[Whole, Field(ge=1)] = 30
+    batch_size: Annotated[Whole, Field(ge=1)] = 64
     optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: Range = _range_field(Range(0.01, 0.3, log=True), log=True, minimum=0.0)
-    momentum: float = field(default=0.9, metadata=_check(minimum=0.0, maximum=1.0))
+    lr: Annotated[Range, _searched(log=True, minimum=0.0)] = Range(0.01, 0.3, log=True)
+    momentum: Annotated[float, Field(ge=0.0, le=1.0)] = 0.9
     schedule: Literal["constant", "cosine", "onecycle"] = "onecycle"
-    label_smoothing: float = field(default=0.0, metadata=_check(minimum=0.0, maximum=0.5))
-    eval_batch_size: int = field(default=1024, metadata=_check(minimum=1))
+    label_smoothing: Annotated[float, Field(ge=0.0, le=0.5)] = 0.0
+    eval_batch_size: Annotated[Whole, Field(ge=1)] = 1024
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
     """bfloat16 autocast (weights stay float32) or float32; auto: bfloat16 on GPUs with native bfloat16 (Ampere on)
     and, where a step is big enough to gain, on CPUs with it (AVX512-BF16, AMX)."""
 
 
-@dataclass(frozen=True)
-class SamplerSpec:
+class SamplerSpec(_Spec):
     name: Literal["tpe", "random"] = "tpe"
-    n_startup_trials: int = field(default=8, metadata=_check(minimum=0))
+    n_startup_trials: Annotated[Whole, Field(ge=0)] = 8
 
 
-@dataclass(frozen=True)
-class PrunerSpec:
+class PrunerSpec(_Spec):
     name: Literal["none", "median", "hyperband", "successive_halving"] = "median"
-    n_startup_trials: int = field(default=5, metadata=_check(minimum=0))
-    n_warmup_steps: int = field(default=5, metadata=_check(minimum=0))
-    min_resource: int = field(default=2, metadata=_check(minimum=1))
-    reduction_factor: int = field(default=3, metadata=_check(minimum=2))
+    n_startup_trials: Annotated[Whole, Field(ge=0)] = 5
+    n_warmup_steps: Annotated[Whole, Field(ge=0)] = 5
+    min_resource: Annotated[Whole, Field(ge=1)] = 2
+    reduction_factor: Annotated[Whole, Field(ge=2)] = 3
 
 
-@dataclass(frozen=True)
-class SearchSpec:
-    n_trials: int = field(default=20, metadata=_check(minimum=1))
-    sampler: SamplerSpec = field(default_factory=SamplerSpec)
-    pruner: PrunerSpec = field(default_factory=PrunerSpec)
-    max_consecutive_failures: int = field(default=5, metadata=_check(minimum=1))
+class SearchSpec(_Spec):
+    n_trials: Annotated[Whole, Field(ge=1)] = 20
+    sampler: SamplerSpec = Field(default_factory=SamplerSpec)
+    pruner: PrunerSpec = Field(default_factory=PrunerSpec)
+    max_consecutive_failures: Annotated[Whole, Field(ge=1)] = 5
     baseline: bool = True
     """Start a new study with an unregularized baseline trial (every regularizer off, no label smoothing)."""
-    first_trial: Mapping[str, Any] = field(default_factory=dict)
+    first_trial: Mapping[str, Any] = Field(default_factory=dict)
     """Parameters of a sound recipe tried first (after the baseline; enqueued once, when the study is new)."""
-    heartbeat_interval: int = field(default=30, metadata=_check(minimum=1))
+    heartbeat_interval: Annotated[Whole, Field(ge=1)] = 30
     """Seconds between a running trial's heartbeats (RDB storages)."""
-    grace_period: int = field(default=90, metadata=_check(minimum=2))
+    grace_period: Annotated[Whole, Field(ge=2)] = 90
     """Seconds without a heartbeat after which a trial counts as dead, is failed and queued again."""
     objective: Literal["val_acc", "pareto"] = "val_acc"
     """val_acc: maximize it; pareto: maximize val_acc and minimize gap_acc (no pruning: Optuna cannot)."""
-    max_gap: float | None = field(default=None, metadata=_check(minimum=0.0, maximum=1.0))
+    max_gap: Annotated[float | None, Field(ge=0.0, le=1.0)] = None
     """Only trials with gap_acc <= max_gap count as best (an Optuna constraint); None: no constraint."""
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _one_objective(self) -> Self:
         if self.objective == "pareto" and self.max_gap is not None:
             raise ConfigError(f"max_gap {self.max_gap:g} and objective pareto do not combine: the Pareto front already "
                               f"holds the best val_acc for every gap (drop one of the two)")
+        return self
 
 
-@dataclass(frozen=True)
-class RegularizerSpec:
+class RegularizerSpec(_Spec):
     """One regularizer of the study: its registry name, on/off mode and its plugin options."""
 
     name: str
-    enabled: Literal["search", "on", "off"] = "search"
-    options: Mapping[str, Any] = field(default_factory=dict)
-    choice: str | None = None
+    enabled: Annotated[Literal["search", "on", "off"], BeforeValidator(_on_off)] = "search"
+    options: Mapping[Any, Any] = Field(default_factory=dict)  # checked by the plugin (call_with_options)
+    choice: Annotated[str | None, BeforeValidator(_group_name)] = None
     """A group name: of the regularizers sharing it, at most one is on in a trial (`choice.<group>` picks it)."""
 
+    @model_validator(mode="after")
+    def _choice_switches(self) -> Self:
+        if self.enabled == "on" and self.choice is not None:
+            raise _Invalid(f"enabled: true contradicts choice: {self.choice} (the group's choice switches its "
+                           f"members; drop one of the two)")
+        return self
 
-@dataclass(frozen=True)
-class StudySpec:
+
+class StudySpec(_Spec):
     """A whole study file, validated."""
 
+    not_from_file: ClassVar[tuple[str, ...]] = ("name", "source")
     name: str
     description: str = ""
-    seed: int = 0
-    data: DataSpec = field(default_factory=DataSpec)
-    model: ModelSpec = field(default_factory=ModelSpec)
-    training: TrainingSpec = field(default_factory=TrainingSpec)
-    search: SearchSpec = field(default_factory=SearchSpec)
-    regularizers: tuple[RegularizerSpec, ...] = ()
-    plugins: tuple[str, ...] = ()
+    seed: Whole = 0
+    data: DataSpec = Field(default_factory=DataSpec)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    search: SearchSpec = Field(default_factory=SearchSpec)
+    regularizers: Annotated[tuple[RegularizerSpec, ...], Field(strict=False)] = ()
+    plugins: Annotated[tuple[str, ...], Field(strict=False)] = ()
     source: str = "<python>"
 
 
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    return {int: "a whole number", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+_UNKNOWN_KEY = ("extra_forbidden", "invalid_key")  # invalid_key: a key that is no string (YAML's `1:`)
+
+# What a pydantic error type expects, in the words of a study file.
+_EXPECTED = {"int_type": "a whole number", "float_type": "a number", "finite_number": "a number",
+             "bool_type": "true or false", "string_type": "a string", "dict_type": "a mapping",
+             "mapping_type": "a mapping", "model_type": "a mapping of keys", "tuple_type": "a list"}
 
 
-def _convert(tp: Any, value: Any, where: str, meta: Mapping[str, Any]) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
+def _model_at(cls: type[_Spec], keys: list[str]) -> type[_Spec] | None:
+    """The model holding the last of `keys` (a path of fields from `cls`), None when it is no model's field."""
+    for key in keys:
+        field = cls.model_fields.get(key)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, _Spec)):
             return None
-        return _convert(args[0], value, where, meta)
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            shown = value if isinstance(value, str) else repr(value)
-            raise ConfigError(f"{where}: {unknown_name('value', str(shown), [str(c) for c in choices])}")
-        return value
-    if tp is Range:
-        return parse_range(value, where, **meta.get("range", {}))
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{where}: expected a mapping of keys; got {value!r}")
-        return _build(tp, value, where)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false; got {value!r}")
-        return value
-    if typing.get_origin(tp) is Mapping or tp is Mapping:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{where}: expected a mapping; got {value!r}")
-        return dict(value)
-    if tp in (int, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if ok and tp is int and value != int(value):
-            ok = False
-        if not ok or not math.isfinite(value):
-            raise ConfigError(f"{where}: expected {_type_name(tp)}; got {value!r}")
-        value = tp(value)
-        check = meta.get("check", {})
-        if "minimum" in check and value < check["minimum"]:
-            raise ConfigError(f"{where}: must be >= {check['minimum']}; got {value!r}")
-        if "maximum" in check and value > check["maximum"]:
-            raise ConfigError(f"{where}: must be <= {check['maximum']}; got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string; got {value!r}")
-        return value
-    raise TypeError(f"no conversion for {tp!r}")  # a bug in this module, not bad input
+        cls = field.annotation
+    return cls
+
+
+def _known_keys(cls: type[_Spec]) -> list[str]:
+    return sorted(k for k in cls.model_fields if k not in cls.not_from_file)
+
+
+def _error_parts(exc: ValidationError, cls: type[_Spec]) -> tuple[list[str] | None, str]:
+    """The first of pydantic's errors in this project's words: (the key's path, what is wrong and what was got).
+
+    The path is None where the message already says what it is about.
+    """
+    errors = sorted(exc.errors(include_url=False), key=lambda e: e["type"] not in _UNKNOWN_KEY)  # typos first
+    error = errors[0]
+    kind, value, ctx = error["type"], error.get("input"), error.get("ctx") or {}
+    keys = [str(k) for k in error["loc"] if k != "[key]"]
+    cause = ctx.get("error")
+    if isinstance(cause, ConfigError):
+        return None, str(cause)
+    if isinstance(cause, _Invalid):
+        return keys + ([cause.key] if cause.key else []), str(cause)
+    owner = _model_at(cls, keys[:-1])
+    if kind in _UNKNOWN_KEY and owner is not None:
+        known = _known_keys(owner)
+        return keys, f"unknown key{did_you_mean(keys[-1], known)}; known: {', '.join(known)}"
+    if kind == "literal_error" and owner is not None:
+        shown = value if isinstance(value, str) else repr(value)
+        choices = typing.get_args(owner.model_fields[keys[-1]].annotation)
+        return keys, unknown_name("value", str(shown), [str(c) for c in choices])
+    for name, sign in (("ge", ">="), ("le", "<=")):
+        if name in ctx:  # a float field shows the number as read (2 -> 2.0)
+            got = float(value) if isinstance(ctx[name], float) and isinstance(value, int) else value
+            return keys, f"must be {sign} {ctx[name]}; got {got!r}"
+    expected = _EXPECTED.get(kind)
+    if expected:
+        return keys, f"expected {expected}; got {value!r}"
+    return keys, f"{error['msg'][:1].lower()}{error['msg'][1:]}; got {value!r}"
+
+
+def _error_line(exc: ValidationError, cls: type[_Spec], where: str) -> str:
+    """One line for a failed validation of `cls`: `where.key.path: what is wrong; got value`."""
+    keys, text = _error_parts(exc, cls)
+    if keys is None:
+        return text
+    path = ".".join([where, *keys] if where else keys)
+    return f"{path}: {text}" if path else text
 
 
 def search_value(key: str, value: Any, where: str) -> Any:
@@ -266,24 +344,17 @@ def search_value(key: str, value: Any, where: str) -> Any:
 
     `where` names it in the error (`--max-gap`, `max_gap`).
     """
-    meta = {f.name: f.metadata for f in dataclasses.fields(SearchSpec)}
-    return _convert(typing.get_type_hints(SearchSpec)[key], value, where, meta[key])
+    try:
+        return getattr(SearchSpec.model_validate({key: value}), key)
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: {_error_parts(exc, SearchSpec)[1]}") from None
 
 
-# Fields filled by the loader itself, never written in a study file.
-_NOT_FROM_FILE = {StudySpec: ("name", "source"), ModelSpec: ("options",), RegularizerSpec: ("options",)}
-
-
-def _build(cls: type, data: Mapping[str, Any], where: str, given: Mapping[str, Any] | None = None) -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in _NOT_FROM_FILE.get(cls, ())}
-    prefix = f"{where}." if where else ""
-    for key in data:
-        if key not in fields:
-            raise ConfigError(f"{prefix}{key}: unknown key{did_you_mean(str(key), fields)}; "
-                              f"known: {', '.join(sorted(fields))}")
-    values = {k: _convert(hints[k], v, f"{prefix}{k}", fields[k].metadata) for k, v in data.items()}
-    return cls(**values, **(given or {}))
+def _model(raw: Any) -> ModelSpec:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"model: expected a mapping with a 'name'; got {raw!r}")
+    options = dict(raw)
+    return ModelSpec.from_mapping({"name": options.pop("name", "mlp"), "options": options}, "model")
 
 
 def _regularizers(raw: Any) -> tuple[RegularizerSpec, ...]:
@@ -298,22 +369,16 @@ def _regularizers(raw: Any) -> tuple[RegularizerSpec, ...]:
         if not isinstance(options, Mapping):
             raise ConfigError(f"{where}: expected a mapping of the plugin's options (or {{}}); got {options!r}")
         options = dict(options)
-        enabled = options.pop("enabled", "search")
-        enabled = {True: "on", False: "off"}.get(enabled, enabled)
-        if enabled not in ("search", "on", "off"):
-            raise ConfigError(f"{where}.enabled: expected search, true or false; got {enabled!r}")
-        choice = options.pop("choice", None)
-        if choice is not None:
-            if not isinstance(choice, str) or not _GROUP.match(choice):
-                raise ConfigError(f"{where}.choice: a group name of lower-case letters, digits and '_'; got {choice!r}")
-            if enabled == "on":
-                raise ConfigError(f"{where}: enabled: true contradicts choice: {choice} (the group's choice switches "
-                                  f"its members; drop one of the two)")
-        specs.append(RegularizerSpec(name=str(name), enabled=enabled, options=options, choice=choice))
+        given = {key: options.pop(key) for key in ("enabled", "choice") if key in options}
+        specs.append(RegularizerSpec.from_mapping({"name": str(name), "options": options, **given}, where))
     return tuple(specs)
 
 
-_GROUP = re.compile(r"^[a-z][a-z0-9_]*$")
+def _plugins(raw: Any, source: str) -> tuple[str, ...]:
+    if isinstance(raw, str) or not isinstance(raw, (list, tuple)) or not all(isinstance(p, str) for p in raw):
+        raise ConfigError(f"plugins: expected a list of plugin file paths; got {raw!r}")
+    base = Path(source).parent if source != "<python>" else Path.cwd()
+    return tuple(os.path.abspath(base / p) for p in raw)  # links are resolved (and loops reported) on load
 
 
 def spec_from_dict(raw: Any, *, name: str, source: str = "<python>") -> StudySpec:
@@ -326,44 +391,14 @@ def spec_from_dict(raw: Any, *, name: str, source: str = "<python>") -> StudySpe
     if isinstance(raw.get("training"), Mapping) and "augment" in raw["training"]:
         raise ConfigError("training.augment: augmentation is the regularizer 'augment' now; write "
                           "`augment: {enabled: true}` under regularizers (or leave out `enabled` to search it)")
-    model_raw = raw.pop("model", {}) or {}
-    if not isinstance(model_raw, Mapping):
-        raise ConfigError(f"model: expected a mapping with a 'name'; got {model_raw!r}")
-    model_raw = dict(model_raw)
-    model = ModelSpec(name=_convert(str, model_raw.pop("name", "mlp"), "model.name", {}), options=model_raw)
-    regularizers = _regularizers(raw.pop("regularizers", None))
-    plugins = raw.pop("plugins", ()) or ()
-    if isinstance(plugins, str) or not all(isinstance(p, str) for p in plugins):
-        raise ConfigError(f"plugins: expected a list of plugin file paths; got {plugins!r}")
-    base = Path(source).parent if source != "<python>" else Path.cwd()
-    plugins = tuple(os.path.abspath(base / p) for p in plugins)  # links are resolved (and loops reported) on load
-    spec = _build(StudySpec, raw, "", given={"name": name})
-    return dataclasses.replace(spec, model=model, regularizers=regularizers, plugins=plugins, source=source)
-
-
-def apply_overrides(raw: Any, overrides: Mapping[str, str] | list[tuple[str, str]]) -> Any:
-    """Set dotted keys (`training.epochs=5`) in a parsed study file; values are read as YAML scalars."""
-    raw = dict(raw or {})
-    items = overrides.items() if isinstance(overrides, Mapping) else overrides
-    for key, text in items:
-        parts = key.split(".")
-        if not key or any(not p for p in parts):
-            raise ConfigError(f"--set {key}={text}: the key must be dotted names like training.epochs")
-        try:
-            value = yaml.safe_load(text) if isinstance(text, str) else text
-        except yaml.YAMLError:
-            raise ConfigError(f"--set {key}={text}: the value is not a YAML scalar") from None
-        node = raw
-        for i, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = {}
-            elif not isinstance(child, Mapping):
-                raise ConfigError(f"--set {key}: {'.'.join(parts[:i + 1])} is not a mapping")
-            node[part] = child = dict(child)
-            node = child
-        node[parts[-1]] = value
-    return raw
+    for key in StudySpec.not_from_file:
+        if key in raw:
+            known = _known_keys(StudySpec)
+            raise ConfigError(f"{key}: unknown key{did_you_mean(key, known)}; known: {', '.join(known)}")
+    given = {"model": _model(raw.pop("model", {}) or {}),
+             "regularizers": _regularizers(raw.pop("regularizers", None)),
+             "plugins": _plugins(raw.pop("plugins", ()) or (), source)}
+    return StudySpec.from_mapping({**raw, **given, "name": name, "source": source}, "")
 
 
 def call_with_options(factory: Any, options: Mapping[str, Any], where: str, what: str) -> Any:
@@ -384,96 +419,3 @@ def call_with_options(factory: Any, options: Mapping[str, Any], where: str, what
         raise ConfigError(str(exc) if str(exc).startswith(where) else f"{where}.{exc}") from None
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: {exc}") from None
-
-
-def study_dirs() -> list[Path]:
-    """Where `--study NAME` looks: the installed package's studies, then a source checkout's."""
-    return [d for d in (_PACKAGE_STUDIES, _CHECKOUT_STUDIES) if d.is_dir()]
-
-
-def available_studies() -> dict[str, Path]:
-    """Study name -> file, for every shipped study."""
-    found: dict[str, Path] = {}
-    for d in study_dirs():
-        for path in sorted(d.glob("*.yaml")):
-            found.setdefault(path.stem, path)
-    return found
-
-
-def resolve_study(name_or_path: str) -> Path:
-    """A shipped study's file by name, or the path as given."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists() or "/" in name_or_path:
-        if not path.is_file():
-            raise ConfigError(f"study file {name_or_path} does not exist")
-        return path
-    known = available_studies()
-    if name_or_path not in known:
-        raise ConfigError(unknown_name("study", name_or_path, known))
-    return known[name_or_path]
-
-
-class _StudyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing a key written twice in one mapping (PyYAML keeps the last silently)."""
-
-
-def _unique_keys(loader: _StudyLoader, node: yaml.MappingNode) -> dict:
-    seen = set()
-    for key_node, _ in node.value:
-        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden on purpose
-            continue
-        key = loader.construct_object(key_node, deep=True)
-        if isinstance(key, typing.Hashable):
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-            seen.add(key)
-    return loader.construct_mapping(node, deep=True)
-
-
-_StudyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_keys)
-
-
-def read_study_file(path: Path) -> Any:
-    """The parsed YAML of a study file, loaded safely (no object construction)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read study file {path}: {exc}") from None
-    try:
-        return yaml.load(text, Loader=_StudyLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{path}: not valid YAML{at}: {problem}") from None
-
-
-def load_study(name_or_path: str, overrides: Mapping[str, str] | list[tuple[str, str]] = ()) -> StudySpec:
-    """Find, read, override and validate a study file."""
-    path = resolve_study(name_or_path)
-    raw = read_study_file(path)
-    if overrides:
-        if raw is None:
-            raise ConfigError(f"{path}: the study file is empty")
-        if not isinstance(raw, Mapping):
-            raise ConfigError(f"{path}: a study file is a mapping of keys; got a {type(raw).__name__}")
-        raw = apply_overrides(raw, overrides)
-    try:
-        return spec_from_dict(raw, name=path.stem, source=str(path))
-    except ConfigError as exc:
-        text = str(exc)
-        items = overrides.items() if isinstance(overrides, Mapping) else overrides
-        for key, value in reversed(list(items)):  # a value given with --set is named as the user typed it
-            if text.startswith((f"{key}:", f"{key}.")):
-                raise ConfigError(f"--set {key}={value}: {text}") from None
-        raise ConfigError(f"{path.name}: {text}") from None
-
-
-def describe(path: Path) -> str:
-    """The one-line description of a study file, '' when it has none or cannot be read."""
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return ""
-    return str(raw.get("description", "")).strip().splitlines()[0] if isinstance(raw, Mapping) and raw.get(
-        "description") else ""

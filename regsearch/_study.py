@@ -34,8 +34,9 @@ from regsearch._records import (
 )
 from regsearch._registry import RegularizerRegistry
 from regsearch._session import Stores, attach, start_tracking
-from regsearch._spec import StudySpec, load_study, search_value
+from regsearch._spec import StudySpec, search_value
 from regsearch._storage import describe_storage
+from regsearch._study_file import load_study
 from regsearch._threads import callers_threads, set_thread_budget, worker_share
 from regsearch._trial import Experiment, rebuild, retrain, stored_autocast, test_score
 from regsearch._workers import Job, Progress, run_trials, run_workers
@@ -105,11 +106,11 @@ def optimize(study: str | StudySpec, *, n_trials: int | None = None, timeout: fl
 def _spec(study: str | StudySpec, opts: Options) -> StudySpec:
     spec = study if isinstance(study, StudySpec) else load_study(study, opts.overrides)
     if opts.seed is not None:
-        spec = dataclasses.replace(spec, seed=opts.seed)
+        spec = spec.replace(seed=opts.seed)
     given = {key: search_value(key, value, key) for key, value in (("objective", opts.objective),
                                                                     ("max_gap", opts.max_gap)) if value is not None}
     if given:
-        spec = dataclasses.replace(spec, search=dataclasses.replace(spec.search, **given))
+        spec = spec.replace(search=spec.search.replace(**given))
     return spec
 
 

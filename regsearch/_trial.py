@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -48,7 +47,7 @@ def context(exp: Experiment, model: nn.Module, number: int, seed: int) -> TrialC
 def training_for(exp: Experiment, trial: Any) -> TrainingSpec:
     """The study's training recipe; the baseline trial trains without label smoothing (unregularized)."""
     if is_baseline(trial):
-        return dataclasses.replace(exp.spec.training, label_smoothing=0.0)
+        return exp.spec.training.replace(label_smoothing=0.0)
     return exp.spec.training
 
 

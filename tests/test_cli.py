@@ -32,6 +32,14 @@ def test_studies_lists_each_shipped_study_with_its_description():
     assert "CIFAR-10" in lines["cifar"]
 
 
+def test_studies_starts_without_loading_the_spec_validation():
+    code = ("import sys\nfrom regsearch.cli import cli\ncli(['studies'], standalone_mode=False)\n"
+            "print('pydantic imported:', 'pydantic' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "digits" in result.stdout and "pydantic imported: False" in result.stdout
+
+
 def test_plugins_lists_builtins_and_a_file_plugin_with_source_and_space(tmp_path):
     path = tmp_path / "shake.py"
     path.write_text(textwrap.dedent("""

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from regsearch import ConfigError, load_study, spec_from_dict
-from regsearch._spec import Range, apply_overrides, available_studies
+from regsearch._spec import Range, SearchSpec, TrainingSpec
+from regsearch._study_file import apply_overrides, available_studies
 
 
 def test_shipped_studies_are_found_by_name_and_valid():
@@ -50,6 +51,9 @@ def test_enabled_is_taken_out_of_the_plugin_options():
     ({"regularizers": ["l1", "l2"]}, r"^regularizers: expected a mapping of plugin name to its options"),
     ({"regularizers": {"l1": 3}}, r"^regularizers\.l1: expected a mapping of the plugin's options"),
     ({"regularizers": {"l1": {"enabled": "maybe"}}}, r"^regularizers\.l1\.enabled: expected search, true or false"),
+    ({"regularizers": {"l1": {"enabled": [True]}}},
+     r"^regularizers\.l1\.enabled: expected search, true or false; got \[True\]$"),
+    ({1: 2}, r"^1: unknown key; known: data, description, model, plugins, regularizers, search, seed, training$"),
     ({"plugins": "my.py"}, r"^plugins: expected a list of plugin file paths"),
     ({"name": "x"}, r"^name: unknown key"),
     ({"model": "mlp"}, r"^model: expected a mapping with a 'name'"),
@@ -99,3 +103,11 @@ def test_plugin_paths_are_relative_to_the_study_file(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text("plugins: [plugs/mine.py]\n")
     assert load_study(str(path)).plugins == (str(tmp_path / "plugs" / "mine.py"),)
+
+
+def test_a_spec_built_in_python_is_checked_like_a_file():
+    with pytest.raises(ConfigError, match=r"^epochs: must be >= 1; got 0$"):
+        TrainingSpec(epochs=0)
+    with pytest.raises(ConfigError, match=r"^max_gap 0\.1 and objective pareto do not combine"):
+        SearchSpec(objective="pareto").replace(max_gap=0.1)
+    assert TrainingSpec(epochs=3).replace(label_smoothing=0.1).label_smoothing == 0.1

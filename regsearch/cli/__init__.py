@@ -149,7 +149,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @cli.command()
 def studies() -> None:
     """List the shipped studies with their descriptions."""
-    from regsearch._spec import available_studies, describe
+    from regsearch._study_file import available_studies, describe
 
     found = available_studies()
     width = max((len(n) for n in found), default=0)
