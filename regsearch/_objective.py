@@ -47,7 +47,9 @@ class _TrialRun:
 
     def __init__(self, tracker: Any, parent: str | None, trial: optuna.Trial, study_name: str) -> None:
         self.tracker, self.trial, self.run_id = tracker, trial, None
-        self.run = tracker.start_trial(parent, trial.number, study_name) if tracker else None
+        # the run spans the trial as Optuna records it, however late the tracking process makes it
+        start_ms = int(trial.datetime_start.timestamp() * 1000) if trial.datetime_start else None
+        self.run = tracker.start_trial(parent, trial.number, study_name, start_ms=start_ms) if tracker else None
 
     def note_run_id(self, final: bool = False) -> None:
         if self.tracker and self.run_id is None:

@@ -8,6 +8,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import time
 import warnings
 from pathlib import Path
@@ -40,6 +41,32 @@ def sqlite_path(url: str) -> Path | None:
     if not path or path == ":memory:":
         return None
     return Path("/" + path if rest.startswith("////") else path)
+
+
+_DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mariadb": 3306}
+_LOOPBACK = ("", "localhost", "127.0.0.1", "::1")
+
+
+def storage_identity(url: str | None) -> str:
+    """The same text for every spelling of one storage, different for different storages.
+
+    A file (journal, SQLite) is its host and real path: the same path on two machines is two storages. A
+    database server is its dialect, host, port and database, without driver, user or password; a loopback
+    host is this machine's name (`localhost` on two machines is two servers).
+    """
+    url = url or DEFAULT_STORAGE
+    if "://" not in url:
+        return f"file:{socket.gethostname()}:{os.path.realpath(os.path.expanduser(url))}"
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    dialect = parsed.get_backend_name()
+    if dialect == "sqlite":
+        return f"sqlite:{socket.gethostname()}:{os.path.realpath(parsed.database or ':memory:')}"
+    dialect = "postgresql" if dialect == "postgres" else dialect
+    host = (parsed.host or "").lower()
+    host = socket.gethostname() if host in _LOOPBACK else host
+    return f"{dialect}://{host}:{parsed.port or _DEFAULT_PORTS.get(dialect, '')}/{parsed.database or ''}"
 
 
 def _rdb_storage(url: str, scheme: str, heartbeat_interval: int, grace_period: int) -> Any:

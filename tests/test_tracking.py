@@ -157,6 +157,20 @@ def test_pruned_trials_show_as_killed_runs(pruned_study):
         assert run.data.tags["regsearch.state"] == "COMPLETE", f"trial {tr.number}"
 
 
+def test_trial_runs_start_and_end_when_their_trials_do(pruned_study):
+    """The MLflow UI shows each trial's own duration, not when the tracking process got to its run."""
+    t = pruned_study
+    runs = by_trial_number(t.children)
+    for tr in t.study.get_trials(deepcopy=False):
+        run = runs[tr.number]
+        start, end = tr.datetime_start.timestamp(), tr.datetime_complete.timestamp()
+        shown = (run.info.end_time - run.info.start_time) / 1000
+        where = f"trial {tr.number}: {end - start:.2f} s, its run {shown:.2f} s"
+        assert abs(run.info.start_time / 1000 - start) <= 0.05, where
+        assert abs(run.info.end_time / 1000 - end) <= 0.3, where
+        assert abs(shown - (end - start)) <= max(0.3, 0.25 * (end - start)), where
+
+
 def test_study_run_has_best_metrics_and_a_loadable_best_model(pruned_study):
     import mlflow
     import torch

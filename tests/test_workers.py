@@ -69,6 +69,8 @@ def children(tracking: str, name: str) -> tuple[set[str], list]:
 
 
 def assert_exact_study(study: optuna.Study, tracking: str, name: str) -> None:
+    # the user's storage holds the user's study, nothing regsearch made to coordinate its processes
+    assert optuna.get_all_study_names(study._storage) == [name]
     complete = study.get_trials(states=(COMPLETE,))
     assert len(complete) == 12
     assert len({t.number for t in study.trials}) == len(study.trials)
@@ -164,3 +166,43 @@ def test_a_killed_local_worker_loses_nothing(mlflow_server, tmp_path):
     assert_exact_study(study, mlflow_server, name)
     assert_killed_trial_recovered(study, mlflow_server, name, killed)
     assert Counter(t.state for t in study.trials)[FAIL] == 1
+
+
+AGREE = """
+import sys, time
+import optuna
+from regsearch._storage import open_storage
+from regsearch._tracking import TrackerProcess
+
+storage, name, tracking, at = sys.argv[1:]
+study = optuna.load_study(study_name=name, storage=open_storage(storage))
+tracker = TrackerProcess(tracking, name)
+time.sleep(max(0.0, float(at) - time.time()))
+tracker.parent_run(study, name, {}, storage=storage, ends_study=False)
+print(tracker.parent_run_id())
+tracker.close()
+"""
+
+
+@pytest.mark.parametrize("backend", ["journal", "postgres"])
+def test_processes_opening_a_study_at_the_same_moment_agree_on_one_study_run(backend, mlflow_server, tmp_path,
+                                                                              request):
+    """Four processes (as on four machines) open the study run of a new study at once: one run, no extra study."""
+    storage = str(tmp_path / "s.journal") if backend == "journal" else request.getfixturevalue("postgres_url")
+    name = f"agree-{backend}-{uuid.uuid4().hex[:6]}"
+    optuna.create_study(study_name=name, storage=open_storage(storage))
+    # each spelling of the one storage a user may give (a relative journal path, a driver and a port)
+    spellings = ([storage, "s.journal", "./s.journal", str(tmp_path / "." / "s.journal")] if backend == "journal"
+                 else [storage, storage.replace("postgresql://", "postgresql+psycopg://"),
+                       storage.replace("127.0.0.1", "localhost"), storage.replace(":5432", "")])
+    at = time.time() + 30  # every process has started its tracking process by then, on two loaded cores
+    procs = [subprocess.Popen([sys.executable, "-c", AGREE, spelling, name, mlflow_server, str(at)], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for spelling in spellings]
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [o[1][-2000:] for o in outs]
+    chosen = {o[0].strip() for o in outs}
+    parents, _ = children(mlflow_server, name)
+    assert len(chosen) == 1 and chosen == parents, (chosen, parents)
+    study = load(storage, name)
+    assert study.user_attrs["mlflow_parent_run_id"] in chosen
+    assert optuna.get_all_study_names(study._storage) == [name]

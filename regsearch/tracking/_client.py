@@ -11,7 +11,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from regsearch._storage import mask_url
+from regsearch._storage import mask_url, storage_identity
 from regsearch.tracking._batches import MAX_METRICS_PER_CALL, log_batches
 from regsearch.tracking._store import PARENT_RUN_ATTR, check_tracking_uri, error_gist, is_outage
 from regsearch.tracking._warmup import model_save_options
@@ -25,6 +25,21 @@ _MAX_PENDING_METRICS = 200_000
 
 _PROBE_SECONDS = 5.0
 """How often the background thread asks an unreachable tracking store whether it is back."""
+
+
+PENDING_PARENT_TAG = "regsearch.pending_parent"
+"""On a new study run (its value: the study's key) until the processes that may be making one agree on it."""
+
+
+_SETTLE_S = 2.0
+"""How long a process that finds no study run waits before choosing among those made meanwhile: much longer than
+another process takes to search for one and make its own."""
+
+
+def study_key(storage: str | None, study: Any) -> str:
+    """What names one Optuna study for everyone who shares its storage, however they spell the storage's URL."""
+    text = f"{storage_identity(storage)}\n{study.study_name}\n{study._study_id}"
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
 class Tracker:
@@ -129,17 +144,18 @@ class Tracker:
 
     # --- runs --------------------------------------------------------------------------------------------
 
-    def parent_run(self, study: Any, run_name: str, params: Mapping[str, Any], *, sync: bool = True) -> str:
+    def parent_run(self, study: Any, run_name: str, params: Mapping[str, Any], *, sync: bool = True,
+                   storage: str | None = None) -> str:
         """The study's parent run, created once and remembered in the study's user attributes.
 
-        Processes started at the same moment on several machines agree on one parent run: creating an Optuna
-        study is atomic in every storage, so a marker study decides which process creates the run; the
-        others wait for its id to appear. With `sync`, the finished trials that have no run yet (the store was
-        unreachable when they ran) are logged now, and again whenever the store comes back.
+        Processes started at the same moment on several machines agree on one parent run (`_create_parent`);
+        `storage` is the study's storage URL as this process was given it. With `sync`, the finished trials that
+        have no run yet (the store was unreachable when they ran) are logged now, and again whenever the store
+        comes back.
         """
         run = self._parent_run(study)
         if run is None:
-            run_id = self._create_parent(study, run_name, params)
+            run_id = self._create_parent(study, run_name, params, study_key(storage, study))
         else:
             run_id = run.info.run_id
             if run.info.status != "RUNNING":
@@ -149,28 +165,49 @@ class Tracker:
             self.sync()
         return run_id
 
-    def _create_parent(self, study: Any, run_name: str, params: Mapping[str, Any]) -> str:
-        import optuna
+    def _create_parent(self, study: Any, run_name: str, params: Mapping[str, Any], key: str) -> str:
+        """Make the study run, agreeing with the processes that may be making one at this moment.
 
-        digest = hashlib.sha1(f"{self.uri}|{self.experiment_id}".encode()).hexdigest()[:10]
-        marker = f"{study.study_name}.regsearch-parent-run.{digest}"
+        No store offers an atomic "create unless it exists" that leaves nothing behind (the Optuna storage's is a
+        study of its own), so: a process that finds no pending run for `key` (tag `PENDING_PARENT_TAG`) makes one;
+        after `_SETTLE_S` each sees every run made meanwhile and takes the same one, the earliest, unless one was
+        recorded meanwhile. The chooser records it in the study and clears its tag (so that no other study with
+        the same key ever takes it); a process whose run lost deletes it.
+        """
+        for _ in range(3):  # again only when the pending runs vanished without a choice (deleted by hand)
+            mine = None
+            if not self._pending_parents(key):
+                mine = self.client.create_run(self.experiment_id, run_name=run_name, tags={
+                    "regsearch.study": run_name, "regsearch.role": "study", PENDING_PARENT_TAG: key}).info.run_id
+                self._log_now(mine, params=params)
+            time.sleep(_SETTLE_S)
+            pending = self._pending_parents(key)
+            run_id = self.find_parent(study)  # read after the search: a chooser records before it clears the tag
+            if run_id is None and pending:
+                run_id = min(pending, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id
+                study.set_user_attr(PARENT_RUN_ATTR, run_id)
+                self._settled(run_id)
+            if mine is not None and mine != run_id:
+                self.client.delete_run(mine)
+            if run_id is not None:
+                return run_id
+        raise RuntimeError("the study runs made for this study keep disappearing")
+
+    def _pending_parents(self, key: str) -> list:
+        """The study runs made for the study `key` that no process has chosen yet."""
+        return self.client.search_runs([self.experiment_id], filter_string=f"tags.`{PENDING_PARENT_TAG}` = '{key}'",
+                                       max_results=100)
+
+    def _settled(self, run_id: str) -> None:
+        """Clear the chosen run's pending tag, unless a process that chose the same run cleared it first."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
         try:
-            optuna.create_study(study_name=marker, storage=study._storage)
-        except optuna.exceptions.DuplicatedStudyError:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                time.sleep(0.2)
-                run_id = self.find_parent(study)
-                if run_id:
-                    return run_id
-            logger.warning("MLflow: no parent run appeared for study %s within 60 s; creating one",
-                           study.study_name)
-        run = self.client.create_run(self.experiment_id, run_name=run_name,
-                                     tags={"regsearch.study": run_name, "regsearch.role": "study"})
-        run_id = run.info.run_id
-        self._log_now(run_id, params=params)
-        study.set_user_attr(PARENT_RUN_ATTR, run_id)
-        return run_id
+            self.client.delete_tag(run_id, PENDING_PARENT_TAG)
+        except MlflowException as exc:
+            if exc.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+                raise
 
     def find_parent(self, study: Any) -> str | None:
         """The id of the study's parent run in this experiment, if the study has one that is not deleted."""
@@ -208,8 +245,10 @@ class Tracker:
             logger.info("MLflow (%s): %s", mask_url(self.uri), report.describe())
         return report
 
-    def start_trial(self, parent_run_id: str, number: int, study_name: str) -> str | None:
-        run = self._call("creating a trial run", self.client.create_run, self.experiment_id,
+    def start_trial(self, parent_run_id: str, number: int, study_name: str, *,
+                    start_ms: int | None = None) -> str | None:
+        """Make trial `number`'s run, started at `start_ms` (the trial's start; else now)."""
+        run = self._call("creating a trial run", self.client.create_run, self.experiment_id, start_time=start_ms,
                          run_name=f"trial-{number}", tags={
                              "mlflow.parentRunId": parent_run_id, "trial_number": str(number),
                              "regsearch.study": study_name, "regsearch.state": "RUNNING"})
@@ -235,12 +274,14 @@ class Tracker:
         if len(self._pending) >= MAX_METRICS_PER_CALL:
             self._wake.set()
 
-    def end_trial(self, run_id: str | None, status: str, tags: Mapping[str, str]) -> None:
+    def end_trial(self, run_id: str | None, status: str, tags: Mapping[str, str], *,
+                  end_ms: int | None = None) -> None:
+        """End a trial's run with `status` at `end_ms` (the trial's end; else now)."""
         if run_id is None:
             return
         self.flush()
         self._log_now(run_id, tags=tags)
-        self._call("ending a trial run", self.client.set_terminated, run_id, status=status)
+        self._call("ending a trial run", self.client.set_terminated, run_id, status=status, end_time=end_ms)
 
     def end_dead_trial(self, run_id: str | None, number: int, status: str, tags: Mapping[str, str]) -> None:
         """End the run of a trial whose process died with `status` and `tags`, unless it already has them; found by

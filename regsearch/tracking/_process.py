@@ -99,9 +99,12 @@ class TrackerProcess:
     def parent_run_id(self, timeout: float = 120.0) -> str | None:
         return self._wait(("parent", None), timeout)
 
-    def start_trial(self, parent_run_id: Any, number: int, study_name: str) -> int:
-        """Open trial `number`'s run under the study run (the child's; `parent_run_id` is not needed)."""
-        self._send("start", number, study_name)
+    def start_trial(self, parent_run_id: Any, number: int, study_name: str, *, start_ms: int | None = None) -> int:
+        """Open trial `number`'s run under the study run (the child's; `parent_run_id` is not needed).
+
+        The run starts at `start_ms` (the trial's start; else now), not when the child gets to it.
+        """
+        self._send("start", number, study_name, start_ms if start_ms is not None else int(time.time() * 1000))
         return number
 
     def run_id(self, number: int | None, *, final: bool = False) -> str | None:
@@ -125,8 +128,9 @@ class TrackerProcess:
             self._send("epoch", number, step, dict(metrics), int(time.time() * 1000))
 
     def end_trial(self, number: int | None, status: str, tags: Mapping[str, str]) -> None:
+        """End trial `number`'s run now, as the trial ends, whenever the child gets to it."""
         if number is not None:
-            self._send("end", number, status, dict(tags))
+            self._send("end", number, status, dict(tags), int(time.time() * 1000))
 
     def end_dead_trial(self, run_id: str | None, number: int, status: str, tags: Mapping[str, str]) -> None:
         self._send("end_dead", run_id, number, status, dict(tags))

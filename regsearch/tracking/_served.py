@@ -142,7 +142,7 @@ class _Served:
         optuna.logging.set_verbosity(optuna.logging.ERROR)
         study = self.study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
         try:
-            self.parent = self.tracker.parent_run(study, run_name, params, sync=False)
+            self.parent = self.tracker.parent_run(study, run_name, params, sync=False, storage=storage)
         finally:
             self._reply("parent", None, self.parent)
         # trials of an earlier run that the store missed; this process's own trials are not finished yet, or
@@ -166,8 +166,8 @@ class _Served:
                 return
             self._handle(message)
 
-    def on_start(self, number: int, study_name: str) -> None:
-        run_id = self.tracker.start_trial(self.parent, number, study_name) if self.parent else None
+    def on_start(self, number: int, study_name: str, start_ms: int | None = None) -> None:
+        run_id = self.tracker.start_trial(self.parent, number, study_name, start_ms=start_ms) if self.parent else None
         self.runs[number] = run_id
         self._reply("run", number, run_id)
 
@@ -177,8 +177,8 @@ class _Served:
     def on_epoch(self, number: int, step: int, metrics: dict, at_ms: int) -> None:
         self.tracker.log_epoch(self.runs.get(number), step, metrics, at_ms=at_ms)
 
-    def on_end(self, number: int, status: str, tags: dict) -> None:
-        self.tracker.end_trial(self.runs.pop(number, None), status, tags)
+    def on_end(self, number: int, status: str, tags: dict, end_ms: int | None = None) -> None:
+        self.tracker.end_trial(self.runs.pop(number, None), status, tags, end_ms=end_ms)
 
     def on_end_dead(self, run_id: str | None, number: int, status: str, tags: dict) -> None:
         self.tracker.end_dead_trial(run_id, number, status, tags)

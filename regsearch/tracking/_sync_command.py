@@ -41,7 +41,7 @@ def sync_study(study: str, *, storage: str | None = None, tracking_uri: str | No
             if not opt_study.get_trials(deepcopy=False):
                 return name, SyncReport()
             parent = tracker.parent_run(opt_study, name, {"study_file": opt_study.user_attrs.get(
-                "regsearch.source", "")}, sync=False)
+                "regsearch.source", "")}, sync=False, storage=storage)
         report = sync_runs(opt_study, tracker, parent)
         # a study run left RUNNING by an outage at its end: ended, unless a trial is running somewhere now
         if (not opt_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
