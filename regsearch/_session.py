@@ -28,7 +28,7 @@ def start_tracking(stores: Stores, name: str) -> TrackerProcess | None:
         return None
     uri = stores.tracking_uri or default_tracking_uri()
     try:
-        return TrackerProcess(uri, name)
+        return TrackerProcess.start(uri, name)
     except Exception as exc:
         raise tracking_error(uri, exc) from None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shlex
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -35,7 +36,7 @@ from regsearch._records import (
 from regsearch._registry import RegularizerRegistry
 from regsearch._session import Stores, attach, start_tracking
 from regsearch._spec import StudySpec, search_value
-from regsearch._storage import describe_storage
+from regsearch._storage import describe_storage, mask_url
 from regsearch._study_file import load_study
 from regsearch._threads import callers_threads, set_thread_budget, worker_share
 from regsearch._trial import Experiment, rebuild, retrain, stored_autocast, test_score
@@ -151,7 +152,7 @@ def _run(job: Job, workers: int, progress: Progress | None, registry: Regularize
                 shutil.rmtree(keep_dir, ignore_errors=True)
             if tracker is not None:
                 tracker.end_parent("KILLED" if interrupted else "FINISHED")
-                tracker.close()
+                _warn_missing_runs(tracker.close(), job)
     if gave_up:
         raise _gave_up(study, job)
     return study
@@ -173,6 +174,19 @@ def _run_trials(study: optuna.Study, objective: Objective, job: Job, workers: in
         return run_trials(study, objective, job.total, job.timeout, progress).gave_up
     return run_workers(study, job, workers, progress,
                        lambda follower: run_trials(study, objective, job.total, job.timeout, follower))
+
+
+def _warn_missing_runs(count: int | None, job: Job) -> None:
+    """One line at the study's end when MLflow lacks some of its trials, with the command that logs them."""
+    if not count:
+        return
+    command = ["regsearch", "sync", "--study", job.name]
+    for option, value in (("--storage", job.stores.storage), ("--tracking-uri", job.stores.tracking_uri)):
+        if value:
+            command += [option, mask_url(value)]
+    logger.warning("%d trial%s not in MLflow (no run, or one left RUNNING); `%s` logs them from the Optuna "
+                   "storage once the tracking store takes them", count, " is" if count == 1 else "s are",
+                   shlex.join(command))
 
 
 def _gave_up(study: optuna.Study, job: Job) -> StudyError:

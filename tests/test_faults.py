@@ -518,7 +518,7 @@ def test_a_run_its_worker_ended_just_before_dying_is_ended_as_the_storage_says(m
     from regsearch.tracking._client import Tracker
 
     study = optuna.create_study(study_name="dead", storage=open_storage(str(tmp_path / "s.journal")))
-    tracker = Tracker(mlflow_server, f"dead_{uuid.uuid4().hex[:8]}")
+    tracker = Tracker.open(mlflow_server, f"dead_{uuid.uuid4().hex[:8]}")
     try:
         parent = tracker.parent_run(study, "dead", {}, sync=False)
         run_id = tracker.start_trial(parent, 0, "dead")
@@ -533,3 +533,164 @@ def test_a_run_its_worker_ended_just_before_dying_is_ended_as_the_storage_says(m
         assert tracker.client.get_run(run_id).info.end_time == ended
     finally:
         tracker.close()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# a new sqlite tracking store opened by several processes at once, and one a migration left half done
+
+OPEN_STORE = '''\
+import sys, time
+from pathlib import Path
+
+from regsearch.tracking._client import Tracker
+
+uri, ready, go = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+ready.touch()
+while not go.exists():
+    time.sleep(0.005)
+try:
+    tracker = Tracker.open(uri, "race")
+    run = tracker.client.create_run(tracker.experiment_id, run_name=ready.name)
+    tracker.client.log_metric(run.info.run_id, "x", 1.0)
+    tracker.close()
+except Exception as exc:
+    print("failed:", str(exc).splitlines()[0])
+    sys.exit(1)
+'''
+
+
+@pytest.mark.slow
+def test_three_processes_opening_a_new_sqlite_store_at_once_all_log_to_it(tmp_path):
+    """MLflow migrates a new store without a lock: unguarded, 3 of 3 rounds here left a process failed."""
+    script = tmp_path / "open_store.py"
+    script.write_text(OPEN_STORE)
+    env = {**os.environ, "PYTHONPATH": str(Path(regsearch.__file__).resolve().parent.parent)}
+    for attempt in range(3):
+        folder = tmp_path / f"round{attempt}"
+        folder.mkdir()
+        uri, go = f"sqlite:///{folder / 'mlflow.db'}", folder / "go"
+        procs = [subprocess.Popen([sys.executable, str(script), uri, str(folder / f"p{i}"), str(go)], cwd=folder,
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for i in range(3)]
+        wait_for("three processes ready", lambda ready=folder: all((ready / f"p{i}").exists() for i in range(3)), 120)
+        go.touch()  # MLflow is imported in all three: they open the store within milliseconds of each other
+        outputs = [p.communicate(timeout=300)[0] for p in procs]
+        failed = [line for out in outputs for line in out.splitlines() if line.startswith("failed:")]
+        assert not failed and all(p.returncode == 0 for p in procs), f"round {attempt}: {failed or outputs}"
+        client = MlflowClient(tracking_uri=uri)
+        runs = client.search_runs([client.get_experiment_by_name("race").experiment_id])
+        assert sorted(r.info.run_name for r in runs) == ["p0", "p1", "p2"], f"round {attempt}"
+        assert all(r.data.metrics == {"x": 1.0} for r in runs), f"round {attempt}"
+
+
+def half_migrated_store(path: Path) -> None:
+    """A sqlite MLflow store as a migration killed midway leaves it (seen with kill -9 here): the revision before
+    7ac759974ad8 (which alters `tags` by copying it), and the copy `_alembic_tmp_tags` next to the intact `tags`."""
+    import sqlite3
+
+    from alembic import command
+    from mlflow.store.db.utils import InitialBase, _get_alembic_config, create_sqlalchemy_engine
+
+    url = f"sqlite:///{path}"
+    engine = create_sqlalchemy_engine(url)
+    InitialBase.metadata.create_all(engine)
+    config = _get_alembic_config(url)
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "df50e92ffc5e")
+    engine.dispose()
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE _alembic_tmp_tags AS SELECT * FROM tags WHERE 0")
+
+
+def test_a_store_a_migration_left_half_done_is_repaired_and_the_study_logs_to_it(tmp_path, restore_logging, capfd):
+    import sqlite3
+
+    store = tmp_path / "mlflow.db"
+    half_migrated_store(store)
+    tracking, storage = f"sqlite:///{store}", str(tmp_path / "s.journal")
+    spec = regsearch.spec_from_dict({"model": {"name": "mlp", "hidden": [16]}, "training": {"epochs": 2},
+                                     "search": {"pruner": {"name": "none"}}, "regularizers": {"l2": {}}},
+                                    name="repaired")
+    study = regsearch.optimize(spec, n_trials=2, storage=storage, tracking_uri=tracking, device="cpu")
+    assert (f"MLflow ({tracking}): a migration of the store had stopped midway; dropped the leftover table "
+            "_alembic_tmp_tags and migrated it again") in capfd.readouterr().err
+    assert_every_trial_has_its_run(MlflowClient(tracking_uri=tracking), study)
+    with sqlite3.connect(store) as db:
+        assert not db.execute("SELECT name FROM sqlite_master WHERE name LIKE '\\_alembic\\_tmp%' ESCAPE '\\'"
+                              ).fetchall()
+
+    # a copy whose table is gone holds the only data: refused in one line, nothing dropped
+    other = tmp_path / "other.db"
+    half_migrated_store(other)
+    with sqlite3.connect(other) as db:
+        db.execute("DROP TABLE tags")
+    result = CliRunner().invoke(cli, ["sync", "--study", "repaired", "--storage", storage, "--tracking-uri",
+                                      f"sqlite:///{other}"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (f"Error: --tracking-uri sqlite:///{other}: cannot use the MLflow tracking store: {other}: "
+                             "an MLflow migration stopped midway and left table _alembic_tmp_tags as the only copy "
+                             "of table tags; restore the file from a backup, or move it aside to start a new "
+                             "store\n")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the disk holding the tracking store fills during a study
+
+FILLS_THE_DISK = """\
+data: {name: digits}
+model: {name: mlp, hidden: [16]}
+training: {epochs: 20, schedule: constant}
+search: {pruner: {name: none}}
+regularizers: {l2: {}}
+"""
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A folder on a 1100 KiB tmpfs: room for a new MLflow store (932 KiB) and a few trials' runs, no more."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1100k", "tmpfs", str(folder)], capture_output=True,
+                           text=True, check=False) if shutil.which("mount") else None
+    if mount is None or mount.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({mount.stderr.strip() if mount else 'no mount command'})")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+@pytest.mark.slow
+def test_a_tracking_disk_that_fills_costs_one_warning_and_the_count_of_missing_runs(tmp_path, small_disk):
+    (tmp_path / "fills.yaml").write_text(FILLS_THE_DISK)
+    storage, tracking = str(tmp_path / "s.journal"), f"sqlite:///{small_disk / 'mlflow.db'}"
+    done = subprocess.run([REGSEARCH, "optimize", "--study", "fills.yaml", "--n-trials", "12", "--storage", storage,
+                           "--tracking-uri", tracking, "--device", "cpu"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = optuna.load_study(study_name="fills", storage=open_storage(storage))
+    assert sum(t.state == COMPLETE for t in study.trials) == 12, "the Optuna storage keeps every trial"
+
+    errors = done.stderr
+    assert "Traceback" not in errors and "sqlalchemy" not in errors.lower(), errors[-3000:]
+    assert errors.count(f"MLflow ({tracking})") == 1, errors[-3000:]  # the one warning, not repeated
+    assert f"MLflow ({tracking}): no space left on the disk holding the tracking store (" in errors
+    counted = re.search(r"(\d+) trials? (?:is|are) not in MLflow \(no run, or one left RUNNING\); `([^`]+)` logs "
+                        r"them from the Optuna storage once the tracking store takes them", errors)
+    assert counted, errors[-3000:]
+
+    # what the count says is what MLflow lacks; every run the store holds is ended
+    client = MlflowClient(tracking_uri=tracking)
+    _, runs = trial_runs(client, "fills")
+    assert all(r.info.status != "RUNNING" for rs in runs.values() for r in rs), "a run was left RUNNING"
+    assert int(counted.group(1)) == 12 - len(runs) > 0
+
+    # with room again, the command the line gives logs them
+    subprocess.run(["mount", "-o", "remount,size=4m", str(small_disk)], check=True)
+    command = counted.group(2).split()
+    assert command[:2] == ["regsearch", "sync"]
+    synced = subprocess.run([REGSEARCH, *command[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            check=False)
+    assert synced.returncode == 0, synced.stderr
+    assert_every_trial_has_its_run(client, study)

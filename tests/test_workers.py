@@ -176,7 +176,7 @@ from regsearch._tracking import TrackerProcess
 
 storage, name, tracking, at = sys.argv[1:]
 study = optuna.load_study(study_name=name, storage=open_storage(storage))
-tracker = TrackerProcess(tracking, name)
+tracker = TrackerProcess.start(tracking, name)
 time.sleep(max(0.0, float(at) - time.time()))
 tracker.parent_run(study, name, {}, storage=storage, ends_study=False)
 print(tracker.parent_run_id())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import logging
 import os
 import tempfile
@@ -11,9 +11,10 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from regsearch._storage import mask_url, storage_identity
+from regsearch._storage import mask_url
 from regsearch.tracking._batches import MAX_METRICS_PER_CALL, log_batches
-from regsearch.tracking._store import PARENT_RUN_ATTR, check_tracking_uri, error_gist, is_outage
+from regsearch.tracking._parent import agree_on_parent, experiment_id, stored_parent, study_key
+from regsearch.tracking._store import check_tracking_uri, error_gist, is_full, is_outage, open_client
 from regsearch.tracking._warmup import model_save_options
 
 logger = logging.getLogger("regsearch")
@@ -27,21 +28,6 @@ _PROBE_SECONDS = 5.0
 """How often the background thread asks an unreachable tracking store whether it is back."""
 
 
-PENDING_PARENT_TAG = "regsearch.pending_parent"
-"""On a new study run (its value: the study's key) until the processes that may be making one agree on it."""
-
-
-_SETTLE_S = 2.0
-"""How long a process that finds no study run waits before choosing among those made meanwhile: much longer than
-another process takes to search for one and make its own."""
-
-
-def study_key(storage: str | None, study: Any) -> str:
-    """What names one Optuna study for everyone who shares its storage, however they spell the storage's URL."""
-    text = f"{storage_identity(storage)}\n{study.study_name}\n{study._study_id}"
-    return hashlib.sha1(text.encode()).hexdigest()[:16]
-
-
 class Tracker:
     """Logs a study's runs to one MLflow tracking store.
 
@@ -53,17 +39,10 @@ class Tracker:
     run) and when the tracker closes after an outage.
     """
 
-    def __init__(self, tracking_uri: str, experiment: str, flush_interval: float = 2.0) -> None:
-        # A dead tracking server must not stall training for minutes (MLflow's defaults: 7 retries, 120 s each;
-        # these give about 5 s for a refused connection, about 35 s for a server that accepts and hangs).
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        check_tracking_uri(tracking_uri)
-        from mlflow import MlflowClient
-
+    def __init__(self, tracking_uri: str, client: Any, experiment_id: str, flush_interval: float = 2.0) -> None:
         self.uri = tracking_uri
-        self.client = MlflowClient(tracking_uri=tracking_uri)
-        self.experiment_id = self._experiment(experiment)
+        self.client = client
+        self.experiment_id = experiment_id
         self._pending: list[tuple[str, Any]] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -74,6 +53,7 @@ class Tracker:
         self._next_probe = 0.0
         self._unsynced = False  # a call failed since the last sync: some trial may lack its run or its end
         self._outages = 0
+        self._recovering = False  # a probe got an answer and sends what waited: a failure now is the same outage
         self._study: Any = None  # set by parent_run(): the Optuna study whose runs this tracker can sync
         self._parent: str | None = None
         self.live: Mapping[int, Any] = {}
@@ -81,23 +61,19 @@ class Tracker:
         self._sync_lock = threading.Lock()
         self._deferred: list[tuple[str, Any, tuple, dict]] = []
         self._thread = threading.Thread(target=self._loop, name="regsearch-mlflow", daemon=True)
-        self._thread.start()
 
-    def _experiment(self, name: str) -> str:
-        from mlflow.exceptions import MlflowException
-
-        found = self.client.get_experiment_by_name(name)
-        if found is not None:
-            if found.lifecycle_stage == "deleted":
-                self.client.restore_experiment(found.experiment_id)
-            return found.experiment_id
-        try:
-            return self.client.create_experiment(name)
-        except MlflowException:  # another worker created it a moment ago
-            found = self.client.get_experiment_by_name(name)
-            if found is None:
-                raise
-            return found.experiment_id
+    @classmethod
+    def open(cls, tracking_uri: str, experiment: str, flush_interval: float = 2.0) -> Tracker:
+        """A tracker on the store at `tracking_uri` (created or migrated once), its experiment, its sender running."""
+        # A dead tracking server must not stall training for minutes (MLflow's defaults: 7 retries, 120 s each;
+        # these give about 5 s for a refused connection, about 35 s for a server that accepts and hangs).
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        check_tracking_uri(tracking_uri)
+        client = open_client(tracking_uri)
+        tracker = cls(tracking_uri, client, experiment_id(client, experiment), flush_interval)
+        tracker._thread.start()
+        return tracker
 
     def _warn(self, what: str, exc: BaseException) -> None:
         if what not in self._warned:
@@ -122,25 +98,44 @@ class Tracker:
             return
         if not self._down:
             self._down = True
-            self._outages += 1
             self._next_probe = time.monotonic() + _PROBE_SECONDS
+            if self._recovering:
+                return
+            self._outages += 1
+            if is_full(exc):
+                # a full disk does not empty itself, and probing it would log a little, fail again and repeat the
+                # warning: the tracker tries again only as it closes
+                self._next_probe = float("inf")
+                logger.warning("MLflow (%s): no space left on the disk holding the tracking store (%s failed); "
+                               "training goes on, and the trials it misses are counted at the end",
+                               mask_url(self.uri), what)
+                return
             logger.warning("MLflow (%s) does not answer (%s failed: %s); training goes on, and the trials that "
                            "finish meanwhile are logged once it is back (or by `regsearch sync`)",
                            mask_url(self.uri), what, error_gist(exc))
 
-    def _probe(self) -> None:
-        """Ask a store marked down whether it answers again; if it does, send what waited and sync."""
+    def _probe(self) -> bool:
+        """Ask a store marked down whether it answers again; if it does, send what waited and sync.
+
+        Returns whether it answered. It is back only once it takes what waited too: a store on a full disk answers
+        reads and refuses writes, and saying "back" and "does not answer" at each probe would only repeat itself.
+        """
         self._next_probe = time.monotonic() + _PROBE_SECONDS
         try:
             self.client.get_experiment(self.experiment_id)
         except Exception:
-            return
-        self._down = False
-        self._warned.clear()
-        logger.warning("MLflow (%s) is back; logging the trials that finished meanwhile", mask_url(self.uri))
-        self.flush()
-        self.sync()
-        self._replay()
+            return False
+        self._down, self._recovering = False, True
+        try:
+            self.flush()
+            self.sync()
+            self._replay()
+        finally:
+            self._recovering = False
+        if not self._down:
+            self._warned.clear()
+            logger.warning("MLflow (%s) is back; the trials that finished meanwhile are logged", mask_url(self.uri))
+        return True
 
     # --- runs --------------------------------------------------------------------------------------------
 
@@ -148,14 +143,15 @@ class Tracker:
                    storage: str | None = None) -> str:
         """The study's parent run, created once and remembered in the study's user attributes.
 
-        Processes started at the same moment on several machines agree on one parent run (`_create_parent`);
+        Processes started at the same moment on several machines agree on one parent run (`agree_on_parent`);
         `storage` is the study's storage URL as this process was given it. With `sync`, the finished trials that
         have no run yet (the store was unreachable when they ran) are logged now, and again whenever the store
         comes back.
         """
-        run = self._parent_run(study)
+        run = stored_parent(self.client, self.experiment_id, study)
         if run is None:
-            run_id = self._create_parent(study, run_name, params, study_key(storage, study))
+            run_id = agree_on_parent(self.client, self.experiment_id, study, run_name, study_key(storage, study),
+                                     lambda run_id: self._log_now(run_id, params=params))
         else:
             run_id = run.info.run_id
             if run.info.status != "RUNNING":
@@ -165,65 +161,10 @@ class Tracker:
             self.sync()
         return run_id
 
-    def _create_parent(self, study: Any, run_name: str, params: Mapping[str, Any], key: str) -> str:
-        """Make the study run, agreeing with the processes that may be making one at this moment.
-
-        No store offers an atomic "create unless it exists" that leaves nothing behind (the Optuna storage's is a
-        study of its own), so: a process that finds no pending run for `key` (tag `PENDING_PARENT_TAG`) makes one;
-        after `_SETTLE_S` each sees every run made meanwhile and takes the same one, the earliest, unless one was
-        recorded meanwhile. The chooser records it in the study and clears its tag (so that no other study with
-        the same key ever takes it); a process whose run lost deletes it.
-        """
-        for _ in range(3):  # again only when the pending runs vanished without a choice (deleted by hand)
-            mine = None
-            if not self._pending_parents(key):
-                mine = self.client.create_run(self.experiment_id, run_name=run_name, tags={
-                    "regsearch.study": run_name, "regsearch.role": "study", PENDING_PARENT_TAG: key}).info.run_id
-                self._log_now(mine, params=params)
-            time.sleep(_SETTLE_S)
-            pending = self._pending_parents(key)
-            run_id = self.find_parent(study)  # read after the search: a chooser records before it clears the tag
-            if run_id is None and pending:
-                run_id = min(pending, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id
-                study.set_user_attr(PARENT_RUN_ATTR, run_id)
-                self._settled(run_id)
-            if mine is not None and mine != run_id:
-                self.client.delete_run(mine)
-            if run_id is not None:
-                return run_id
-        raise RuntimeError("the study runs made for this study keep disappearing")
-
-    def _pending_parents(self, key: str) -> list:
-        """The study runs made for the study `key` that no process has chosen yet."""
-        return self.client.search_runs([self.experiment_id], filter_string=f"tags.`{PENDING_PARENT_TAG}` = '{key}'",
-                                       max_results=100)
-
-    def _settled(self, run_id: str) -> None:
-        """Clear the chosen run's pending tag, unless a process that chose the same run cleared it first."""
-        from mlflow.exceptions import MlflowException
-        from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
-
-        try:
-            self.client.delete_tag(run_id, PENDING_PARENT_TAG)
-        except MlflowException as exc:
-            if exc.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
-                raise
-
     def find_parent(self, study: Any) -> str | None:
         """The id of the study's parent run in this experiment, if the study has one that is not deleted."""
-        run = self._parent_run(study)
+        run = stored_parent(self.client, self.experiment_id, study)
         return run.info.run_id if run is not None else None
-
-    def _parent_run(self, study: Any) -> Any:
-        run_id = study._storage.get_study_user_attrs(study._study_id).get(PARENT_RUN_ATTR)
-        if run_id:
-            try:
-                run = self.client.get_run(run_id)
-                if run.info.experiment_id == self.experiment_id and run.info.lifecycle_stage == "active":
-                    return run
-            except Exception:  # the run is gone (another tracking store, deleted): make a new one
-                pass
-        return None
 
     def sync(self) -> Any:
         """Log the study's finished trials that lack a run, end their runs left RUNNING; a warning on failure.
@@ -381,23 +322,51 @@ class Tracker:
             elif time.monotonic() >= self._next_probe:
                 self._probe()
 
-    def close(self) -> None:
-        """Send what is queued; after an outage, log the trials that finished without a run (if it answers)."""
+    def close(self) -> int | None:
+        """Send what is queued; after an outage, log the trials that finished without a run (if it answers).
+
+        Returns how many of the study's finished trials have no run or one left RUNNING (None: it does not answer).
+        """
         self._closed = True
         self._wake.set()
         self._thread.join(timeout=30)
-        if self._down:
-            self._probe()  # one last try: it flushes and syncs when the store answers
-        if self._down:
+        if self._down and not self._probe():
             logger.warning("MLflow (%s) still does not answer: the trials finished during the outage have no run "
                            "(%d metric values and %d other records not sent); `regsearch sync` logs them from "
                            "the Optuna storage once it is back", mask_url(self.uri), len(self._pending),
                            len(self._deferred))
-            return
-        self.flush()
-        if self._unsynced or self._outages:  # a trial started during an outage may have finished since
-            self.sync()
-        self._replay()
+            return None
+        if not self._down:
+            self.flush()
+            if self._unsynced or self._outages:  # a trial started during an outage may have finished since
+                self.sync()
+            self._replay()
+        if self._down:
+            self._end_runs()
+        return self.missing_runs() if self._unsynced or self._down else 0
+
+    def _end_runs(self) -> None:
+        """Try once to end the runs left RUNNING (the study run too) on a store that answers but refused what
+        waited (a full disk): it may still take such small updates, not whole new runs."""
+        from regsearch.tracking._sync import sync_runs
+
+        if self._study is not None and self._parent is not None:
+            with contextlib.suppress(Exception):
+                sync_runs(self._study, self, self._parent, skip=set(self.live), log_missing=False)
+        for _what, fn, args, kwargs in self._deferred:
+            with contextlib.suppress(Exception):
+                fn(*args, **kwargs)
+
+    def missing_runs(self) -> int | None:
+        """How many of the study's finished trials have no run or one left RUNNING; None when the store cannot tell."""
+        if self._study is None or self._parent is None:
+            return None
+        from regsearch.tracking._sync import unlogged
+
+        try:
+            return unlogged(self._study, self, self._parent, set(self.live))
+        except Exception:
+            return None
 
     def log_artifact(self, run_id: str, name: str, data: bytes) -> None:
         """A file `name` holding `data` on a run (the study run's report)."""

@@ -33,27 +33,33 @@ class TrackerProcess:
     _CLOSE_WAIT_S = 300.0
     _RUN_WAIT_S = 30.0
 
-    def __init__(self, tracking_uri: str, experiment: str) -> None:
-        check_tracking_uri(tracking_uri)
-        from multiprocessing.connection import Connection
-
+    def __init__(self, tracking_uri: str, conn: Any, proc: subprocess.Popen) -> None:
         self.uri = tracking_uri
+        self._conn = conn
+        self._proc = proc
         self._replies: dict[Any, Any] = {}
         self._dead = False
         self._closed = False
+
+    @classmethod
+    def start(cls, tracking_uri: str, experiment: str) -> TrackerProcess:
+        """Start the tracking process on the store at `tracking_uri`, for the study's experiment."""
+        check_tracking_uri(tracking_uri)
+        from multiprocessing.connection import Connection
+
         mine, theirs = socket.socketpair()
-        self._conn = Connection(mine.detach())
-        level = logging.getLogger("regsearch").getEffectiveLevel()
         # the child imports regsearch from where this process did, whatever its sys.path
-        here = str(Path(__file__).resolve().parent.parent)
+        here = str(Path(__file__).resolve().parents[2])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)}
         try:
-            self._proc = subprocess.Popen(
+            proc = subprocess.Popen(
                 [sys.executable, "-c", "from regsearch.tracking._served import serve; serve()", str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env)
         finally:
             theirs.close()
-        self._send("open", tracking_uri, experiment, level)
+        process = cls(tracking_uri, Connection(mine.detach()), proc)
+        process._send("open", tracking_uri, experiment, logging.getLogger("regsearch").getEffectiveLevel())
+        return process
 
     def _send(self, *message: Any) -> None:
         if self._dead:
@@ -172,13 +178,14 @@ class TrackerProcess:
     def end_parent(self, status: str = "FINISHED") -> None:
         self._send("end_parent", status)
 
-    def close(self, *, wait: bool = True) -> None:
+    def close(self, *, wait: bool = True) -> int | None:
         """Let the child carry out everything sent (the best model included) and exit; with `wait`, wait for it.
 
-        Without `wait` (the study stops before it started, on an error) the child finishes on its own.
+        Without `wait` (the study stops before it started, on an error) the child finishes on its own. Returns how
+        many of the study's finished trials MLflow lacks, as the child found at its end (None: unknown).
         """
         if self._closed:
-            return
+            return None
         self._closed = True
         with contextlib.suppress(OSError, ValueError):  # a child that already stopped needs no message
             if not self._dead:
@@ -186,8 +193,18 @@ class TrackerProcess:
         try:
             if wait:
                 self._proc.wait(timeout=self._CLOSE_WAIT_S)
+                return self._missing_runs()
         except subprocess.TimeoutExpired:
             logger.warning("MLflow (%s): the tracking process did not finish within %.0f s; it goes on on its own",
                            mask_url(self.uri), self._CLOSE_WAIT_S)
         finally:
             self._conn.close()
+        return None
+
+    def _missing_runs(self) -> int | None:
+        """The count the child sent as it ended, read from what it left unread (no warning if it sent none)."""
+        with contextlib.suppress(EOFError, OSError):
+            while ("closed", None) not in self._replies and self._conn.poll(0):
+                kind, name, value = self._conn.recv()
+                self._replies[(kind, name)] = value
+        return self._replies.get(("closed", None))

@@ -42,6 +42,8 @@ def _serve(conn: Any) -> None:
     if level > logging.DEBUG:
         for noisy in ("mlflow", "alembic"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        # it logs each failed database call with its traceback before raising it; the warning here says it in a line
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     try:
         from mlflow.tracking._tracking_service.utils import _tracking_store_registry
 
@@ -54,7 +56,7 @@ def _serve(conn: Any) -> None:
     if first is not None and first[0] == "close":
         return  # the study stopped on an error of its own: make no store
     try:
-        tracker = Tracker(uri, experiment)
+        tracker = Tracker.open(uri, experiment)
     except Exception as exc:
         logger.warning("MLflow (%s): cannot use the tracking store, training goes on without it (`regsearch sync` "
                        "logs the trials later): %s", mask_url(uri), error_gist(exc))
@@ -93,7 +95,6 @@ class _Served:
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         if first is not None:
             self.inbox.put(first)
-        threading.Thread(target=self._read, name="regsearch-mlflow-reader", daemon=True).start()
 
     def _read(self) -> None:
         while True:
@@ -111,6 +112,8 @@ class _Served:
                 return
 
     def run(self) -> None:
+        """Read every message as it comes (a reader thread), carry them out in order, until the study closes."""
+        threading.Thread(target=self._read, name="regsearch-mlflow-reader", daemon=True).start()
         try:
             while True:
                 message = self.inbox.get()
@@ -118,7 +121,8 @@ class _Served:
                     break
                 self._handle(message)
         finally:
-            self.tracker.close()
+            missing = self.tracker.close()
+            self._reply("closed", None, missing)
             if self.warm is not None:
                 self.warm.clean()
 
@@ -150,7 +154,7 @@ class _Served:
         self._drain()
         self.tracker.sync()
         if ends_study:  # the best model and the report come at the end: prepare for them while the study trains
-            self.warm = WarmUp()
+            self.warm = WarmUp().start()
 
     def _drain(self) -> None:
         """Carry out the messages already read, up to a close (put back for `run`)."""

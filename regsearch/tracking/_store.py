@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import shutil
 import urllib.parse
 from pathlib import Path
+from typing import Any
 
 from regsearch._errors import StorageError
 from regsearch._storage import mask_url, sqlite_path
@@ -20,6 +22,76 @@ PARENT_RUN_ATTR = "mlflow_parent_run_id"
 
 MIN_FREE_BYTES = 1 << 20
 """A local store on a disk with less free space than this is refused before training (it would fail midway)."""
+
+
+_STORE_LOCK_S = 600.0
+"""How long a process waits for another one that is creating or migrating the same sqlite tracking store."""
+
+
+_MIGRATION_COPY = "_alembic_tmp_"
+"""Alembic alters a SQLite table by copying it into `_alembic_tmp_<table>`; a migration stopped midway leaves it."""
+
+
+def open_client(uri: str) -> Any:
+    """An `MlflowClient` on `uri`; a sqlite store is created, migrated or repaired by one process at a time.
+
+    MLflow migrates a new store without a lock: processes that start together on a fresh file race, and can leave
+    it half-migrated for good (`table _alembic_tmp_experiments already exists`). The lock file is `FILE.lock`.
+    """
+    from mlflow import MlflowClient
+
+    path = sqlite_path(uri) if uri.split(":", 1)[0].split("+", 1)[0].lower() == "sqlite" else None
+    if path is None:
+        return MlflowClient(tracking_uri=uri)
+    from filelock import FileLock, Timeout
+
+    try:
+        with FileLock(f"{path}.lock", timeout=_STORE_LOCK_S):
+            _finish_interrupted_migration(uri, path)
+            return MlflowClient(tracking_uri=uri)  # creates and migrates a new store
+    except Timeout:
+        raise StorageError(f"another process has been creating or migrating {path} for {_STORE_LOCK_S:.0f} s "
+                           f"(it holds {path}.lock)") from None
+
+
+def _finish_interrupted_migration(uri: str, path: Path) -> None:
+    """Drop the table copies a migration stopped midway left in a sqlite store, and migrate it again.
+
+    MLflow refuses such a store for good. A copy is dropped only while its table is there (the data is in the
+    table, the copy is a stray); a copy without its table holds the only data, so the store is refused instead.
+    """
+    if not path.is_file():
+        return
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        copies = sorted(t for t in tables if t.startswith(_MIGRATION_COPY))
+        if not copies:
+            return
+        alone = [t for t in copies if t[len(_MIGRATION_COPY):] not in tables]
+        if alone:
+            raise StorageError(f"{path}: an MLflow migration stopped midway and left table {alone[0]} as the only "
+                               f"copy of table {alone[0][len(_MIGRATION_COPY):]}; restore the file from a backup, "
+                               "or move it aside to start a new store")
+        for table in copies:
+            db.execute(f'DROP TABLE "{table}"')
+        db.commit()
+    logger.warning("MLflow (%s): a migration of the store had stopped midway; dropped the leftover table%s %s and "
+                   "migrated it again", mask_url(uri), "s" if len(copies) > 1 else "", ", ".join(copies))
+    from mlflow.store.db.utils import _upgrade_db, create_sqlalchemy_engine
+
+    engine = create_sqlalchemy_engine(uri)
+    try:
+        _upgrade_db(engine)
+    finally:
+        engine.dispose()
+
+
+def is_full(exc: BaseException) -> bool:
+    """A failure because the disk holding the store is full (SQLite's words, or the OS's)."""
+    text = str(exc)
+    return "database or disk is full" in text or "No space left on device" in text
 
 
 def default_tracking_uri() -> str:
@@ -109,5 +181,6 @@ def error_gist(exc: BaseException) -> str:
         return errno.group(1).strip().rstrip(".")
     if "timed out" in text.lower():
         return "timed out"
-    line = text.splitlines()[0] if text else type(exc).__name__
+    lines = [line for line in text.splitlines() if not line.startswith("(raised as a result of Query-invoked")]
+    line = lines[0] if lines else type(exc).__name__
     return line if len(line) <= 300 else line[:297] + "..."

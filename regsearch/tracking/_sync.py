@@ -162,10 +162,12 @@ def _stale(storage: Any, name: str) -> bool:
     return True  # its owner died between creating it and writing the time
 
 
-def sync_runs(study: optuna.Study, tracker: Any, parent_run_id: str, skip: Collection[int] = ()) -> SyncReport:
+def sync_runs(study: optuna.Study, tracker: Any, parent_run_id: str, skip: Collection[int] = (), *,
+              log_missing: bool = True) -> SyncReport:
     """Give every finished trial of `study` its child run under `parent_run_id`; raises when the store fails.
 
-    `skip`: trials whose runs the caller is still logging (their last records may not be sent yet).
+    `skip`: trials whose runs the caller is still logging (their last records may not be sent yet). Without
+    `log_missing`, only the runs left RUNNING are ended (a store short of space may take that, not new runs).
     """
     finished = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
                                                         optuna.trial.TrialState.PRUNED,
@@ -173,7 +175,7 @@ def sync_runs(study: optuna.Study, tracker: Any, parent_run_id: str, skip: Colle
     if not finished:
         return SyncReport()
     missing, dangling, present = _plan(study, _trial_runs(tracker, parent_run_id), skip)
-    if not missing and not dangling:
+    if not dangling and not (missing and log_missing):
         return SyncReport(present=present)
     with _sync_lock(study, tracker) as mine:
         if not mine:
@@ -181,7 +183,7 @@ def sync_runs(study: optuna.Study, tracker: Any, parent_run_id: str, skip: Colle
         # what another process synced while this one waited for the lock is not done twice
         missing, dangling, present = _plan(study, _trial_runs(tracker, parent_run_id), skip)
         report = SyncReport(present=present)
-        for trial in missing:
+        for trial in missing if log_missing else ():
             _log_trial(tracker, trial, parent_run_id, study.study_name)
             report.logged.append(trial.number)
         for trial, runs in dangling:
@@ -206,3 +208,9 @@ def _log_trial(tracker: Any, trial: optuna.trial.FrozenTrial, parent_run_id: str
     params.update({key: trial.user_attrs[key] for key in ("seed", PRECISION_ATTR) if key in trial.user_attrs})
     log_batches(tracker.client, run_id, params=params, metrics=_trial_metrics(trial))
     tracker.client.set_terminated(run_id, status=status, end_time=_ms(trial.datetime_complete))
+
+
+def unlogged(study: optuna.Study, tracker: Any, parent_run_id: str, skip: Collection[int] = ()) -> int:
+    """How many finished trials have no run, or one left RUNNING; raises when the store fails."""
+    missing, dangling, _ = _plan(study, _trial_runs(tracker, parent_run_id), skip)
+    return len(missing) + len(dangling)

@@ -31,7 +31,7 @@ def sync_study(study: str, *, storage: str | None = None, tracking_uri: str | No
     name = opt_study.study_name
     uri = tracking_uri or default_tracking_uri()
     try:
-        tracker = Tracker(uri, name)
+        tracker = Tracker.open(uri, name)
     except Exception as exc:
         raise StorageError(f"--tracking-uri {mask_url(uri)}: cannot use the MLflow tracking store: "
                            f"{error_gist(exc)}") from None

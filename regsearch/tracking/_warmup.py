@@ -32,7 +32,10 @@ class WarmUp:
         self._lock = threading.Lock()
         self._ended = False  # the tracking process is ending: make no folder any more
         self.thread = threading.Thread(target=self._run, name="regsearch-mlflow-warm", daemon=True)
+
+    def start(self) -> WarmUp:
         self.thread.start()
+        return self
 
     def _run(self) -> None:
         try:
