@@ -13,14 +13,15 @@ from regsearch._errors import ConfigError
 from regsearch._estimate import announce_slow_trials
 from regsearch._preflight import preflight
 from regsearch._registry import RegularizerRegistry, default_registry
+from regsearch._search_space import RecordingTrial
 from regsearch._spec import StudySpec
-from regsearch._trial import Experiment
+from regsearch._trial import Experiment, new_model, takes_trial
 from regsearch.data._tensors import Batcher, TensorData, load_dataset
 from regsearch.models import model_factory
 
 logger = logging.getLogger("regsearch")
 
-def prepare(spec: StudySpec, *, data: TensorData | None = None, model: Callable[[], nn.Module] | None = None,
+def prepare(spec: StudySpec, *, data: TensorData | None = None, model: Callable[..., nn.Module] | None = None,
             data_dir: str | None = None, device: str = "auto", registry: RegularizerRegistry | None = None,
             plugins: Iterable[str] = ()) -> Experiment:
     """Load plugins, data and model factory once, and check every regularizer against them."""
@@ -37,7 +38,8 @@ def prepare(spec: StudySpec, *, data: TensorData | None = None, model: Callable[
         data = load_dataset(spec.data.name, val_fraction=spec.data.val_fraction, seed=spec.seed,
                             train_size=spec.data.train_size, data_dir=data_dir)
     data = data.to(dev)
-    build = model or model_factory(spec.model.name, spec.model.options, data.input_shape, data.num_classes)
+    build = model or model_factory(spec.model.name, spec.model.options, data.input_shape, data.num_classes,
+                                   spec.searched)
     exp = Experiment(spec, data, build, regs, dev, Batcher(data).inputs(data.x_train[:4]))
     bare = _check_model(exp)
     announce_slow_trials(exp, preflight(exp, registry), bare)
@@ -45,9 +47,12 @@ def prepare(spec: StudySpec, *, data: TensorData | None = None, model: Callable[
 
 
 def _check_model(exp: Experiment) -> nn.Module:
-    """The model takes the data's inputs and returns (batch, classes) logits, or the study stops here."""
+    """The model takes the data's inputs and returns (batch, classes) logits, or the study stops here; a factory
+    taking the trial is asked with a recording one, and what it asks is kept (`exp.model_space`)."""
+    takes_trial(exp.build_model)  # a factory of two arguments is refused as such, not as a model failing the data
+    recording = RecordingTrial()
     try:
-        probe = exp.build_model().to(exp.device)
+        probe = new_model(exp, recording).to(exp.device)
         probe.eval()
         with torch.no_grad():
             out = probe(exp.example)
@@ -57,5 +62,6 @@ def _check_model(exp: Experiment) -> nn.Module:
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] != exp.data.num_classes:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ConfigError(f"the model must return logits of shape (batch, {exp.data.num_classes}); got {shape}")
+    exp.model_space = dict(recording.distributions)
     return probe
 

@@ -142,11 +142,12 @@ class Objective:
         baseline = is_baseline(trial)
         model, applied, lr = build_trial(self.exp, trial, seed, baseline=baseline)
         run.params({**trial.params, "seed": seed})
-        autocast = training_autocast(self.exp.spec.training, self.exp.device, model, self.exp.data)
+        training = training_for(self.exp, trial)  # with the trial's searched training keys
+        autocast = training_autocast(training, self.exp.device, model, self.exp.data)
         trial.set_user_attr(PRECISION_ATTR, precision_name(autocast))
         run.params({PRECISION_ATTR: precision_name(autocast)})
         curve: list[dict[str, float]] = []
-        metrics = fit(model, self.exp.data, applied, training_for(self.exp, trial), lr=lr, device=self.exp.device,
+        metrics = fit(model, self.exp.data, applied, training, lr=lr, device=self.exp.device,
                       seed=seed, on_epoch=lambda epoch, m: self._on_epoch(trial, run, curve, epoch, m),
                       autocast=autocast)
         trial.set_user_attr(METRIC_ATTR, metrics)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from regsearch._records import (
     OBJECTIVE_ATTR,
     is_baseline,
 )
-from regsearch._search_space import baseline_params
+from regsearch._search_space import baseline_params, encoded, most_epochs
 from regsearch._spec import StudySpec
 from regsearch._storage import describe_storage, open_storage
 
@@ -45,7 +46,7 @@ def pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     if p.name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps)
     if p.name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=p.min_resource, max_resource=spec.training.epochs,
+        return optuna.pruners.HyperbandPruner(min_resource=p.min_resource, max_resource=most_epochs(spec),
                                               reduction_factor=p.reduction_factor)
     if p.name == "successive_halving":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=p.min_resource,
@@ -79,12 +80,16 @@ def open_study(spec: StudySpec, name: str, storage: str | None, *, create: bool,
     return study, create and not created.trials
 
 
-def queue_first_trials(study: optuna.Study, spec: StudySpec, new: bool) -> None:
-    """The unregularized baseline (once) and, in a new study, the study file's `first_trial` (the recipe)."""
+def queue_first_trials(study: optuna.Study, spec: StudySpec, new: bool,
+                       model_space: Mapping[str, Any] | None = None) -> None:
+    """The unregularized baseline (once) and, in a new study, the study file's `first_trial` (the recipe).
+
+    `model_space`: what a model factory taking the trial asks (`Experiment.model_space`), fixed in the baseline.
+    """
     if spec.search.baseline and _baseline_missing(study):
-        study.enqueue_trial(baseline_params(spec), user_attrs={BASELINE_ATTR: True})
+        study.enqueue_trial(baseline_params(spec, model_space), user_attrs={BASELINE_ATTR: True})
     if new and spec.search.first_trial:
-        study.enqueue_trial(dict(spec.search.first_trial), skip_if_exists=True)
+        study.enqueue_trial(encoded(spec.search.first_trial), skip_if_exists=True)
 
 
 def _baseline_missing(study: optuna.Study) -> bool:
@@ -125,7 +130,9 @@ def fixed_settings(spec: StudySpec) -> dict[str, Any]:
             "schedule": t.schedule, "label_smoothing": t.label_smoothing, "precision": t.precision, "seed": spec.seed,
             "objective": spec.search.objective,
             **({"max_gap": spec.search.max_gap} if spec.search.max_gap is not None else {}),
-            "regularizers": ", ".join(f"{r.name}:{r.enabled}" for r in spec.regularizers) or "none"}
+            "regularizers": ", ".join(f"{r.name}:{r.enabled}" for r in spec.regularizers) or "none",
+            # a searched key shows its range or choices, not the baseline's value the spec holds for it
+            **{key.removeprefix("training."): str(space) for key, space in spec.searched.items()}}
 
 
 def load_stored_study(study: str, storage: str | None = None, study_name: str | None = None) -> optuna.Study:

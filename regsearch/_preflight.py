@@ -20,7 +20,7 @@ from regsearch._search_space import RecordingTrial
 from regsearch._spec import RegularizerSpec
 from regsearch._threads import fastest_threads
 from regsearch._trainer import transformed
-from regsearch._trial import Experiment, context
+from regsearch._trial import Experiment, context, new_model
 from regsearch.data._tensors import Batcher
 
 
@@ -48,7 +48,7 @@ class _Blame:
 
 def _applied_all(exp: Experiment, registry: RegularizerRegistry) -> tuple[nn.Module, list[Applied]]:
     """The model with every regularizer of the study switched on at mid-range values."""
-    model = exp.build_model().to(exp.device)
+    model = new_model(exp, RecordingTrial()).to(exp.device)
     ctx = context(exp, model, 0, exp.spec.seed)
     applied = []
     for rspec, reg in exp.regularizers:

@@ -9,7 +9,7 @@ from typing import Any
 import optuna
 
 from regsearch._errors import PluginError
-from regsearch._spec import RegularizerSpec, StudySpec
+from regsearch._spec import Choice, Range, RegularizerSpec, StudySpec
 
 NONE = "none"
 
@@ -61,14 +61,60 @@ class _StoredSwitches:
         return self.params.get(name, NONE if NONE in choices else False)
 
 
-def baseline_params(spec: StudySpec) -> dict[str, Any]:
-    """The baseline trial's parameters: only the learning rate (the first trial's, else mid-range)."""
-    lr = spec.training.lr
-    if lr.fixed:
-        return {}
-    if "lr" in spec.search.first_trial:
-        return {"lr": spec.search.first_trial["lr"]}
-    return {"lr": math.sqrt(lr.low * lr.high) if lr.log else (lr.low + lr.high) / 2}
+def param_name(key: str) -> str:
+    """The Optuna parameter of a searched study key (`training.batch_size`, `model.hidden`); `training.lr` keeps
+    the name `lr` it had before other keys could be searched, so that stored studies resume."""
+    return "lr" if key == "training.lr" else key
+
+
+def suggest_training(trial: Any, spec: StudySpec, *, baseline: bool = False) -> dict[str, Any]:
+    """This trial's values of the searched `training.*` keys, by key (`batch_size`); the baseline trial asks no
+    label smoothing (it trains without)."""
+    values = {}
+    for key, space in spec.searched.items():
+        section, name = key.split(".", 1)
+        if section == "training" and not (baseline and name == "label_smoothing"):
+            values[name] = space.suggest(trial, param_name(key))
+    return values
+
+
+def stored_training(spec: StudySpec, params: Mapping[str, Any]) -> dict[str, Any]:
+    """`suggest_training`'s values read back from a trial's parameters (a key it lacks keeps the study's value)."""
+    return {key.split(".", 1)[1]: space.decode(params[param_name(key)]) for key, space in spec.searched.items() if key.startswith("training.") and param_name(key) in params}
+
+
+def most_epochs(spec: StudySpec) -> int:
+    """The most epochs a trial trains (the high end of searched epochs): the Hyperband pruner's resource."""
+    space = spec.searched.get("training.epochs")
+    return max(int(v) for v in space.values()) if space is not None else spec.training.epochs
+
+
+def encoded(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Parameters as Optuna stores them: a list value (a choice of `model.hidden`) as its JSON text."""
+    return {name: Choice.encode(value) for name, value in params.items()}
+
+
+def _middle(dist: optuna.distributions.BaseDistribution) -> Any:
+    if isinstance(dist, optuna.distributions.CategoricalDistribution):
+        return dist.choices[0]
+    integer = isinstance(dist, optuna.distributions.IntDistribution)
+    return Range(dist.low, dist.high, log=dist.log, integer=integer, step=dist.step).middle
+
+
+def baseline_params(spec: StudySpec, model_space: Mapping[str, optuna.distributions.BaseDistribution] | None = None
+                    ) -> dict[str, Any]:
+    """The baseline trial's parameters: the learning rate and each searched training and model key (label smoothing
+    aside) at the first trial's value, else mid-range (a whole-number range: its rounded middle; choices: the first).
+
+    `model_space`: the parameters a model factory taking the trial asked for (`prepare` records them).
+    """
+    first = encoded(spec.search.first_trial)
+    middles = {param_name(key): Choice.encode(space.middle) for key, space in spec.searched.items()
+               if key != "training.label_smoothing"}
+    if not spec.training.lr.fixed and "training.lr" not in spec.searched:
+        middles["lr"] = spec.training.lr.middle
+    middles.update({name: _middle(dist) for name, dist in (model_space or {}).items()})
+    return {name: first.get(name, value) for name, value in middles.items()}
 
 
 class RecordingTrial:

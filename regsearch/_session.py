@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import optuna
 
@@ -39,8 +41,12 @@ def tracking_error(uri: str, exc: BaseException) -> ConfigError:
 
 
 def attach(spec: StudySpec, name: str, stores: Stores, *, create: bool, salt: int = 0,
-           tracker: TrackerProcess | None = None) -> tuple[optuna.Study, TrackerProcess | None]:
-    """The Optuna study (created once, by the first process) and, when tracked, its MLflow parent run opened."""
+           tracker: TrackerProcess | None = None, model_space: Mapping[str, Any] | None = None
+           ) -> tuple[optuna.Study, TrackerProcess | None]:
+    """The Optuna study (created once, by the first process) and, when tracked, its MLflow parent run opened.
+
+    `model_space`: what the model factory asks of a trial, fixed in the baseline trial (see `queue_first_trials`).
+    """
     study, new = open_study(spec, name, stores.storage, create=create, salt=salt)
     if stores.tracking:
         tracker = tracker or start_tracking(stores, name)
@@ -50,5 +56,5 @@ def attach(spec: StudySpec, name: str, stores: Stores, *, create: bool, salt: in
             tracker.close(wait=False)
             raise tracking_error(tracker.uri, exc) from None
     if create:  # queued only once the tracking store is known to work: a refused start leaves no trial behind
-        queue_first_trials(study, spec, new)
+        queue_first_trials(study, spec, new, model_space)
     return study, tracker

@@ -6,6 +6,9 @@ files and `--set` overrides live in `regsearch._study_file`.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import json
 import math
 import os
 import re
@@ -33,12 +36,14 @@ class _Invalid(ValueError):
 
 @dataclass(frozen=True)
 class Range:
-    """A hyperparameter: fixed when low == high, else searched in [low, high] (on a log scale if log)."""
+    """A hyperparameter: fixed when low == high, else searched in [low, high] (on a log scale if log; on a grid of
+    `step` if given)."""
 
     low: float
     high: float
     log: bool = False
     integer: bool = False
+    step: float | None = None
 
     @property
     def fixed(self) -> bool:
@@ -49,13 +54,61 @@ class Range:
         if self.fixed:
             return int(self.low) if self.integer else self.low
         if self.integer:
-            return trial.suggest_int(name, int(self.low), int(self.high), log=self.log)
-        return trial.suggest_float(name, self.low, self.high, log=self.log)
+            return trial.suggest_int(name, int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
+        return trial.suggest_float(name, self.low, self.high, log=self.log, step=self.step)
+
+    @property
+    def middle(self) -> float | int:
+        """Mid-range (geometric on a log scale), on the grid: the baseline trial's value of a searched key."""
+        mid = math.sqrt(self.low * self.high) if self.log else (self.low + self.high) / 2
+        if self.step:
+            mid = self.low + round((mid - self.low) / self.step) * self.step
+        return round(mid) if self.integer else mid
+
+    def decode(self, stored: Any) -> float | int:
+        """The value an Optuna parameter value stands for (itself: see `Choice.decode`)."""
+        return stored
+
+    def values(self) -> tuple[float | int, ...]:
+        """The ends of the range (each is checked like a fixed value)."""
+        return (int(self.low), int(self.high)) if self.integer else (self.low, self.high)
 
     def __str__(self) -> str:
         if self.fixed:
             return f"{self.low:g}"
-        return f"[{self.low:g}, {self.high:g}]" + (" log" if self.log else "")
+        return (f"[{self.low:g}, {self.high:g}]" + (" log" if self.log else "")
+                + (f" step {self.step:g}" if self.step else ""))
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A key searched among `choices` (Optuna's categorical). A list value (`model.hidden: [256, 128]`) is one
+    choice, stored in Optuna as its JSON text (`"[256, 128]"`: Optuna keeps only numbers, strings, bools, None)."""
+
+    choices: tuple[Any, ...]
+
+    @staticmethod
+    def encode(value: Any) -> Any:
+        """The Optuna parameter value of a choice."""
+        return json.dumps(list(value)) if isinstance(value, (list, tuple)) else value
+
+    def decode(self, stored: Any) -> Any:
+        """The choice an Optuna parameter value stands for."""
+        return next((c for c in self.choices if self.encode(c) == stored), stored)
+
+    def suggest(self, trial: Any, name: str) -> Any:
+        return self.decode(trial.suggest_categorical(name, [self.encode(c) for c in self.choices]))
+
+    @property
+    def middle(self) -> Any:
+        """The first choice: the baseline trial's value."""
+        return self.choices[0]
+
+    def values(self) -> tuple[Any, ...]:
+        return self.choices
+
+    def __str__(self) -> str:
+        return "one of " + ", ".join(str(self.encode(c)) for c in self.choices)
 
 
 def parse_range(
@@ -68,7 +121,7 @@ def parse_range(
     maximum: float | None = None,
     maximum_open: bool = False,
 ) -> Range:
-    """Read a number (fixed) or [low, high] / {low, high, log} (searched) and check its bounds.
+    """Read a number (fixed) or [low, high] / {low, high, log, step} (searched) and check its bounds.
 
     `where` names the value in error messages, e.g. "regularizers.l1.strength".
     """
@@ -81,13 +134,15 @@ def parse_range(
 
 def _read_range(value: Any, *, log: bool = False, integer: bool = False, minimum: float | None = None,
                 maximum: float | None = None, maximum_open: bool = False) -> Range:
+    step = None
     if isinstance(value, Range):
-        low, high, log = value.low, value.high, value.log
+        low, high, log, step = value.low, value.high, value.log, value.step
     elif isinstance(value, Mapping):
-        extra = set(value) - {"low", "high", "log"}
+        extra = set(value) - set(_RANGE_KEYS)
         if extra or not {"low", "high"} <= set(value):
-            raise _Invalid(f"expected a number, [low, high] or {{low, high, log}}; got {dict(value)!r}")
-        low, high, log = value["low"], value["high"], value.get("log", log)
+            raise _Invalid(f"expected a number, [low, high] or {{low, high, log, step}} (low and high both "
+                           f"given); got {dict(value)!r}")
+        low, high, log, step = value["low"], value["high"], value.get("log", log), value.get("step")
     elif isinstance(value, (list, tuple)):
         if len(value) != 2:
             raise _Invalid(f"a range is [low, high]; got {list(value)!r}")
@@ -111,7 +166,29 @@ def _read_range(value: Any, *, log: bool = False, integer: bool = False, minimum
         bracket = ")" if maximum_open else "]"
         lower = "" if minimum is None else f"[{minimum}, "
         raise _Invalid(f"must be in {lower or '(-inf, '}{maximum}{bracket}; got {value!r}")
-    return Range(float(low), float(high), log=log and low != high, integer=integer)
+    if step is not None:
+        _check_step(step, low, high, log=log, integer=integer)
+        step = float(step)
+    return Range(float(low), float(high), log=log and low != high, integer=integer, step=step)
+
+
+_RANGE_KEYS = ("low", "high", "log", "step")
+
+
+def _check_step(step: Any, low: float, high: float, *, log: bool, integer: bool) -> None:
+    """A grid step: positive, whole for whole numbers, a whole number of steps from low to high, never on a log
+    scale (Optuna samples a log range continuously)."""
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step) or step <= 0:
+        raise _Invalid(f"expected a number above 0; got {step!r}", key="step")
+    if integer and step != int(step):
+        raise _Invalid(f"expected a whole number; got {step!r}", key="step")
+    if log:
+        raise _Invalid(f"a log-scale range takes no step (Optuna samples it continuously); got step {step!r}",
+                       key="step")
+    steps = (high - low) / step
+    if abs(steps - round(steps)) > 1e-9 * max(1.0, abs(steps)):
+        raise _Invalid(f"high - low must be a whole number of steps; got [{low}, {high}] step {step}",
+                       key="step")
 
 
 def _searched(**checks: Any) -> PlainValidator:
@@ -263,7 +340,7 @@ class RegularizerSpec(_Spec):
 class StudySpec(_Spec):
     """A whole study file, validated."""
 
-    not_from_file: ClassVar[tuple[str, ...]] = ("name", "source")
+    not_from_file: ClassVar[tuple[str, ...]] = ("name", "source", "searched")
     name: str
     description: str = ""
     seed: Whole = 0
@@ -274,6 +351,9 @@ class StudySpec(_Spec):
     regularizers: Annotated[tuple[RegularizerSpec, ...], Field(strict=False)] = ()
     plugins: Annotated[tuple[str, ...], Field(strict=False)] = ()
     source: str = "<python>"
+    searched: Mapping[str, Any] = Field(default_factory=dict)
+    """The searched `training.*` / `model.*` keys -> their Range or Choice; `training` and `model` hold each one's
+    baseline value (mid-range, or the first choice)."""
 
 
 _UNKNOWN_KEY = ("extra_forbidden", "invalid_key")  # invalid_key: a key that is no string (YAML's `1:`)
@@ -374,6 +454,113 @@ def _regularizers(raw: Any) -> tuple[RegularizerSpec, ...]:
     return tuple(specs)
 
 
+_NO_DEFAULT = object()
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _read_choice(value: Mapping[Any, Any], where: str) -> Choice:
+    """`{choices: [...]}`: a non-empty list of distinct plain values or lists of them."""
+    extra = sorted(str(k) for k in value if k != "choices")
+    if extra:
+        raise ConfigError(f"{where}: {{choices: [...]}} takes no other keys; got {', '.join(extra)}")
+    choices = value["choices"]
+    if isinstance(choices, str) or not isinstance(choices, (list, tuple)) or not choices:
+        raise ConfigError(f"{where}.choices: expected a non-empty list of values; got {choices!r}")
+    seen = []
+    for choice in choices:
+        items = choice if isinstance(choice, (list, tuple)) else [choice]
+        if not all(isinstance(item, _PLAIN) for item in items):
+            raise ConfigError(f"{where}.choices: a choice is a number, a string, true/false, null or a list of "
+                              f"those; got {choice!r}")
+        typed = (type(choice), Choice.encode(choice))  # 1 and true are two choices, though 1 == True
+        if typed in seen:
+            raise ConfigError(f"{where}.choices: {choice!r} is given twice")
+        seen.append(typed)
+    return Choice(tuple(choices))
+
+
+def _read_key_range(value: Any, where: str, integer: bool) -> Range:
+    """A study key's [low, high] or {low, high, log, step}: on a log scale where it says so or, unless it says
+    otherwise (or gives a step), where the range spans two decades or more."""
+    r = parse_range(value, where, integer=integer)
+    said = isinstance(value, Mapping) and ("log" in value or "step" in value)
+    if not said and not r.fixed and r.low > 0 and r.high >= 100 * r.low:
+        r = dataclasses.replace(r, log=True)
+    return r
+
+
+def _split_searched(section: str, options: Mapping[Any, Any], default_of: Any, lists_are_values: bool,
+                    check: Any) -> tuple[dict[Any, Any], dict[str, Range | Choice]]:
+    """A section's options with each searched key set to its baseline value, and the searched keys.
+
+    `{choices: [...]}` searches any key; `{low, high, log, step}` and `[low, high]` search a key whose default is a
+    scalar number (where lists are values, as in `model.hidden: [256, 128]`, a list searches only such a key).
+    Every bound and choice is checked by `check(key, value)` as a fixed value would be.
+    """
+    fixed, searched = dict(options), {}
+    for key, value in options.items():
+        where = f"{section}.{key}"
+        if isinstance(value, Mapping) and "choices" in value:
+            space: Range | Choice = _read_choice(value, where)
+        elif isinstance(value, (Mapping, list, tuple)) and key != "lr":  # lr: its own field, a log range
+            default = default_of(key)
+            numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
+            ranged = isinstance(value, Mapping) and set(value) <= set(_RANGE_KEYS)
+            if not numeric and lists_are_values and not ranged:
+                continue  # a list or mapping value, the model factory's to check
+            if not numeric and default is not _NO_DEFAULT:
+                raise ConfigError(f"{where}: a range searches a numeric key ({key} is {default!r} by default); "
+                                  f"to search it, write {{choices: [...]}}; got {value!r}")
+            space = _read_key_range(value, where, integer=isinstance(default, int) and not isinstance(default, bool))
+        else:
+            continue
+        for bound in space.values():
+            check(key, bound)
+        fixed[key] = space.middle
+        if len(set(map(str, space.values()))) > 1:
+            searched[where] = space
+    return fixed, searched
+
+
+def _model_defaults(name: Any) -> dict[str, Any]:
+    """A built-in model's option defaults (none for another name: the model factory reports it)."""
+    from regsearch.models import MODELS  # imports torch: only asked when a model option is a list or mapping
+
+    factory = MODELS.get(name) if isinstance(name, str) else None
+    if factory is None:
+        return {}
+    return {n: p.default for n, p in inspect.signature(factory).parameters.items() if p.default is not p.empty}
+
+
+def _check_training(key: Any, value: Any) -> None:
+    TrainingSpec.from_mapping({key: value}, "training")
+
+
+def _search_spaces(raw: dict[str, Any]) -> dict[str, Range | Choice]:
+    """Take the searched `training.*` and `model.*` keys out of a study's raw mapping (in place)."""
+    searched: dict[str, Range | Choice] = {}
+    training = raw.get("training")
+    if isinstance(training, Mapping):
+        fields = TrainingSpec.model_fields
+        raw["training"], searched = _split_searched(
+            "training", training, lambda key: fields[key].default if key in fields else _NO_DEFAULT, False,
+            _check_training)
+    model = raw.get("model")
+    if isinstance(model, Mapping):
+        defaults: dict[str, Any] = {}
+
+        def default_of(key: Any) -> Any:
+            if not defaults:
+                defaults.update(_model_defaults(model.get("name", "mlp")), name="")
+            return defaults.get(key, _NO_DEFAULT)
+
+        options = {k: v for k, v in model.items() if k != "name"}
+        options, more = _split_searched("model", options, default_of, True, lambda key, value: None)
+        raw["model"] = {**({"name": model["name"]} if "name" in model else {}), **options}
+        searched.update(more)
+    return searched
+
+
 def _plugins(raw: Any, source: str) -> tuple[str, ...]:
     if isinstance(raw, str) or not isinstance(raw, (list, tuple)) or not all(isinstance(p, str) for p in raw):
         raise ConfigError(f"plugins: expected a list of plugin file paths; got {raw!r}")
@@ -395,7 +582,8 @@ def spec_from_dict(raw: Any, *, name: str, source: str = "<python>") -> StudySpe
         if key in raw:
             known = _known_keys(StudySpec)
             raise ConfigError(f"{key}: unknown key{did_you_mean(key, known)}; known: {', '.join(known)}")
-    given = {"model": _model(raw.pop("model", {}) or {}),
+    searched = _search_spaces(raw)
+    given = {"searched": searched, "model": _model(raw.pop("model", {}) or {}),
              "regularizers": _regularizers(raw.pop("regularizers", None)),
              "plugins": _plugins(raw.pop("plugins", ()) or (), source)}
     return StudySpec.from_mapping({**raw, **given, "name": name, "source": source}, "")

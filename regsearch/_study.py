@@ -73,12 +73,13 @@ class Options:
 
 
 def optimize(study: str | StudySpec, *, n_trials: int | None = None, timeout: float | None = None,
-             workers: int = 1, data: TensorData | None = None, model: Callable[[], nn.Module] | None = None,
+             workers: int = 1, data: TensorData | None = None, model: Callable[..., nn.Module] | None = None,
              progress: Progress | None = None, **options: Any) -> optuna.Study:
     """Run (or resume) a study until it holds `n_trials` finished trials in total; returns the Optuna study.
 
     `study` is a shipped study's name, a study file's path or a `StudySpec`. `data` (a `TensorData`) and
-    `model` (a zero-argument factory of your own `nn.Module`) replace the study's dataset and model.
+    `model` (a factory of your own `nn.Module`: of no argument, or of the Optuna trial, whose suggestions are the
+    parameters `model.<name>`) replace the study's dataset and model.
     `workers` > 1 runs that many worker processes on this machine (they must be able to pickle `data` and
     `model`); the same call on other machines with a shared `storage` joins the same study. `options` are the
     fields of `Options`: `storage`, `tracking`, `tracking_uri`, `study_name`, `data_dir`, `device`, `seed`,
@@ -121,7 +122,8 @@ def _run(job: Job, workers: int, progress: Progress | None, registry: Regularize
     early = start_tracking(job.stores, job.name)
     try:
         exp = prepare(job.spec, registry=registry, **job.inputs)
-        study, tracker = attach(job.spec, job.name, job.stores, create=True, tracker=early)
+        study, tracker = attach(job.spec, job.name, job.stores, create=True, tracker=early,
+                                model_space=exp.model_space)
     except BaseException:
         if early is not None:
             early.close(wait=False)

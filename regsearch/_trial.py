@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
@@ -12,10 +13,10 @@ from torch import nn
 
 from regsearch import _contract
 from regsearch._device import PINNED
-from regsearch._errors import PluginError
+from regsearch._errors import ConfigError, PluginError
 from regsearch._records import PRECISION_ATTR, is_baseline
 from regsearch._regularizer import Applied, NamespacedTrial, Regularizer, TrialContext
-from regsearch._search_space import suggest_switches
+from regsearch._search_space import stored_training, suggest_switches, suggest_training
 from regsearch._spec import RegularizerSpec, StudySpec, TrainingSpec
 from regsearch._trainer import evaluate, fit
 from regsearch.data._tensors import Batcher, TensorData
@@ -28,10 +29,35 @@ class Experiment:
 
     spec: StudySpec
     data: TensorData
-    build_model: Callable[[], nn.Module]
+    build_model: Callable[..., nn.Module]
+    """No argument, or one: the trial (see `new_model`)."""
     regularizers: list[tuple[RegularizerSpec, Regularizer]]
     device: torch.device
     example: torch.Tensor
+    model_space: dict[str, Any] = field(default_factory=dict)
+    """The parameters the model factory asks of a trial (`model.<name>` -> Optuna distribution)."""
+
+
+def takes_trial(factory: Callable[..., nn.Module]) -> bool:
+    """Whether a model factory takes the trial: one required positional parameter (none: it takes nothing)."""
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: called as it is
+        return False
+    required = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                and p.default is p.empty]
+    if len(required) > 1:
+        raise ConfigError(f"model: a model factory takes no argument or one (the Optuna trial); "
+                          f"{getattr(factory, '__name__', factory)!s} takes {', '.join(required)}")
+    return len(required) == 1
+
+
+def new_model(exp: Experiment, trial: Any) -> nn.Module:
+    """An untrained model; a factory taking the trial gets it with its parameter names under `model.`
+    (`trial.suggest_int("width", ...)` is the parameter `model.width`), as the study's searched model keys are."""
+    if takes_trial(exp.build_model):
+        return exp.build_model(NamespacedTrial(trial, "model"))
+    return exp.build_model()
 
 
 def trial_seed(study_seed: int, number: int) -> int:
@@ -45,10 +71,14 @@ def context(exp: Experiment, model: nn.Module, number: int, seed: int) -> TrialC
 
 
 def training_for(exp: Experiment, trial: Any) -> TrainingSpec:
-    """The study's training recipe; the baseline trial trains without label smoothing (unregularized)."""
+    """The study's training recipe with the trial's values of its searched keys (from `trial.params`); the
+    baseline trial trains without label smoothing (unregularized)."""
+    values = stored_training(exp.spec, trial.params)
+    values.pop("lr", None)  # passed on its own (`build_trial`)
+    training = exp.spec.training.replace(**values) if values else exp.spec.training
     if is_baseline(trial):
-        return exp.spec.training.replace(label_smoothing=0.0)
-    return exp.spec.training
+        return training.replace(label_smoothing=0.0)
+    return training
 
 
 def build_trial(exp: Experiment, trial: Any, seed: int, *, baseline: bool = False
@@ -58,9 +88,9 @@ def build_trial(exp: Experiment, trial: Any, seed: int, *, baseline: bool = Fals
     The baseline trial (`baseline=True`) switches every regularizer off, also those the study pins on.
     """
     torch.manual_seed(seed)
-    model = exp.build_model().to(exp.device)
+    model = new_model(exp, trial).to(exp.device)
     if baseline:
-        return model, [], exp.spec.training.lr.suggest(trial, "lr")
+        return model, [], _lr(exp, trial, suggest_training(trial, exp.spec, baseline=True))
     on = set(suggest_switches(trial, [r for r, _ in exp.regularizers]))
     ctx = context(exp, model, trial.number, seed)
     applied = []
@@ -68,13 +98,18 @@ def build_trial(exp: Experiment, trial: Any, seed: int, *, baseline: bool = Fals
         if rspec.name in on:
             reg.context = ctx
             applied.append(Applied(reg, dict(reg.search_space(NamespacedTrial(trial, rspec.name)) or {})))
-    lr = exp.spec.training.lr.suggest(trial, "lr")
+    lr = _lr(exp, trial, suggest_training(trial, exp.spec))
     for a in sorted(applied, key=lambda a: a.regularizer.transform_order):
         try:
             model = _contract.transformed_model(a.regularizer.transform_model(model, a.params))
         except PluginError as exc:
             raise _contract.named(f"regularizer {a.regularizer.name!r}", exc) from None
     return model.to(exp.device), applied, lr
+
+
+def _lr(exp: Experiment, trial: Any, training: dict[str, Any]) -> float:
+    """The trial's learning rate: among the searched training keys (a choice of rates), else from its range."""
+    return training["lr"] if "lr" in training else exp.spec.training.lr.suggest(trial, "lr")
 
 
 def rebuild(exp: Experiment, trial: optuna.trial.FrozenTrial) -> tuple[nn.Module, list[Applied], float, int]:

@@ -90,10 +90,22 @@ MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "cnn": cnn, "resnet":
 
 
 def model_factory(name: str, options: Mapping[str, Any], input_shape: Sequence[int],
-                  num_classes: int) -> Callable[[], nn.Module]:
-    """A zero-argument factory for a built-in model, with its options checked now (not in trial 1)."""
+                  num_classes: int, searched: Mapping[str, Any] | None = None) -> Callable[..., nn.Module]:
+    """A factory for a built-in model, with its options checked now (not in trial 1): of no argument, or of the
+    trial where `searched` (the study's searched keys) holds `model.*` keys, each bound and choice checked too."""
     if name not in MODELS:
         raise ConfigError("model.name: " + unknown_name("model", name, MODELS))
     build = functools.partial(MODELS[name], tuple(input_shape), num_classes)
     call_with_options(build, options, "model", name)
+    space = {key.split(".", 1)[1]: s for key, s in (searched or {}).items() if key.startswith("model.")}
+    for key, s in space.items():
+        for value in s.values():
+            call_with_options(build, {**options, key: value}, f"model.{key}", name)
+    if space:
+        return functools.partial(_searched_model, functools.partial(build, **options), space)
     return functools.partial(build, **options)
+
+
+def _searched_model(build: Callable[..., nn.Module], space: Mapping[str, Any], trial: Any) -> nn.Module:
+    """A built-in model with the trial's values of its searched options (`trial` names them under `model.`)."""
+    return build(**{key: s.suggest(trial, key) for key, s in space.items()})

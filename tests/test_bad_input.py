@@ -474,6 +474,46 @@ CASES = [
          files={f"{FOLDER}/data_batch_1.bin": cifar_batch()}),
 ]
 
+# --- searched training and model keys (issue 14): kept apart from the table above to ease merging --------------
+CASES += [
+    case("search-range-low-above-high", ["optimize", "--study", "digits", "--set", "training.batch_size=[128,32]"],
+         "--set training.batch_size=[128,32]: training.batch_size: low must not exceed high; got [128, 32]"),
+    case("search-range-on-a-word-key", ["optimize", "--study", "digits", "--set", "training.optimizer=[sgd,adamw]"],
+         "training.optimizer: a range searches a numeric key (optimizer is 'sgd' by default); to search it, write "
+         "{choices: [...]}"),
+    case("search-range-on-a-list-key", ["optimize", "--study", "digits", "--set", "model.hidden={low: 16, high: 64}"],
+         "model.hidden: a range searches a numeric key (hidden is (256, 256) by default)"),
+    case("search-empty-choices", ["optimize", "--study", "digits", "--set", "training.schedule={choices: []}"],
+         "training.schedule.choices: expected a non-empty list of values; got []"),
+    case("search-choice-of-the-wrong-type", ["optimize", "--study", "digits", "--set", "training.epochs={choices: [2, many]}"],
+         "--set training.epochs={choices: [2, many]}: training.epochs: expected a whole number; got 'many'"),
+    case("search-choice-not-a-value", ["optimize", "--study", "digits", "--set", "training.optimizer={choices: [{a: 1}]}"],
+         "training.optimizer.choices: a choice is a number, a string, true/false, null or a list of those; got "
+         "{'a': 1}"),
+    case("search-choice-twice", ["optimize", "--study", "digits", "--set", "training.optimizer={choices: [sgd, sgd]}"],
+         "training.optimizer.choices: 'sgd' is given twice"),
+    case("search-choices-with-a-range-key", ["optimize", "--study", "digits", "--set",
+                                             "training.batch_size={choices: [32, 64], log: true}"],
+         "training.batch_size: {choices: [...]} takes no other keys; got log"),
+    case("search-step-on-a-log-range", "optimize --study {tmp}/s.yaml",
+         "s.yaml: training.momentum.step: a log-scale range takes no step (Optuna samples it continuously)",
+         files={"s.yaml": "training: {momentum: {low: 0.01, high: 0.9, log: true, step: 0.01}}\n"}),
+    case("search-step-off-the-grid", "optimize --study {tmp}/s.yaml",
+         "s.yaml: training.batch_size.step: high - low must be a whole number of steps; got [16, 100] step 32",
+         files={"s.yaml": "training: {batch_size: {low: 16, high: 100, step: 32}}\n"}),
+    case("search-low-without-high", ["optimize", "--study", "digits", "--set", "training.batch_size={low: 16}"],
+         "training.batch_size: expected a number, [low, high] or {low, high, log, step} (low and high both given); "
+         "got {'low': 16}"),
+    case("search-whole-number-key-with-a-fraction", ["optimize", "--study", "digits", "--set",
+                                                     "training.batch_size=[16.5,64]"],
+         "training.batch_size: expected whole numbers; got [16.5, 64]"),
+    case("search-bound-out-of-range", ["optimize", "--study", "digits", "--set", "training.epochs=[0,3]"],
+         "training.epochs: must be >= 1; got 0"),
+    case("search-model-choice-the-model-refuses", ["optimize", "--study", "digits", "--set",
+                                                   "model.hidden={choices: [[32], [0]]}"],
+         "model.hidden: hidden must be a list of positive whole numbers; got [0]"),
+]
+
 
 # --------------------------------------------------------------------------------------------------------------
 # running a case

@@ -225,7 +225,7 @@ def _effects(views: list[TrialView]) -> Section:
     groups: dict[str, list[str]] = {}
     for name in sorted(dists, key=lambda n: (not n.endswith(".enabled"), n)):
         groups.setdefault(_group(name), []).append(name)
-    for group in sorted(groups, key=lambda g: (g == "training", g)):
+    for group in sorted(groups, key=lambda g: (g in ("model", "training"), g)):  # the searched keys after the plugins
         params = groups[group]
         child = Section(f"effect-{group.replace(' ', '-')}", group, "")
         child.png = _effect_figure(group, params, dists, complete)
