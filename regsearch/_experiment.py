@@ -35,8 +35,7 @@ def prepare(spec: StudySpec, *, data: TensorData | None = None, model: Callable[
                        "AVX512-BF16 or AMX), so trials may run many times slower than in float32; `auto` chooses "
                        "per device", "CPU" if dev.type == "cpu" else f"device ({dev})")
     if data is None:
-        data = load_dataset(spec.data.name, val_fraction=spec.data.val_fraction, seed=spec.seed,
-                            train_size=spec.data.train_size, data_dir=data_dir)
+        data = _load_data(spec, data_dir)
     data = data.to(dev)
     build = model or model_factory(spec.model.name, spec.model.options, data.input_shape, data.num_classes,
                                    spec.searched)
@@ -44,6 +43,19 @@ def prepare(spec: StudySpec, *, data: TensorData | None = None, model: Callable[
     bare = _check_model(exp)
     announce_slow_trials(exp, preflight(exp, registry), bare)
     return exp
+
+
+def _load_data(spec: StudySpec, data_dir: str | None) -> TensorData:
+    """The study's data: the user's table (its keys from the spec) or a built-in dataset (CIFAR from data_dir)."""
+    d = spec.data
+    if d.name == "table":
+        from regsearch.data.table import load_table
+
+        return load_table(d.path, d.target, test_path=d.test_path, features=d.features, categorical=d.categorical,
+                          id_columns=d.id_columns, val_fraction=d.val_fraction, seed=spec.seed,
+                          train_size=d.train_size)
+    return load_dataset(d.name, val_fraction=d.val_fraction, seed=spec.seed, train_size=d.train_size,
+                        data_dir=data_dir)
 
 
 def _check_model(exp: Experiment) -> nn.Module:

@@ -124,7 +124,8 @@ def check_objective(study: optuna.Study, objective: str, max_gap: float | None, 
 def fixed_settings(spec: StudySpec) -> dict[str, Any]:
     """The study-wide settings logged on the parent run."""
     t = spec.training
-    return {"study_file": spec.source, "data": spec.data.name, "model": spec.model.name,
+    table = {f"data.{k}": v for k in ("path", "target", "test_path") if (v := getattr(spec.data, k)) is not None}
+    return {"study_file": spec.source, "data": spec.data.name, **table, "model": spec.model.name,
             **{f"model.{k}": v for k, v in spec.model.options.items()},
             "epochs": t.epochs, "batch_size": t.batch_size, "optimizer": t.optimizer, "lr": str(t.lr),
             "schedule": t.schedule, "label_smoothing": t.label_smoothing, "precision": t.precision, "seed": spec.seed,

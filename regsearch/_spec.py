@@ -250,12 +250,54 @@ class _Spec(BaseModel):
         return type(self)(**{**dict(self), **changes})
 
 
-class DataSpec(_Spec):
-    """Which data, and how the training data is split into training and validation."""
+def _column_names(value: Any) -> Any:
+    """A column named by a number (`--set data.target=1` reads as YAML's 1) is the column of that header."""
+    def named(v: Any) -> Any:
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+    return [named(v) for v in value] if isinstance(value, (list, tuple)) else named(value)
 
-    name: Literal["digits", "cifar10"] = "digits"
+
+_Column = Annotated[str | None, BeforeValidator(_column_names)]
+_Columns = Annotated[tuple[str, ...] | None, Field(strict=False), BeforeValidator(_column_names)]
+
+
+class DataSpec(_Spec):
+    """Which data, and how the training data is split into training and validation.
+
+    `table` is the user's own CSV/TSV/Parquet file (`regsearch.data.table.load_table`); its keys mean nothing
+    for the built-in datasets. Its paths are absolute once read (see `_data_paths`).
+    """
+
+    table_keys: ClassVar[tuple[str, ...]] = ("path", "target", "test_path", "features", "categorical", "id_columns")
+    name: Literal["digits", "cifar10", "table"] = "digits"
     val_fraction: Annotated[float, Field(ge=0.01, le=0.9)] = 0.2
     train_size: Annotated[Whole | None, Field(ge=10)] = None
+    path: Annotated[str | None, Field(min_length=1)] = None
+    """The table's file (training rows, split into training and validation)."""
+    target: _Column = None
+    """The column holding the class labels."""
+    test_path: Annotated[str | None, Field(min_length=1)] = None
+    """A second file with the same columns, the test split; without it the study reports validation accuracy."""
+    features: _Columns = None
+    """The input columns (default: every column but the target and id_columns)."""
+    categorical: _Columns = None
+    """Columns that are categories (default: those whose values are not numbers)."""
+    id_columns: _Columns = None
+    """Columns left out of the inputs (row ids, names)."""
+
+    @model_validator(mode="after")
+    def _table_keys_go_with_a_table(self) -> Self:
+        if self.name == "table":
+            lacking = [key for key in ("path", "target") if getattr(self, key) is None]
+            if lacking:
+                raise _Invalid("data.name table needs the table's file and its label column: give them in the study "
+                               "file, or with --set data.path=FILE --set data.target=COLUMN", lacking[0])
+            return self
+        given = [key for key in self.table_keys if getattr(self, key) is not None]
+        if given:
+            raise _Invalid(f"only a table has {given[0]} (data.name is {self.name}); set data.name=table to read "
+                           f"your own file, or drop {given[0]}", given[0])
+        return self
 
 
 class ModelSpec(_Spec):
@@ -568,6 +610,19 @@ def _plugins(raw: Any, source: str) -> tuple[str, ...]:
     return tuple(os.path.abspath(base / p) for p in raw)  # links are resolved (and loops reported) on load
 
 
+TABLE_PATHS = ("path", "test_path")
+"""The data keys that name files: relative ones are read from the study file's folder (like `plugins`)."""
+
+
+def _data_paths(raw: Any, source: str) -> Any:
+    """`data` with its table paths absolute: `~` expanded, relative to the study file's folder (Python: the cwd)."""
+    if not isinstance(raw, Mapping):
+        return raw  # validation names what is wrong with it
+    base = Path(source).parent if source != "<python>" else Path.cwd()
+    return {key: os.path.abspath(base / os.path.expanduser(value)) if key in TABLE_PATHS and isinstance(value, str)
+            and value else value for key, value in raw.items()}
+
+
 def spec_from_dict(raw: Any, *, name: str, source: str = "<python>") -> StudySpec:
     """Validate a study given as a mapping (the parsed YAML of a study file)."""
     if raw is None:
@@ -586,6 +641,8 @@ def spec_from_dict(raw: Any, *, name: str, source: str = "<python>") -> StudySpe
     given = {"searched": searched, "model": _model(raw.pop("model", {}) or {}),
              "regularizers": _regularizers(raw.pop("regularizers", None)),
              "plugins": _plugins(raw.pop("plugins", ()) or (), source)}
+    if "data" in raw:
+        given["data"] = _data_paths(raw.pop("data"), source)
     return StudySpec.from_mapping({**raw, **given, "name": name, "source": source}, "")
 
 

@@ -107,6 +107,25 @@ def apply_overrides(raw: Any, overrides: Overrides) -> Any:
     return raw
 
 
+def _set_paths_from_cwd(raw: dict, overrides: Overrides) -> dict:
+    """Table paths given with --set, made absolute from the current folder (the file's own are read from its folder)."""
+    import os
+
+    from regsearch._spec import TABLE_PATHS
+
+    items = overrides.items() if isinstance(overrides, Mapping) else overrides
+    keys = {key for key, _ in items}
+    data = raw.get("data")
+    if not isinstance(data, Mapping):
+        return raw
+    data = dict(data)
+    for name in TABLE_PATHS:
+        value = data.get(name)
+        if ("data" in keys or f"data.{name}" in keys) and isinstance(value, str) and value:
+            data[name] = os.path.abspath(os.path.expanduser(value))
+    return {**raw, "data": data}
+
+
 def load_study(name_or_path: str, overrides: Overrides = ()) -> StudySpec:
     """Find, read, override and validate a study file."""
     from regsearch._spec import spec_from_dict
@@ -118,7 +137,7 @@ def load_study(name_or_path: str, overrides: Overrides = ()) -> StudySpec:
             raise ConfigError(f"{path}: the study file is empty")
         if not isinstance(raw, Mapping):
             raise ConfigError(f"{path}: a study file is a mapping of keys; got a {type(raw).__name__}")
-        raw = apply_overrides(raw, overrides)
+        raw = _set_paths_from_cwd(apply_overrides(raw, overrides), overrides)
     try:
         return spec_from_dict(raw, name=path.stem, source=str(path))
     except ConfigError as exc:

@@ -71,6 +71,16 @@ def tar_gz(files: dict[str, bytes]) -> bytes:
     return buffer.getvalue()
 
 
+def table(*rows: str, header: str = "x,colour,y") -> str:
+    """A small CSV: `header`, then `rows`, then enough good rows (two classes) to be a table worth splitting."""
+    good = [f"{i},{'red' if i % 3 else 'blue'},{'ab'[i % 2]}" for i in range(20)]
+    return "\n".join([header, *rows, *good]) + "\n"
+
+
+TABLE = "optimize --study tabular --set data.target=y --set data.path="
+"""The shipped table study on a file of the case's folder (the path follows)."""
+
+
 def plugin(name: str, *methods: str, header: str = "") -> str:
     """A plugin file registering one `Regularizer` subclass under `name` with the given methods."""
     body = "".join(textwrap.indent(textwrap.dedent(m), "    ") for m in methods)
@@ -142,7 +152,7 @@ def case(case_id: str, args: str | list[str], message: str, *, bounded: bool = T
 CASES = [
     # --- the command line ------------------------------------------------------------------------------------
     case("cli-unknown-study-suggests-closest", "optimize --study digts",
-         "unknown study 'digts' (did you mean 'digits'?); known: cifar, cocktail, cocktail-tabular, digits"),
+         "unknown study 'digts' (did you mean 'digits'?); known: cifar, cocktail, cocktail-tabular, digits, tabular"),
     case("cli-missing-study-file", "optimize --study {tmp}/nope.yaml", "study file {tmp}/nope.yaml does not exist"),
     case("cli-n-trials-zero", "optimize --study digits --n-trials 0",
          "Invalid value for '--n-trials': must be positive; got 0"),
@@ -306,7 +316,7 @@ CASES = [
          "model.hiden: unknown option (did you mean 'hidden'?)",
          files={"s.yaml": TINY_STUDY.replace("hidden:", "hiden:")}),
     case("study-unknown-dataset", "optimize --study {tmp}/s.yaml",
-         "s.yaml: data.name: unknown value 'mnist'; known: cifar10, digits", files={"s.yaml": "data: {name: mnist}\n"}),
+         "s.yaml: data.name: unknown value 'mnist'; known: cifar10, digits, table", files={"s.yaml": "data: {name: mnist}\n"}),
     case("study-unknown-optimizer", "optimize --study {tmp}/s.yaml",
          "s.yaml: training.optimizer: unknown value 'adamm' (did you mean 'adamw'?)",
          files={"s.yaml": "training: {optimizer: adamm}\n"}),
@@ -437,6 +447,59 @@ CASES = [
          "plugin file {tmp}/plugin.py: syntax error at line 1", files={"plugin.py": "def broken(:\n"}),
 
     # --- data ------------------------------------------------------------------------------------------------
+    # --- a table --------------------------------------------------------------------------------------------
+    case("table-missing-file", TABLE + "{tmp}/nope.csv", "no table at {tmp}/nope.csv"),
+    case("table-set-path-is-relative-to-the-current-folder", TABLE + "nope.csv", "no table at {tmp}/nope.csv"),
+    case("table-study-file-path-is-relative-to-the-file", "optimize --study {tmp}/sub/s.yaml",
+         "no table at {tmp}/sub/nope.csv", files={"sub/s.yaml": "data: {name: table, path: nope.csv, target: y}\n"}),
+    case("table-path-is-a-folder", TABLE + "{tmp}", "{tmp} is not a file"),
+    case("table-without-path", "optimize --study tabular --set data.target=y",
+         "tabular.yaml: data.path: data.name table needs the table's file and its label column: give them in the "
+         "study file, or with --set data.path=FILE --set data.target=COLUMN"),
+    case("table-without-target", "optimize --study tabular --set data.path={tmp}/t.csv",
+         "tabular.yaml: data.target: data.name table needs the table's file and its label column",
+         files={"t.csv": table()}),
+    case("table-path-with-digits", "optimize --study digits --set data.path=t.csv",
+         "--set data.path=t.csv: data.path: only a table has path (data.name is digits); set data.name=table"),
+    case("table-target-with-digits-in-a-study-file", "optimize --study {tmp}/s.yaml",
+         "s.yaml: data.target: only a table has target (data.name is digits)",
+         files={"s.yaml": TINY_STUDY.replace("{name: digits}", "{name: digits, target: y}")}),
+    case("table-unknown-data-key", TABLE + "t.csv --set data.taget=y",
+         "--set data.taget=y: data.taget: unknown key (did you mean 'target'?)", files={"t.csv": table()}),
+    case("table-path-not-a-string", TABLE + "[a.csv,b.csv]", "data.path: expected a string"),
+    case("table-unknown-target", "optimize --study tabular --set data.path=t.csv --set data.target=colur",
+         "{tmp}/t.csv: unknown target column 'colur' (did you mean 'colour'?); known: colour, x, y",
+         files={"t.csv": table()}),
+    case("table-target-with-one-class", TABLE + "t.csv",
+         "{tmp}/t.csv: the target 'y' has one class ('a'); nothing to learn",
+         files={"t.csv": "x,y\n" + "".join(f"{i},a\n" for i in range(20))}),
+    case("table-header-only", TABLE + "t.csv", "{tmp}/t.csv has no data rows", files={"t.csv": "x,colour,y\n"}),
+    case("table-empty-file", TABLE + "t.csv", "{tmp}/t.csv is empty (not even a header row)", files={"t.csv": ""}),
+    case("table-column-all-empty", TABLE + "t.csv", "{tmp}/t.csv: column 'z' is empty (every value is missing)",
+         files={"t.csv": "x,z,y\n" + "".join(f"{i},,{'ab'[i % 2]}\n" for i in range(20))}),
+    case("table-text-in-a-numeric-column", TABLE + "t.csv",
+         "{tmp}/t.csv: column 'x', line 3 (the header is line 1): 'twelve' is not a number",
+         files={"t.csv": table("1,red,a", "twelve,blue,b")}),
+    case("table-missing-label", TABLE + "t.csv", "{tmp}/t.csv: the target 'y' is missing at line 3",
+         files={"t.csv": table("1,red,a", "2,blue,")}),
+    case("table-row-longer-than-the-header", TABLE + "t.csv", "{tmp}/t.csv: a row has more fields than the header",
+         files={"t.csv": table("1,red,a,extra")}),
+    case("table-unknown-feature", TABLE + "t.csv --set data.features=[x,colr]",
+         "{tmp}/t.csv: unknown column in features 'colr' (did you mean 'colour'?)", files={"t.csv": table()}),
+    case("table-target-listed-as-feature", TABLE + "t.csv --set data.features=[x,y]",
+         "{tmp}/t.csv: the target 'y' is listed in features; it cannot be an input", files={"t.csv": table()}),
+    case("table-no-features-left", TABLE + "t.csv --set data.features=[]",
+         "{tmp}/t.csv: no input columns are left besides the target 'y'", files={"t.csv": table()}),
+    case("table-unknown-categorical", TABLE + "t.csv --set data.categorical=[color]",
+         "{tmp}/t.csv: unknown column in categorical 'color' (did you mean 'colour'?)", files={"t.csv": table()}),
+    case("table-test-file-lacks-a-column", TABLE + "t.csv --set data.test_path=test.csv",
+         "{tmp}/test.csv has no column 'colour' (the training table {tmp}/t.csv has)",
+         files={"t.csv": table(), "test.csv": "x,y\n1,a\n2,b\n"}),
+    case("table-test-file-with-a-new-class", TABLE + "t.csv --set data.test_path=test.csv",
+         "{tmp}/test.csv: the target 'y' at line 3 (the header is line 1) is 'c', a class the training table does "
+         "not have (classes: a, b)", files={"t.csv": table(), "test.csv": "x,colour,y\n1,red,a\n2,red,c\n"}),
+    case("table-parquet-not-parquet", TABLE + "t.parquet", "{tmp}/t.parquet is not a readable Parquet file",
+         files={"t.parquet": "x,colour,y\n1,red,a\n"}),
     case("data-missing-folder", "optimize --study cifar --data-dir {tmp}/nowhere",
          "CIFAR-10 data folder {tmp}/nowhere does not exist"),
     case("data-folder-without-cifar", "optimize --study cifar --data-dir {tmp}/empty",

@@ -12,8 +12,9 @@ from regsearch._study_file import apply_overrides, available_studies
 def test_shipped_studies_are_found_by_name_and_valid():
     found = available_studies()
     assert {"digits", "cifar"} <= set(found)
+    table = [("data.path", "t.csv"), ("data.target", "y")]  # a table study needs its file and its label column
     for name in found:
-        spec = load_study(name)
+        spec = load_study(name, table if name == "tabular" else ())
         assert spec.name == name and spec.description
         assert {r.name for r in spec.regularizers} >= {"l1", "l2", "dropout", "batchnorm"}
 
@@ -43,7 +44,7 @@ def test_enabled_is_taken_out_of_the_plugin_options():
     ({"training": {"lr": [0, 0.1]}}, r"^training\.lr: a log-scale range must be above 0"),
     ({"training": {"lr": [0.1, 0.2, 0.3]}}, r"^training\.lr: a range is \[low, high\]"),
     ({"training": {"augment": True}}, r"^training\.augment: augmentation is the regularizer 'augment' now; write "),
-    ({"data": {"name": "mnist"}}, r"^data\.name: unknown value 'mnist'; known: cifar10, digits"),
+    ({"data": {"name": "mnist"}}, r"^data\.name: unknown value 'mnist'; known: cifar10, digits, table"),
     ({"data": {"val_fraction": 1.5}}, r"^data\.val_fraction: must be <= 0\.9"),
     ({"search": {"sampler": {"name": "cmaes"}}}, r"^search\.sampler\.name: unknown value 'cmaes'"),
     ({"search": {"pruner": {"name": "medain"}}}, r"^search\.pruner\.name: unknown value 'medain' \(did you mean 'median'\?\)"),
@@ -103,6 +104,21 @@ def test_plugin_paths_are_relative_to_the_study_file(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text("plugins: [plugs/mine.py]\n")
     assert load_study(str(path)).plugins == (str(tmp_path / "plugs" / "mine.py"),)
+
+
+def test_table_paths_are_relative_to_the_study_file_or_to_the_current_folder_for_set(tmp_path, monkeypatch):
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "s.yaml"
+    path.write_text("data: {name: table, path: train.csv, test_path: ~/test.csv, target: 1}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    data = load_study(str(path)).data
+    assert (data.path, data.test_path) == (str(tmp_path / "sub" / "train.csv"), str(tmp_path / "home" / "test.csv"))
+    assert data.target == "1"  # a header that YAML reads as a number is still the column's name
+    data = load_study(str(path), [("data.path", "mine.csv"), ("data.features", "[a, 2]")]).data
+    assert data.path == str(tmp_path / "mine.csv") and data.test_path == str(tmp_path / "home" / "test.csv")
+    assert data.features == ("a", "2")
+    assert load_study(str(path), [("data", "{name: table, path: b.csv, target: y}")]).data.path == str(tmp_path / "b.csv")
 
 
 def test_a_spec_built_in_python_is_checked_like_a_file():

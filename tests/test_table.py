@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import re
+import shutil
+import sqlite3
+import subprocess
 import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from click.testing import CliRunner
 
 from regsearch._errors import ConfigError, DataError
+from regsearch.cli import cli
 from regsearch.data.table import load_table
 from tests.conftest import REPO, require
 
@@ -237,3 +244,57 @@ def test_missing_file(tmp_path):
 def test_bad_options(tmp_path, kwargs, match):
     with pytest.raises(ConfigError, match=match):
         load_table(write(tmp_path, "t.csv", GOOD), "y", **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# from the command line: `regsearch optimize --study tabular --set data.path=... --set data.target=...`
+
+
+def regsearch_cli(*args: str, cwd) -> subprocess.CompletedProcess:
+    """The installed `regsearch` entry point, as a user runs it."""
+    exe = os.path.join(os.path.dirname(sys.executable), "regsearch")
+    return subprocess.run([exe, *args], capture_output=True, text=True, cwd=cwd, timeout=900, check=False)
+
+
+def best_test_accuracy(stdout: str) -> float:
+    line = next(line for line in stdout.splitlines() if line.startswith("best trial"))
+    return float(re.search(r"test accuracy (\d\.\d+)", line).group(1))
+
+
+def test_a_small_table_from_the_command_line_with_and_without_a_test_file(tmp_path, monkeypatch, mlflow_store):
+    rng = np.random.default_rng(0)
+    for name, rows in (("train.csv", 300), ("test.csv", 100)):
+        x = rng.normal(size=rows)
+        colour = rng.choice(["red", "blue"], size=rows)
+        label = np.where(x + (colour == "red") > 0.5, "yes", "no")
+        pd.DataFrame({"x": x, "colour": colour, "label": label}).to_csv(tmp_path / name, index=False)
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(mlflow_store, tmp_path / "mlflow.db")  # its migrations take seconds
+    tiny = ["--n-trials", "2", "--set", "training.epochs=3", "--set", "data.target=label", "--set", "data.path=train.csv"]
+    result = CliRunner().invoke(cli, ["optimize", "--study", "tabular", *tiny, "--set", "data.test_path=test.csv"])
+    assert result.exit_code == 0, result.output
+    assert "study tabular: 2 complete" in result.stdout and "val_acc gap_acc train_acc" in result.stdout
+    assert best_test_accuracy(result.stdout) > 0.7  # a learnable rule: well above the majority class
+    assert "Best combination (trial " in result.stdout
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:  # the study's MLflow run says which table, as a full path
+        logged = dict(db.execute("select key, value from params where key like 'data.%'").fetchall())
+    assert logged == {"data.path": str(tmp_path / "train.csv"), "data.test_path": str(tmp_path / "test.csv"),
+                      "data.target": "label"}
+    # no test file: the study says what validation found instead of a test accuracy
+    result = CliRunner().invoke(cli, ["optimize", "--study", "tabular", "--study-name", "no-test", *tiny])
+    assert result.exit_code == 0, result.output
+    assert "study no-test: 2 complete" in result.stdout and "best trial" not in result.stdout
+    assert re.search(r"Best combination \(trial \d\): .* - validation accuracy 0\.\d+", result.stdout)
+
+
+@pytest.mark.slow
+def test_adult_from_the_command_line_end_to_end(tmp_path):
+    train, test = shared_table("adult-train.csv"), shared_table("adult-test.csv")
+    done = regsearch_cli("optimize", "--study", "tabular", "--n-trials", "3", "--set", "training.epochs=3",
+                         "--set", "data.train_size=5000", "--set", f"data.path={train}", "--set", f"data.test_path={test}",
+                         "--set", "data.target=income", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "study tabular: 3 complete" in done.stdout and "val_acc gap_acc train_acc" in done.stdout
+    assert re.search(r"Best combination \(trial \d\): .* - test accuracy 0\.\d+", done.stdout)
+    # 76 % of the test file is <=50K: a trained model is well above that; scikit-learn's defaults reach 0.87
+    assert best_test_accuracy(done.stdout) > 0.8
