@@ -22,8 +22,8 @@ _EXPORTS = {
     "optimize": "regsearch._study",
     "leaderboard": "regsearch._records",
     "StudySpec": "regsearch._spec",
-    "Range": "regsearch._spec",
-    "parse_range": "regsearch._spec",
+    "Range": "regsearch._ranges",
+    "parse_range": "regsearch._ranges",
     "load_study": "regsearch._study_file",
     "spec_from_dict": "regsearch._spec",
     "TensorData": "regsearch.data._tensors",
@@ -48,10 +48,11 @@ if TYPE_CHECKING:
         StudyError,
         TrialError,
     )
+    from regsearch._ranges import Range, parse_range
     from regsearch._records import leaderboard
     from regsearch._registry import RegularizerInfo, RegularizerRegistry, default_registry, register
     from regsearch._regularizer import LoopState, Regularizer, TrialContext
-    from regsearch._spec import Range, StudySpec, parse_range, spec_from_dict
+    from regsearch._spec import StudySpec, spec_from_dict
     from regsearch._study import optimize
     from regsearch._study_file import load_study
     from regsearch.data._tensors import TensorData

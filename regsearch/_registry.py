@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from regsearch._errors import ConfigError, PluginError, unknown_name
+from regsearch._options import call_with_options
 from regsearch._regularizer import HOOKS, Regularizer
-from regsearch._spec import call_with_options
 
 ENTRY_POINT_GROUP = "regsearch.regularizers"
 EXTRAS = frozenset({"label_smoothing", "mixup", "cutout", "max_norm", "early_stopping", "swa", "gaussian_noise"})

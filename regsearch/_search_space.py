@@ -9,7 +9,8 @@ from typing import Any
 import optuna
 
 from regsearch._errors import PluginError
-from regsearch._spec import Choice, Range, RegularizerSpec, StudySpec
+from regsearch._ranges import Choice, Range
+from regsearch._spec import RegularizerSpec, StudySpec
 
 NONE = "none"
 
@@ -80,7 +81,8 @@ def suggest_training(trial: Any, spec: StudySpec, *, baseline: bool = False) -> 
 
 def stored_training(spec: StudySpec, params: Mapping[str, Any]) -> dict[str, Any]:
     """`suggest_training`'s values read back from a trial's parameters (a key it lacks keeps the study's value)."""
-    return {key.split(".", 1)[1]: space.decode(params[param_name(key)]) for key, space in spec.searched.items() if key.startswith("training.") and param_name(key) in params}
+    return {key.split(".", 1)[1]: space.decode(params[param_name(key)]) for key, space in spec.searched.items()
+            if key.startswith("training.") and param_name(key) in params}
 
 
 def most_epochs(spec: StudySpec) -> int:

@@ -6,194 +6,23 @@ files and `--set` overrides live in `regsearch._study_file`.
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
-import json
-import math
 import os
 import re
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, ValidationError, model_validator
 
 from regsearch._errors import ConfigError, did_you_mean, unknown_name
-
-
-class _Invalid(ValueError):
-    """A bad value said without its key: the key is put in front where the value's place is known.
-
-    `key` names a part of the value (`log` of a range), appended to the value's own key.
-    """
-
-    def __init__(self, message: str, key: str = "") -> None:
-        super().__init__(message)
-        self.key = key
-
-
-@dataclass(frozen=True)
-class Range:
-    """A hyperparameter: fixed when low == high, else searched in [low, high] (on a log scale if log; on a grid of
-    `step` if given)."""
-
-    low: float
-    high: float
-    log: bool = False
-    integer: bool = False
-    step: float | None = None
-
-    @property
-    def fixed(self) -> bool:
-        return self.low == self.high
-
-    def suggest(self, trial: Any, name: str) -> float | int:
-        """The value for this trial: suggested on the trial unless the range is a single value."""
-        if self.fixed:
-            return int(self.low) if self.integer else self.low
-        if self.integer:
-            return trial.suggest_int(name, int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
-        return trial.suggest_float(name, self.low, self.high, log=self.log, step=self.step)
-
-    @property
-    def middle(self) -> float | int:
-        """Mid-range (geometric on a log scale), on the grid: the baseline trial's value of a searched key."""
-        mid = math.sqrt(self.low * self.high) if self.log else (self.low + self.high) / 2
-        if self.step:
-            mid = self.low + round((mid - self.low) / self.step) * self.step
-        return round(mid) if self.integer else mid
-
-    def decode(self, stored: Any) -> float | int:
-        """The value an Optuna parameter value stands for (itself: see `Choice.decode`)."""
-        return stored
-
-    def values(self) -> tuple[float | int, ...]:
-        """The ends of the range (each is checked like a fixed value)."""
-        return (int(self.low), int(self.high)) if self.integer else (self.low, self.high)
-
-    def __str__(self) -> str:
-        if self.fixed:
-            return f"{self.low:g}"
-        return (f"[{self.low:g}, {self.high:g}]" + (" log" if self.log else "")
-                + (f" step {self.step:g}" if self.step else ""))
-
-
-@dataclass(frozen=True)
-class Choice:
-    """A key searched among `choices` (Optuna's categorical). A list value (`model.hidden: [256, 128]`) is one
-    choice, stored in Optuna as its JSON text (`"[256, 128]"`: Optuna keeps only numbers, strings, bools, None)."""
-
-    choices: tuple[Any, ...]
-
-    @staticmethod
-    def encode(value: Any) -> Any:
-        """The Optuna parameter value of a choice."""
-        return json.dumps(list(value)) if isinstance(value, (list, tuple)) else value
-
-    def decode(self, stored: Any) -> Any:
-        """The choice an Optuna parameter value stands for."""
-        return next((c for c in self.choices if self.encode(c) == stored), stored)
-
-    def suggest(self, trial: Any, name: str) -> Any:
-        return self.decode(trial.suggest_categorical(name, [self.encode(c) for c in self.choices]))
-
-    @property
-    def middle(self) -> Any:
-        """The first choice: the baseline trial's value."""
-        return self.choices[0]
-
-    def values(self) -> tuple[Any, ...]:
-        return self.choices
-
-    def __str__(self) -> str:
-        return "one of " + ", ".join(str(self.encode(c)) for c in self.choices)
-
-
-def parse_range(
-    value: Any,
-    where: str,
-    *,
-    log: bool = False,
-    integer: bool = False,
-    minimum: float | None = None,
-    maximum: float | None = None,
-    maximum_open: bool = False,
-) -> Range:
-    """Read a number (fixed) or [low, high] / {low, high, log, step} (searched) and check its bounds.
-
-    `where` names the value in error messages, e.g. "regularizers.l1.strength".
-    """
-    try:
-        return _read_range(value, log=log, integer=integer, minimum=minimum, maximum=maximum,
-                           maximum_open=maximum_open)
-    except _Invalid as exc:
-        raise ConfigError(f"{where}{'.' + exc.key if exc.key else ''}: {exc}") from None
-
-
-def _read_range(value: Any, *, log: bool = False, integer: bool = False, minimum: float | None = None,
-                maximum: float | None = None, maximum_open: bool = False) -> Range:
-    step = None
-    if isinstance(value, Range):
-        low, high, log, step = value.low, value.high, value.log, value.step
-    elif isinstance(value, Mapping):
-        extra = set(value) - set(_RANGE_KEYS)
-        if extra or not {"low", "high"} <= set(value):
-            raise _Invalid(f"expected a number, [low, high] or {{low, high, log, step}} (low and high both "
-                           f"given); got {dict(value)!r}")
-        low, high, log, step = value["low"], value["high"], value.get("log", log), value.get("step")
-    elif isinstance(value, (list, tuple)):
-        if len(value) != 2:
-            raise _Invalid(f"a range is [low, high]; got {list(value)!r}")
-        low, high = value
-    else:
-        low = high = value
-    for bound in (low, high):
-        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not math.isfinite(bound):
-            raise _Invalid(f"expected a number or [low, high] of numbers; got {value!r}")
-        if integer and bound != int(bound):
-            raise _Invalid(f"expected whole numbers; got {value!r}")
-    if not isinstance(log, bool):
-        raise _Invalid(f"expected true or false; got {log!r}", key="log")
-    if low > high:
-        raise _Invalid(f"low must not exceed high; got [{low}, {high}]")
-    if log and low <= 0:
-        raise _Invalid(f"a log-scale range must be above 0; got [{low}, {high}]")
-    if minimum is not None and low < minimum:
-        raise _Invalid(f"must be >= {minimum}; got {value!r}")
-    if maximum is not None and (high > maximum or (maximum_open and high == maximum)):
-        bracket = ")" if maximum_open else "]"
-        lower = "" if minimum is None else f"[{minimum}, "
-        raise _Invalid(f"must be in {lower or '(-inf, '}{maximum}{bracket}; got {value!r}")
-    if step is not None:
-        _check_step(step, low, high, log=log, integer=integer)
-        step = float(step)
-    return Range(float(low), float(high), log=log and low != high, integer=integer, step=step)
-
-
-_RANGE_KEYS = ("low", "high", "log", "step")
-
-
-def _check_step(step: Any, low: float, high: float, *, log: bool, integer: bool) -> None:
-    """A grid step: positive, whole for whole numbers, a whole number of steps from low to high, never on a log
-    scale (Optuna samples a log range continuously)."""
-    if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step) or step <= 0:
-        raise _Invalid(f"expected a number above 0; got {step!r}", key="step")
-    if integer and step != int(step):
-        raise _Invalid(f"expected a whole number; got {step!r}", key="step")
-    if log:
-        raise _Invalid(f"a log-scale range takes no step (Optuna samples it continuously); got step {step!r}",
-                       key="step")
-    steps = (high - low) / step
-    if abs(steps - round(steps)) > 1e-9 * max(1.0, abs(steps)):
-        raise _Invalid(f"high - low must be a whole number of steps; got [{low}, {high}] step {step}",
-                       key="step")
+from regsearch._ranges import Invalid, Range, read_range
+from regsearch._searched_keys import search_spaces
 
 
 def _searched(**checks: Any) -> PlainValidator:
     """A Range field's validator: what parse_range reads, with `checks` (log, minimum, ...) as its defaults."""
-    return PlainValidator(lambda value: _read_range(value, **checks))
+    return PlainValidator(lambda value: read_range(value, **checks))
 
 
 def _whole(value: Any) -> Any:
@@ -207,7 +36,7 @@ def _on_off(value: Any) -> Any:
     """A study file writes `enabled: true` / `false` (or leaves it out to search it); the spec holds on / off."""
     value = "on" if value is True else "off" if value is False else value
     if value not in ("search", "on", "off"):
-        raise _Invalid(f"expected search, true or false; got {value!r}")
+        raise Invalid(f"expected search, true or false; got {value!r}")
     return value
 
 
@@ -216,7 +45,7 @@ _GROUP = re.compile(r"^[a-z][a-z0-9_]*$")
 
 def _group_name(value: Any) -> Any:
     if value is not None and (not isinstance(value, str) or not _GROUP.match(value)):
-        raise _Invalid(f"a group name of lower-case letters, digits and '_'; got {value!r}")
+        raise Invalid(f"a group name of lower-case letters, digits and '_'; got {value!r}")
     return value
 
 
@@ -290,12 +119,12 @@ class DataSpec(_Spec):
         if self.name == "table":
             lacking = [key for key in ("path", "target") if getattr(self, key) is None]
             if lacking:
-                raise _Invalid("data.name table needs the table's file and its label column: give them in the study "
+                raise Invalid("data.name table needs the table's file and its label column: give them in the study "
                                "file, or with --set data.path=FILE --set data.target=COLUMN", lacking[0])
             return self
         given = [key for key in self.table_keys if getattr(self, key) is not None]
         if given:
-            raise _Invalid(f"only a table has {given[0]} (data.name is {self.name}); set data.name=table to read "
+            raise Invalid(f"only a table has {given[0]} (data.name is {self.name}); set data.name=table to read "
                            f"your own file, or drop {given[0]}", given[0])
         return self
 
@@ -374,7 +203,7 @@ class RegularizerSpec(_Spec):
     @model_validator(mode="after")
     def _choice_switches(self) -> Self:
         if self.enabled == "on" and self.choice is not None:
-            raise _Invalid(f"enabled: true contradicts choice: {self.choice} (the group's choice switches its "
+            raise Invalid(f"enabled: true contradicts choice: {self.choice} (the group's choice switches its "
                            f"members; drop one of the two)")
         return self
 
@@ -432,7 +261,7 @@ def _error_parts(exc: ValidationError, cls: type[_Spec]) -> tuple[list[str] | No
     cause = ctx.get("error")
     if isinstance(cause, ConfigError):
         return None, str(cause)
-    if isinstance(cause, _Invalid):
+    if isinstance(cause, Invalid):
         return keys + ([cause.key] if cause.key else []), str(cause)
     owner = _model_at(cls, keys[:-1])
     if kind in _UNKNOWN_KEY and owner is not None:
@@ -496,113 +325,6 @@ def _regularizers(raw: Any) -> tuple[RegularizerSpec, ...]:
     return tuple(specs)
 
 
-_NO_DEFAULT = object()
-_PLAIN = (str, int, float, bool, type(None))
-
-
-def _read_choice(value: Mapping[Any, Any], where: str) -> Choice:
-    """`{choices: [...]}`: a non-empty list of distinct plain values or lists of them."""
-    extra = sorted(str(k) for k in value if k != "choices")
-    if extra:
-        raise ConfigError(f"{where}: {{choices: [...]}} takes no other keys; got {', '.join(extra)}")
-    choices = value["choices"]
-    if isinstance(choices, str) or not isinstance(choices, (list, tuple)) or not choices:
-        raise ConfigError(f"{where}.choices: expected a non-empty list of values; got {choices!r}")
-    seen = []
-    for choice in choices:
-        items = choice if isinstance(choice, (list, tuple)) else [choice]
-        if not all(isinstance(item, _PLAIN) for item in items):
-            raise ConfigError(f"{where}.choices: a choice is a number, a string, true/false, null or a list of "
-                              f"those; got {choice!r}")
-        typed = (type(choice), Choice.encode(choice))  # 1 and true are two choices, though 1 == True
-        if typed in seen:
-            raise ConfigError(f"{where}.choices: {choice!r} is given twice")
-        seen.append(typed)
-    return Choice(tuple(choices))
-
-
-def _read_key_range(value: Any, where: str, integer: bool) -> Range:
-    """A study key's [low, high] or {low, high, log, step}: on a log scale where it says so or, unless it says
-    otherwise (or gives a step), where the range spans two decades or more."""
-    r = parse_range(value, where, integer=integer)
-    said = isinstance(value, Mapping) and ("log" in value or "step" in value)
-    if not said and not r.fixed and r.low > 0 and r.high >= 100 * r.low:
-        r = dataclasses.replace(r, log=True)
-    return r
-
-
-def _split_searched(section: str, options: Mapping[Any, Any], default_of: Any, lists_are_values: bool,
-                    check: Any) -> tuple[dict[Any, Any], dict[str, Range | Choice]]:
-    """A section's options with each searched key set to its baseline value, and the searched keys.
-
-    `{choices: [...]}` searches any key; `{low, high, log, step}` and `[low, high]` search a key whose default is a
-    scalar number (where lists are values, as in `model.hidden: [256, 128]`, a list searches only such a key).
-    Every bound and choice is checked by `check(key, value)` as a fixed value would be.
-    """
-    fixed, searched = dict(options), {}
-    for key, value in options.items():
-        where = f"{section}.{key}"
-        if isinstance(value, Mapping) and "choices" in value:
-            space: Range | Choice = _read_choice(value, where)
-        elif isinstance(value, (Mapping, list, tuple)) and key != "lr":  # lr: its own field, a log range
-            default = default_of(key)
-            numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
-            ranged = isinstance(value, Mapping) and set(value) <= set(_RANGE_KEYS)
-            if not numeric and lists_are_values and not ranged:
-                continue  # a list or mapping value, the model factory's to check
-            if not numeric and default is not _NO_DEFAULT:
-                raise ConfigError(f"{where}: a range searches a numeric key ({key} is {default!r} by default); "
-                                  f"to search it, write {{choices: [...]}}; got {value!r}")
-            space = _read_key_range(value, where, integer=isinstance(default, int) and not isinstance(default, bool))
-        else:
-            continue
-        for bound in space.values():
-            check(key, bound)
-        fixed[key] = space.middle
-        if len(set(map(str, space.values()))) > 1:
-            searched[where] = space
-    return fixed, searched
-
-
-def _model_defaults(name: Any) -> dict[str, Any]:
-    """A built-in model's option defaults (none for another name: the model factory reports it)."""
-    from regsearch.models import MODELS  # imports torch: only asked when a model option is a list or mapping
-
-    factory = MODELS.get(name) if isinstance(name, str) else None
-    if factory is None:
-        return {}
-    return {n: p.default for n, p in inspect.signature(factory).parameters.items() if p.default is not p.empty}
-
-
-def _check_training(key: Any, value: Any) -> None:
-    TrainingSpec.from_mapping({key: value}, "training")
-
-
-def _search_spaces(raw: dict[str, Any]) -> dict[str, Range | Choice]:
-    """Take the searched `training.*` and `model.*` keys out of a study's raw mapping (in place)."""
-    searched: dict[str, Range | Choice] = {}
-    training = raw.get("training")
-    if isinstance(training, Mapping):
-        fields = TrainingSpec.model_fields
-        raw["training"], searched = _split_searched(
-            "training", training, lambda key: fields[key].default if key in fields else _NO_DEFAULT, False,
-            _check_training)
-    model = raw.get("model")
-    if isinstance(model, Mapping):
-        defaults: dict[str, Any] = {}
-
-        def default_of(key: Any) -> Any:
-            if not defaults:
-                defaults.update(_model_defaults(model.get("name", "mlp")), name="")
-            return defaults.get(key, _NO_DEFAULT)
-
-        options = {k: v for k, v in model.items() if k != "name"}
-        options, more = _split_searched("model", options, default_of, True, lambda key, value: None)
-        raw["model"] = {**({"name": model["name"]} if "name" in model else {}), **options}
-        searched.update(more)
-    return searched
-
-
 def _plugins(raw: Any, source: str) -> tuple[str, ...]:
     if isinstance(raw, str) or not isinstance(raw, (list, tuple)) or not all(isinstance(p, str) for p in raw):
         raise ConfigError(f"plugins: expected a list of plugin file paths; got {raw!r}")
@@ -637,7 +359,7 @@ def spec_from_dict(raw: Any, *, name: str, source: str = "<python>") -> StudySpe
         if key in raw:
             known = _known_keys(StudySpec)
             raise ConfigError(f"{key}: unknown key{did_you_mean(key, known)}; known: {', '.join(known)}")
-    searched = _search_spaces(raw)
+    searched = search_spaces(raw, TrainingSpec)
     given = {"searched": searched, "model": _model(raw.pop("model", {}) or {}),
              "regularizers": _regularizers(raw.pop("regularizers", None)),
              "plugins": _plugins(raw.pop("plugins", ()) or (), source)}
@@ -646,21 +368,3 @@ def spec_from_dict(raw: Any, *, name: str, source: str = "<python>") -> StudySpe
     return StudySpec.from_mapping({**raw, **given, "name": name, "source": source}, "")
 
 
-def call_with_options(factory: Any, options: Mapping[str, Any], where: str, what: str) -> Any:
-    """Call `factory(**options)` with the options of a study file, naming the key of a bad one."""
-    import inspect
-
-    params = inspect.signature(factory).parameters
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    known = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-             and n not in ("input_shape", "num_classes")]
-    for key in options:
-        if key not in known and not takes_any:
-            raise ConfigError(f"{where}.{key}: unknown option{did_you_mean(str(key), known)}; "
-                              f"{what} takes: {', '.join(known) or 'none'}")
-    try:
-        return factory(**options)
-    except ConfigError as exc:
-        raise ConfigError(str(exc) if str(exc).startswith(where) else f"{where}.{exc}") from None
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: {exc}") from None

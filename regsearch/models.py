@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from regsearch._errors import ConfigError, unknown_name
-from regsearch._spec import call_with_options
+from regsearch._options import call_with_options
 
 
 def _sizes(value: Any, option: str) -> tuple[int, ...]:

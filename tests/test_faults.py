@@ -29,7 +29,7 @@ from mlflow import MlflowClient
 import regsearch
 from regsearch._storage import open_storage
 from regsearch.cli import cli
-from tests.conftest import free_port, without_dac
+from tests.conftest import fill_disk, free_port, small_tmpfs, without_dac
 
 REGSEARCH = os.path.join(os.path.dirname(sys.executable), "regsearch")
 MLFLOW = shutil.which("mlflow") or os.path.join(os.path.dirname(sys.executable), "mlflow")
@@ -403,22 +403,9 @@ def run_without_dac(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def full_disk(tmp_path_factory):
     """A folder on a 64 KiB tmpfs filled to the last byte (a real ENOSPC); skips where mounting is not allowed."""
-    folder = tmp_path_factory.mktemp("full-disk")
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True,
-                           text=True) if shutil.which("mount") else None
-    if mount is None or mount.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here to fill it ({mount.stderr.strip() if mount else 'no mount'})")
-    try:
-        fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
-        try:
-            with pytest.raises(OSError, match="No space left"):
-                while True:
-                    os.write(fd, b"\0" * 4096)
-        finally:
-            os.close(fd)
+    with small_tmpfs(tmp_path_factory.mktemp("full-disk"), "64k") as folder:
+        fill_disk(folder)
         yield folder
-    finally:
-        subprocess.run(["umount", str(folder)], check=False)
 
 
 LOCATION_CASES = [
@@ -649,16 +636,8 @@ regularizers: {l2: {}}
 @pytest.fixture
 def small_disk(tmp_path):
     """A folder on a 1100 KiB tmpfs: room for a new MLflow store (932 KiB) and a few trials' runs, no more."""
-    folder = tmp_path / "small"
-    folder.mkdir()
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1100k", "tmpfs", str(folder)], capture_output=True,
-                           text=True, check=False) if shutil.which("mount") else None
-    if mount is None or mount.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here ({mount.stderr.strip() if mount else 'no mount command'})")
-    try:
+    with small_tmpfs(tmp_path / "small", "1100k") as folder:
         yield folder
-    finally:
-        subprocess.run(["umount", str(folder)], check=False)
 
 
 @pytest.mark.slow

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import subprocess
 import threading
 import time
 
@@ -19,6 +16,7 @@ import regsearch
 from regsearch import StorageError
 from regsearch._storage import open_storage
 from regsearch.cli import cli
+from tests.conftest import fill_disk, small_tmpfs
 
 COMPLETE = optuna.trial.TrialState.COMPLETE
 
@@ -113,28 +111,14 @@ def test_an_append_in_flight_under_the_journal_lock_is_not_cut(tmp_path, warning
 
 def test_a_torn_journal_on_a_full_disk_is_left_as_it_is_with_one_clear_error(tmp_path):
     """The backup cannot be written, so nothing is cut; freeing space and rerunning repairs it then."""
-    folder = tmp_path / "disk"
-    folder.mkdir()
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], check=False,
-                           capture_output=True, text=True) if shutil.which("mount") else None
-    if mount is None or mount.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here to fill it ({mount.stderr.strip() if mount else 'no mount'})")
-    try:
+    with small_tmpfs(tmp_path / "disk", "64k") as folder:
         journal = folder / "s.journal"
         optuna.create_study(study_name="full", storage=open_storage(str(journal)))
         with open(journal, "ab") as f:
             f.write(b'{"op_code": 0, "worker_id": "w", "study_na')
         torn = journal.read_bytes()
-        fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
-        try:
-            with pytest.raises(OSError, match="No space left"):
-                while True:
-                    os.write(fd, b"\0" * 4096)
-        finally:
-            os.close(fd)
+        fill_disk(folder)
         with pytest.raises(StorageError, match="last record is torn.*No space left"):
             open_storage(str(journal))
         assert journal.read_bytes() == torn
         assert sorted(p.name for p in folder.iterdir()) == ["filler", "s.journal"]
-    finally:
-        subprocess.run(["umount", str(folder)], check=False)

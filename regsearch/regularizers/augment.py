@@ -7,8 +7,8 @@ from typing import Any, ClassVar
 import torch
 
 from regsearch._errors import ConfigError
+from regsearch._ranges import parse_range
 from regsearch._regularizer import Regularizer
-from regsearch._spec import parse_range
 from regsearch.data._tensors import flip_translate
 
 

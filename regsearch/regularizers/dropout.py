@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from regsearch._errors import ConfigError
+from regsearch._ranges import parse_range
 from regsearch._regularizer import Regularizer
-from regsearch._spec import parse_range
 from regsearch.surgery import ACTIVATIONS, Site, insert_after, select
 
 

@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from regsearch._ranges import parse_range
 from regsearch._regularizer import Regularizer
-from regsearch._spec import parse_range
 from regsearch.surgery import weight_modules
 
 

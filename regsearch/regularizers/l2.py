@@ -6,8 +6,8 @@ from typing import Any
 
 from torch import nn
 
+from regsearch._ranges import parse_range
 from regsearch._regularizer import Regularizer
-from regsearch._spec import parse_range
 
 
 class L2(Regularizer):
