@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import shlex
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +63,8 @@ class Options:
     registry: RegularizerRegistry | None = None
     objective: str | None = None
     max_gap: float | None = None
+    verbose: bool = False
+    """Keep Optuna's own INFO line per trial (off: as quiet as the command line)."""
 
     @classmethod
     def of(cls, keywords: Mapping[str, Any]) -> Options:
@@ -84,7 +87,8 @@ def optimize(study: str | StudySpec, *, n_trials: int | None = None, timeout: fl
     `model`); the same call on other machines with a shared `storage` joins the same study. `options` are the
     fields of `Options`: `storage`, `tracking`, `tracking_uri`, `study_name`, `data_dir`, `device`, `seed`,
     `overrides` (`--set` pairs), `plugins` (files), `registry`, `objective` ("val_acc" or "pareto") and `max_gap`
-    (best trials need gap_acc <= max_gap), the last two replacing the study's `search.objective`/`max_gap`.
+    (best trials need gap_acc <= max_gap), the last two replacing the study's `search.objective`/`max_gap`, and
+    `verbose` (Optuna's own line per trial).
     """
     opts = Options.of(options)
     spec = _spec(study, opts)
@@ -99,10 +103,22 @@ def optimize(study: str | StudySpec, *, n_trials: int | None = None, timeout: fl
               "plugins": tuple(opts.plugins)}
     job = Job(spec, opts.study_name or spec.name, n_trials or spec.search.n_trials, timeout, stores, inputs,
               threads=worker_share(workers))
-    with callers_threads():
+    with callers_threads(), _optuna_quiet(not opts.verbose):
         if workers > 1:  # each worker gets its share of the cores, and never probes beyond it
             set_thread_budget(job.threads)
         return _run(job, workers, progress, opts.registry)
+
+
+@contextlib.contextmanager
+def _optuna_quiet(quiet: bool) -> Iterator[None]:
+    """Optuna's per-trial INFO lines off while the study runs (the caller's verbosity back after)."""
+    before = optuna.logging.get_verbosity()
+    if quiet and before < optuna.logging.WARNING:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(before)
 
 
 def _spec(study: str | StudySpec, opts: Options) -> StudySpec:

@@ -73,7 +73,34 @@ def test_a_users_module_and_tensors_run_a_study_and_return_the_optuna_study(in_t
         m = t.user_attrs["metrics"]
         assert m["gap_acc"] == pytest.approx(m["train_acc"] - m["val_acc"])
         assert m["gap_loss"] == pytest.approx(m["val_loss"] - m["train_loss"])
-    assert study.user_attrs["best_test"]["trial"] == study.best_trial.number
+    # the tested trial is the leaderboard's first: the best val_acc, a tie going to the lower val_loss
+    best = regsearch.leaderboard(study, top=1)[0]
+    assert study.user_attrs["best_test"]["trial"] == best["number"]
+    assert best["val_acc"] == study.best_value
+    tied = [t for t in trials if t.value == study.best_value]
+    assert best["number"] == min(tied, key=lambda t: t.user_attrs["metrics"]["val_loss"]).number
+
+
+def test_the_python_api_is_as_quiet_as_the_command_line_unless_asked(in_tmp, data):
+    """No Optuna INFO line per trial in a notebook; `verbose=True` keeps them; the caller's verbosity is back."""
+    import logging
+
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logging.getLogger("optuna").addHandler(handler)
+    before = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.INFO)
+    try:
+        run = dict(data=data, model=Tabular, n_trials=1, tracking=False, storage=str(in_tmp / "quiet.journal"))
+        regsearch.optimize(small_spec(), **run)
+        assert not [m for m in seen if "finished with value" in m], seen
+        assert optuna.logging.get_verbosity() == optuna.logging.INFO
+        regsearch.optimize(small_spec(), **{**run, "n_trials": 2}, verbose=True)
+        assert [m for m in seen if "Trial 1 finished with value" in m], seen
+    finally:
+        logging.getLogger("optuna").removeHandler(handler)
+        optuna.logging.set_verbosity(before)
 
 
 def test_the_callers_torch_thread_count_is_back_after_a_study(in_tmp, data):

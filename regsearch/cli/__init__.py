@@ -223,7 +223,8 @@ def optimize(study: str, n_trials: int | None, timeout: float | None, storage: s
     optuna.logging.set_verbosity(optuna.logging.INFO if debug else optuna.logging.ERROR)
     result = run(study, n_trials=n_trials, timeout=timeout, storage=storage, tracking_uri=tracking_uri,
                  study_name=study_name, data_dir=data_dir, device=device, seed=seed, overrides=overrides,
-                 plugins=plugins, progress=TqdmProgress(), workers=workers, objective=objective, max_gap=max_gap)
+                 plugins=plugins, progress=TqdmProgress(), workers=workers, objective=objective, max_gap=max_gap,
+                 verbose=bool(debug))
     print_leaderboard(result)
 
 
