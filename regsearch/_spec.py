@@ -40,6 +40,14 @@ def _on_off(value: Any) -> Any:
     return value
 
 
+def _registered_name(value: Any) -> Any:
+    """A name the MLflow Model Registry takes: checked here, before training, not refused after it."""
+    if value is not None and (not isinstance(value, str) or not value.strip() or "/" in value or ":" in value
+                              or value == "." or value.startswith("..")):
+        raise Invalid(f"a model name without '/' or ':' (and not '.' or starting with '..'); got {value!r}")
+    return value
+
+
 _GROUP = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
@@ -182,6 +190,8 @@ class SearchSpec(_Spec):
     """val_acc: maximize it; pareto: maximize val_acc and minimize gap_acc (no pruning: Optuna cannot)."""
     max_gap: Annotated[float | None, Field(ge=0.0, le=1.0)] = None
     """Only trials with gap_acc <= max_gap count as best (an Optuna constraint); None: no constraint."""
+    register_model: Annotated[str | None, BeforeValidator(_registered_name)] = None
+    """Register the logged best model under this name in the MLflow Model Registry (a new version per study run)."""
 
     @model_validator(mode="after")
     def _one_objective(self) -> Self:

@@ -43,6 +43,7 @@ from regsearch._threads import callers_threads, set_thread_budget, worker_share
 from regsearch._trial import Experiment, rebuild, retrain, stored_autocast, test_score
 from regsearch._workers import Job, Progress, run_trials, run_workers
 from regsearch.data._tensors import TensorData
+from regsearch.tracking._predictor import Predictor
 
 logger = logging.getLogger("regsearch")
 
@@ -65,6 +66,8 @@ class Options:
     max_gap: float | None = None
     verbose: bool = False
     """Keep Optuna's own INFO line per trial (off: as quiet as the command line)."""
+    register_model: str | None = None
+    """A Model Registry name for the logged best model (the study's `search.register_model`)."""
 
     @classmethod
     def of(cls, keywords: Mapping[str, Any]) -> Options:
@@ -88,7 +91,8 @@ def optimize(study: str | StudySpec, *, n_trials: int | None = None, timeout: fl
     fields of `Options`: `storage`, `tracking`, `tracking_uri`, `study_name`, `data_dir`, `device`, `seed`,
     `overrides` (`--set` pairs), `plugins` (files), `registry`, `objective` ("val_acc" or "pareto") and `max_gap`
     (best trials need gap_acc <= max_gap), the last two replacing the study's `search.objective`/`max_gap`, and
-    `verbose` (Optuna's own line per trial).
+    `verbose` (Optuna's own line per trial) and `register_model` (a Model Registry name for the logged best model,
+    the study's `search.register_model`).
     """
     opts = Options.of(options)
     spec = _spec(study, opts)
@@ -126,7 +130,9 @@ def _spec(study: str | StudySpec, opts: Options) -> StudySpec:
     if opts.seed is not None:
         spec = spec.replace(seed=opts.seed)
     given = {key: search_value(key, value, key) for key, value in (("objective", opts.objective),
-                                                                    ("max_gap", opts.max_gap)) if value is not None}
+                                                                    ("max_gap", opts.max_gap),
+                                                                    ("register_model", opts.register_model))
+             if value is not None}
     if given:
         spec = spec.replace(search=spec.search.replace(**given))
     return spec
@@ -247,7 +253,8 @@ def _final_report(study: optuna.Study, exp: Experiment, objective: Objective, tr
     if done.get("trial") == best.number and done.get("mlflow_run_id") == parent:
         return  # this best trial's test score and model are already on this study run
     model = _best_model(exp, objective, best)
-    test_loss, test_acc = test_score(exp, model, stored_autocast(exp, best))
+    autocast = stored_autocast(exp, best)
+    test_loss, test_acc = test_score(exp, model, autocast)
     study.set_user_attr(TEST_ATTR, {"trial": best.number, "test_acc": test_acc, "test_loss": test_loss,
                                     "mlflow_run_id": parent})
     sentence = summary_sentence(study, exp.spec, best, test_acc)
@@ -257,4 +264,15 @@ def _final_report(study: optuna.Study, exp: Experiment, objective: Objective, tr
     gaps = {f"best_{k}": v for k, v in best.user_attrs.get(METRIC_ATTR, {}).items() if k.startswith("gap")}
     tracker.log_summary({"best_val_acc": trial_val_acc(best), "best_test_acc": test_acc, "best_test_loss": test_loss,
                          **gaps}, {"best_trial": str(best.number), "regsearch.summary": sentence})
-    tracker.log_model(model, exp.example[:2])
+    predictor = Predictor.of(model, exp.data, autocast=autocast, batch_size=exp.spec.training.eval_batch_size)
+    tracker.log_model(predictor, predictor.example(exp.data), _registration(exp.spec, study, best, test_acc))
+
+
+def _registration(spec: StudySpec, study: optuna.Study, best: optuna.trial.FrozenTrial, test_acc: float
+                  ) -> tuple[str, dict[str, str]] | None:
+    """(name, tags) of the registered model version the best model becomes, where the study asks for one."""
+    name = spec.search.register_model
+    if name is None:
+        return None
+    return name, {"regsearch.study": study.study_name, "regsearch.best_trial": str(best.number),
+                  "regsearch.test_acc": str(test_acc)}

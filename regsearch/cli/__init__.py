@@ -196,10 +196,13 @@ def plugins(plugins: tuple[str, ...]) -> None:
                    "(the study file's search.objective).")
 @click.option("--max-gap", type=float, callback=_search_key("max_gap"), metavar="X",
               help="The best trial must have gap_acc <= X, 0 <= X <= 1 (the study file's search.max_gap).")
+@click.option("--register-model", callback=_search_key("register_model"), metavar="NAME",
+              help="Register the logged best model in the MLflow Model Registry as NAME, a new version per study "
+                   "run (the study file's search.register_model).")
 def optimize(study: str, n_trials: int | None, timeout: float | None, storage: str | None,
              tracking_uri: str | None, study_name: str | None, data_dir: str | None, device: str,
              seed: int | None, overrides: list[tuple[str, str]], plugins: tuple[str, ...], workers: int,
-             objective: str | None, max_gap: float | None) -> None:
+             objective: str | None, max_gap: float | None, register_model: str | None) -> None:
     """Run or resume a study; rerunning the same command adds only the missing trials."""
     from regsearch._errors import ConfigError
 
@@ -224,7 +227,7 @@ def optimize(study: str, n_trials: int | None, timeout: float | None, storage: s
     result = run(study, n_trials=n_trials, timeout=timeout, storage=storage, tracking_uri=tracking_uri,
                  study_name=study_name, data_dir=data_dir, device=device, seed=seed, overrides=overrides,
                  plugins=plugins, progress=TqdmProgress(), workers=workers, objective=objective, max_gap=max_gap,
-                 verbose=bool(debug))
+                 verbose=bool(debug), register_model=register_model)
     print_leaderboard(result)
 
 

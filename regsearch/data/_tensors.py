@@ -28,6 +28,8 @@ class TensorData:
     other inputs are float32. `mean` and `std` are per-channel statistics of the training split (images).
     A table also keeps `classes` (the label values, index = class id), the `columns` it was read from and its
     fitted `preprocessor` (`.transform(DataFrame)` turns raw rows with those columns into float32 inputs).
+    `scale`, where set, is what raw inputs were multiplied by to give these (digits: 1/16 of sklearn's 0..16 pixels);
+    the logged model applies it to the raw inputs a user has.
     """
 
     x_train: torch.Tensor
@@ -43,6 +45,7 @@ class TensorData:
     classes: tuple | None = None
     preprocessor: Any | None = None
     columns: tuple | None = None
+    scale: float | None = None
 
     @property
     def is_image(self) -> bool:
@@ -117,8 +120,9 @@ def load_dataset(name: str, *, val_fraction: float, seed: int, train_size: int |
         x, y = load_digits(return_X_y=True)
         x_train, x_test, y_train, y_test = train_test_split(
             x.astype(np.float32) / 16.0, y, test_size=0.25, random_state=0, stratify=y)
-        return TensorData.from_arrays(x_train, y_train, x_test, y_test, val_fraction=val_fraction, seed=seed,
+        data = TensorData.from_arrays(x_train, y_train, x_test, y_test, val_fraction=val_fraction, seed=seed,
                                       num_classes=10, train_size=train_size, name="digits")
+        return replace(data, scale=1 / 16.0)
     if name == "cifar10":
         from regsearch.data.cifar import load_cifar10
 

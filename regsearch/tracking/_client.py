@@ -251,22 +251,39 @@ class Tracker:
     def end_parent(self, run_id: str, status: str = "FINISHED") -> None:
         self._now_or_later("ending the study run", self.client.set_terminated, run_id, status=status)
 
-    def log_model(self, run_id: str, model: Any, example: Any) -> None:
-        """The best trial's model, with an input example (and so a signature), on the study's parent run."""
-        self._now_or_later("logging the best model", self._log_model, run_id, model, example)
+    def log_model(self, run_id: str, predictor: Any, example: Any, register: tuple[str, dict] | None = None) -> None:
+        """The best trial's model as a pyfunc taking raw inputs (a `Predictor`, with raw inputs `example`) on the
+        study's parent run; with `register` (name, tags), also a new version of that registered model."""
+        self._now_or_later("logging the best model", self._log_model, run_id, predictor, example, register)
 
-    def _log_model(self, run_id: str, model: Any, example: Any) -> None:
+    def _log_model(self, run_id: str, predictor: Any, example: Any, register: tuple[str, dict] | None) -> None:
         import mlflow
+
+        from regsearch.tracking._pyfunc import saving
 
         previous = mlflow.get_tracking_uri()
         try:
             mlflow.set_tracking_uri(self.uri)
-            with mlflow.start_run(run_id=run_id, nested=True):
-                if hasattr(example, "cpu"):  # a tensor (numpy arrays come from TrackerProcess)
-                    example = example.cpu().numpy()
-                mlflow.pytorch.log_model(model.cpu().eval(), name="best_model", **model_save_options(example))
+            with mlflow.start_run(run_id=run_id, nested=True), saving():
+                info = mlflow.pyfunc.log_model(name="best_model", **model_save_options(predictor, example))
         finally:
             mlflow.set_tracking_uri(previous)
+        if register is not None:
+            self._now_or_later(f"registering the best model as {register[0]!r}", self._register, run_id,
+                               info.model_id, *register)
+
+    def _register(self, run_id: str, model_id: str, name: str, tags: dict) -> None:
+        """A new version of the registered model `name` (made if missing) for the logged model `model_id`; not
+        `mlflow.register_model`, which prints."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import ALREADY_EXISTS, RESOURCE_ALREADY_EXISTS, ErrorCode
+
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as exc:  # an earlier study (or another) registered it: this is a new version
+            if exc.error_code not in (ErrorCode.Name(RESOURCE_ALREADY_EXISTS), ErrorCode.Name(ALREADY_EXISTS)):
+                raise
+        self.client.create_model_version(name, f"models:/{model_id}", run_id=run_id, tags=tags, model_id=model_id)
 
     def _now_or_later(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
         """Call now or, while the store is down, once it answers again.

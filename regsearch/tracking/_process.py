@@ -144,24 +144,23 @@ class TrackerProcess:
     def log_summary(self, metrics: Mapping[str, float], tags: Mapping[str, str]) -> None:
         self._send("summary", dict(metrics), dict(tags))
 
-    def log_model(self, model: Any, example: Any) -> None:
-        """The best model, pickled here (as MLflow would) and logged by the child while this process goes on."""
+    def log_model(self, predictor: Any, example: Any, register: tuple[str, dict] | None = None) -> None:
+        """The best model (a `Predictor`, with raw inputs `example`), pickled here and logged by the child while
+        this process goes on; with `register` (name, tags), registered as a new version of that model too."""
         try:
             import cloudpickle
 
-            from regsearch._registry import PLUGIN_MODULE_PREFIX
+            from regsearch.tracking._predictor import by_value
 
-            # what a `--plugin` file defines (layers, hooks) lives in a module the child cannot import by name:
-            # send it by value
-            for name, module in list(sys.modules.items()):
-                if name.startswith(PLUGIN_MODULE_PREFIX):
-                    cloudpickle.register_pickle_by_value(module)
-            blob = cloudpickle.dumps(model.cpu().eval())
+            # regsearch, a `--plugin` file, a user's own module beside their script: the child (and a process
+            # that loads the model) may not import them by name, so they travel by value
+            with by_value():
+                blob = cloudpickle.dumps(predictor)
         except Exception as exc:
             logger.warning("MLflow (%s): the best model cannot be pickled, so it is not logged: %s",
                            mask_url(self.uri), error_gist(exc))
             return
-        self._send("model", blob, example.cpu().numpy())
+        self._send("model", blob, example, register)
 
     def log_pareto_front(self, parent_run_id: Any, front: list[Mapping[str, Any]]) -> None:
         """A pareto study's front on the study run (the child's; `parent_run_id` is not needed)."""

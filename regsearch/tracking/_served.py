@@ -191,11 +191,11 @@ class _Served:
         if self.parent:
             self.tracker.log_summary(self.parent, metrics, tags)
 
-    def on_model(self, blob: bytes, example: Any) -> None:
+    def on_model(self, blob: bytes, example: Any, register: tuple[str, dict] | None = None) -> None:
         if self.parent:
             if self.warm is not None:
                 self.warm.wait_for_model()
-            self.tracker.log_model(self.parent, pickle.loads(blob), example)
+            self.tracker.log_model(self.parent, pickle.loads(blob), example, register)
 
     def on_pareto(self, front: list) -> None:
         if self.parent:

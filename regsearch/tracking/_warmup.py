@@ -17,7 +17,7 @@ logger = logging.getLogger("regsearch")
 class WarmUp:
     """What the end of the study does for the first time, done by a thread while the study trains.
 
-    Saving a PyTorch model imports torch's exporter, traces for the first time and scans the installed packages;
+    Saving the model imports MLflow's pyfunc and model code, pickles a torch model and scans the installed packages;
     the first report imports matplotlib and Optuna's importance evaluators (seconds). The best model waits for
     the model's part (torch's exporter is not safe in two threads at once), the report for all of it; neither
     waits longer than `LIMIT_S`, so a warm-up stuck on, say, a slow file system cannot keep the study run open.
@@ -83,11 +83,12 @@ def no_gc():
             gc.enable()
 
 
-def model_save_options(example: Any) -> dict[str, Any]:
-    """How the best model is saved (and the warm-up's throwaway one, so that it rehearses the same path)."""
-    import torch
+def model_save_options(predictor: Any, example: Any) -> dict[str, Any]:
+    """How the best model is saved (and the warm-up's throwaway one, so that it rehearses the same path): a pyfunc
+    around `predictor` (a `Predictor`), `example` its raw input example."""
+    from regsearch.tracking._pyfunc import pyfunc_options
 
-    return {"input_example": example, "pip_requirements": [f"torch=={torch.__version__.split('+')[0]}"]}
+    return pyfunc_options(predictor, example)
 
 
 def warm_up_model(scratch: str) -> None:
@@ -95,15 +96,20 @@ def warm_up_model(scratch: str) -> None:
     import importlib
 
     with contextlib.suppress(Exception):
-        import mlflow.pytorch
+        import mlflow.pyfunc
         import numpy
         import torch
         from mlflow.utils import requirements_utils
 
+        from regsearch.tracking._predictor import Predictor
+        from regsearch.tracking._pyfunc import saving
+
         requirements_utils._init_packages_to_modules_map()  # a scan of every installed package, cached
-        mlflow.pytorch.save_model(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU()).eval(),
-                                  os.path.join(scratch, "model"),
-                                  **model_save_options(numpy.zeros((2, 2), dtype="float32")))
+        predictor = Predictor(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU()).eval(), "array", (2,),
+                              (0, 1))
+        with saving():
+            mlflow.pyfunc.save_model(os.path.join(scratch, "model"),
+                                     **model_save_options(predictor, numpy.zeros((2, 2), dtype="float32")))
     with contextlib.suppress(Exception):  # the run's git context, read when the model is logged
         from mlflow.tracking.context.registry import resolve_tags
 
