@@ -20,6 +20,7 @@ _EXPORTS = {
     "RegularizerRegistry": "regsearch._registry",
     "RegularizerInfo": "regsearch._registry",
     "optimize": "regsearch._study",
+    "confirm": "regsearch._confirm",
     "leaderboard": "regsearch._records",
     "StudySpec": "regsearch._spec",
     "Range": "regsearch._ranges",
@@ -39,6 +40,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 if TYPE_CHECKING:
+    from regsearch._confirm import confirm
     from regsearch._errors import (
         ConfigError,
         DataError,

@@ -45,6 +45,9 @@ MAX_GAP_ATTR = "regsearch.max_gap"
 GAP_CONSTRAINT = "gap_acc"
 """The Optuna constraint key of a trial: gap_acc - max_gap (feasible when <= 0)."""
 INTERRUPTED = "interrupted"
+CONFIRM_ATTR = "confirm"
+"""A study user attr: the confirmation of its finalists with fresh seeds (`regsearch.confirm`): seeds, rows,
+sentence."""
 
 T = TypeVar("T")
 
@@ -221,3 +224,41 @@ def summary_sentence(study: optuna.Study, spec: StudySpec, best: optuna.trial.Fr
              f"gap {base['gap_acc']:.3f}" if "gap_acc" in base else None]
     return sentence + f"; the unregularized baseline (trial {baseline.number}): " + ", ".join(
         p for p in parts if p) + "."
+
+
+def beyond_noise(difference: float, spread: float, n_val: int) -> bool:
+    """Whether a mean difference in validation accuracy is more than noise: it exceeds the combined standard
+    deviation of the two configurations and one validation example (1 / n_val), whichever is larger."""
+    return difference > max(spread, 1.0 / max(n_val, 1))
+
+
+def confirm_sentence(rows: list[dict[str, Any]], seeds: int, n_val: int) -> str:
+    """The confirmation in words: the winner on mean val_acc, and whether a searched configuration beats the
+    recipe (else the baseline) beyond noise (`beyond_noise`); differences in points, ± the combined sd."""
+    winner = next(r for r in rows if r["winner"])
+    test = (f" (test {winner['test_acc_mean']:.3f} ± {winner['test_acc_sd']:.3f})"
+            if winner.get("test_acc_mean") is not None else "")
+    sentence = (f"Confirmed over {seeds} fresh seeds (mean ± sd): {_who(winner)} has the best mean validation "
+                f"accuracy, {winner['val_acc_mean']:.3f} ± {winner['val_acc_sd']:.3f}{test}")
+    reference = next((r for r in rows if r["role"] == "recipe"), None) or next(
+        (r for r in rows if r["role"] == "baseline"), None)
+    searched = [r for r in rows if r["role"] == "searched"]  # rows come best first
+    if reference is None or not searched:
+        return sentence + "."
+    best = searched[0]
+    points = 100 * (best["val_acc_mean"] - reference["val_acc_mean"])
+    spread = 100 * math.hypot(best["val_acc_sd"], reference["val_acc_sd"])
+    named = "the recipe" if reference["role"] == "recipe" else "the unregularized baseline"
+    if beyond_noise(points / 100, spread / 100, n_val):
+        return sentence + (f"; trial {best['trial']} ({best['config']}) beats {named} (trial {reference['trial']}) "
+                           f"by {points:.1f} ± {spread:.1f} points over {seeds} seeds.")
+    return sentence + (f"; no searched configuration beats {named} (trial {reference['trial']}) beyond noise (the "
+                       f"best, trial {best['trial']}: {points:+.1f} ± {spread:.1f} points over {seeds} seeds).")
+
+
+def _who(row: dict[str, Any]) -> str:
+    if row["role"] == "recipe":
+        return f"the recipe (trial {row['trial']}, {row['config']})"
+    if row["role"] == "baseline":
+        return f"the unregularized baseline (trial {row['trial']})"
+    return f"trial {row['trial']} ({row['config']})"

@@ -173,6 +173,14 @@ class PrunerSpec(_Spec):
     reduction_factor: Annotated[Whole, Field(ge=2)] = 3
 
 
+class ConfirmSpec(_Spec):
+    """`search.confirm`: retrain the top configurations, the recipe and the baseline with fresh seeds at the end."""
+
+    top: Annotated[Whole, Field(ge=1)] = 3
+    seeds: Annotated[Whole, Field(ge=2)] = 3
+    """At least 2: a spread needs two runs."""
+
+
 class SearchSpec(_Spec):
     n_trials: Annotated[Whole, Field(ge=1)] = 20
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
@@ -192,6 +200,8 @@ class SearchSpec(_Spec):
     """Only trials with gap_acc <= max_gap count as best (an Optuna constraint); None: no constraint."""
     register_model: Annotated[str | None, BeforeValidator(_registered_name)] = None
     """Register the logged best model under this name in the MLflow Model Registry (a new version per study run)."""
+    confirm: ConfirmSpec | None = None
+    """Retrain the finalists with fresh seeds after the final report and choose on mean val_acc (None: off)."""
 
     @model_validator(mode="after")
     def _one_objective(self) -> Self:

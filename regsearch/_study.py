@@ -17,6 +17,7 @@ import optuna
 import torch
 from torch import nn
 
+from regsearch._confirm import confirm_at_end
 from regsearch._errors import ConfigError, StudyError, did_you_mean
 from regsearch._experiment import prepare
 from regsearch._objective import Objective
@@ -179,6 +180,7 @@ def _run(job: Job, workers: int, progress: Progress | None, registry: Regularize
                 _warn_missing_runs(tracker.close(), job)
     if gave_up:
         raise _gave_up(study, job)
+    confirm_at_end(study, exp, job.stores)
     return study
 
 

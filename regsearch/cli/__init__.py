@@ -62,6 +62,14 @@ def _positive(kind: type) -> Callable:
     return check
 
 
+def _at_least(low: int) -> Callable:
+    def check(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is not None and value < low:
+            raise click.BadParameter(f"must be at least {low}; got {value}")
+        return value
+    return check
+
+
 def _search_key(key: str) -> Callable:
     """Check an option that sets a study-file key `search.<key>` exactly as the study file's value is checked."""
     def check(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
@@ -90,6 +98,10 @@ plugin_option = click.option("--plugin", "plugins", multiple=True, metavar="PATH
                              type=click.Path(dir_okay=False), help="Load regularizers from a file (repeatable).")
 study_name_option = click.option("--study-name", metavar="NAME",
                                  help="Name of the study in the storage (default: the study file's name).")
+set_option = click.option("--set", "overrides", multiple=True, callback=_key_value, metavar="KEY=VALUE",
+                          help="Override a study-file key, e.g. --set training.epochs=5 (repeatable).")
+data_dir_option = click.option("--data-dir", type=click.Path(), metavar="PATH",
+                               help="Local dataset copy (CIFAR-10 archive or folder).")
 tracking_uri_option = click.option("--tracking-uri", metavar="URI",
                                    help="MLflow tracking URI (default: sqlite:///mlflow.db here).")
 
@@ -183,11 +195,10 @@ def plugins(plugins: tuple[str, ...]) -> None:
 @storage_option
 @tracking_uri_option
 @study_name_option
-@click.option("--data-dir", type=click.Path(), metavar="PATH", help="Local dataset copy (CIFAR-10 archive or folder).")
+@data_dir_option
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True)
 @click.option("--seed", type=int, help="The study's seed (overrides the study file's).")
-@click.option("--set", "overrides", multiple=True, callback=_key_value, metavar="KEY=VALUE",
-              help="Override a study-file key, e.g. --set training.epochs=5 (repeatable).")
+@set_option
 @plugin_option
 @click.option("--workers", type=int, default=1, show_default=True, callback=_positive(int), metavar="N",
               help="Worker processes on this machine sharing the study (torch threads are split among them).")
@@ -246,6 +257,38 @@ def show(study: str, storage: str | None, study_name: str | None, top: int) -> N
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     print_leaderboard(load_stored_study(study, storage, study_name), top=top or 10, front_top=top)
+
+
+@cli.command()
+@study_option
+@storage_option
+@study_name_option
+@tracking_uri_option
+@click.option("--top", type=int, default=3, show_default=True, callback=_at_least(1), metavar="K",
+              help="The best K complete configurations to confirm (the recipe and the baseline are added).")
+@click.option("--seeds", type=int, default=3, show_default=True, callback=_at_least(2), metavar="N",
+              help="Fresh seeds per configuration (at least 2: a spread needs two runs).")
+@set_option
+@data_dir_option
+@plugin_option
+def confirm(study: str, storage: str | None, study_name: str | None, tracking_uri: str | None, top: int,
+            seeds: int, overrides: list[tuple[str, str]], data_dir: str | None, plugins: tuple[str, ...]) -> None:
+    """Retrain the top configurations, the recipe and the baseline with fresh seeds; choose on mean val_acc.
+
+    Give the same --set values as `optimize` did: the configurations are retrained from the study file.
+    """
+    import optuna
+
+    from regsearch._confirm import confirm as run
+    from regsearch.cli._display import print_confirmation
+
+    _check_locations(storage, tracking_uri)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    run(study, top=top, seeds=seeds, storage=storage, study_name=study_name, tracking_uri=tracking_uri,
+        overrides=overrides, data_dir=data_dir, plugins=plugins)
+    from regsearch._opening import load_stored_study
+
+    print_confirmation(load_stored_study(study, storage, study_name))
 
 
 @cli.command()

@@ -9,6 +9,7 @@ import click
 import optuna
 
 from regsearch._records import (
+    CONFIRM_ATTR,
     FAIL_REASON_ATTR,
     SUMMARY_ATTR,
     TEST_ATTR,
@@ -118,3 +119,23 @@ def _print_test(study: optuna.Study, which: str = "") -> None:
                    f"evaluated once)")
     if study.user_attrs.get(SUMMARY_ATTR):
         click.echo(study.user_attrs[SUMMARY_ATTR])
+    print_confirmation(study)
+
+
+def print_confirmation(study: optuna.Study) -> None:
+    """The study's confirmation with fresh seeds, if it has one: a row per configuration and its sentence."""
+    done = study.user_attrs.get(CONFIRM_ATTR)
+    if not done:
+        return
+
+    def stat(row: dict[str, Any], key: str) -> str:
+        mean, sd = row.get(f"{key}_mean"), row.get(f"{key}_sd")
+        return "-" if mean is None else f"{mean:.3f} ± {sd:.3f}" if sd is not None else f"{mean:.3f}"
+
+    click.echo(f"\nconfirmed with {len(done['seeds'])} fresh seeds (mean ± standard deviation; * chosen on "
+               f"mean val_acc, test read only):")
+    click.echo(f"{'trial':>6}  {'role':<8}  {'val_acc':<13}  {'test_acc':<13}  {'gap_acc':<13}  configuration")
+    for r in done["rows"]:
+        click.echo(f"{'*' if r['winner'] else ' '}{r['trial']:>5}  {r['role']:<8}  {stat(r, 'val_acc'):<13}  "
+                   f"{stat(r, 'test_acc'):<13}  {stat(r, 'gap_acc'):<13}  {r['config']}")
+    click.echo(done["sentence"])

@@ -1,0 +1,234 @@
+"""Confirming a study's winner: its finalists, the recipe and the baseline retrained with fresh seeds.
+
+A single run's ranking on a small validation split is noise (on digits one image is 0.37 points). The finalists
+(the top K complete configurations by the one ranking, the study file's `first_trial` recipe and the
+unregularized baseline) are each trained again with the same N fresh seeds; the winner is the highest MEAN
+validation accuracy (ties: the lower mean validation loss). Test accuracy is measured and reported, never
+used to choose.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import optuna
+from torch import nn
+
+from regsearch._errors import ConfigError
+from regsearch._records import (
+    COMPLETE,
+    CONFIRM_ATTR,
+    combination,
+    confirm_sentence,
+    is_baseline,
+    leaderboard,
+)
+from regsearch._search_space import encoded
+from regsearch._spec import StudySpec
+from regsearch._trainer import fit
+from regsearch._trial import Experiment, build_trial, stored_autocast, test_score, training_for, trial_seed
+from regsearch.data._tensors import TensorData
+
+logger = logging.getLogger("regsearch")
+
+_METRICS = ("val_acc", "test_acc", "gap_acc", "val_loss")
+
+
+def confirm(study: str | StudySpec, *, top: int = 3, seeds: int = 3, storage: str | None = None,
+            study_name: str | None = None, tracking: bool = True, tracking_uri: str | None = None,
+            data: TensorData | None = None, model: Callable[..., nn.Module] | None = None,
+            data_dir: str | None = None, device: str = "auto", overrides: Iterable[tuple[str, Any]] = (),
+            plugins: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """Retrain a stored study's top `top` configurations, its recipe and its baseline with `seeds` fresh seeds;
+    returns one row per configuration, the winner (highest mean val_acc) first.
+
+    `study`, `overrides`, `data`, `model`, `plugins` must describe the study as `optimize` ran it (the same
+    `--set` values): the configurations are retrained from the study file. The rows are also stored in the
+    study's user attr `confirm` (shown by `regsearch show`) and, when tracked, logged to MLflow.
+    """
+    from regsearch._experiment import prepare
+    from regsearch._opening import load_stored_study
+    from regsearch._study_file import load_study
+
+    check_counts(top, seeds)
+    spec = study if isinstance(study, StudySpec) else load_study(study, overrides)
+    stored = load_stored_study(spec.name if isinstance(study, StudySpec) else study, storage, study_name)
+    exp = prepare(spec, data=data, model=model, data_dir=data_dir, device=device, plugins=plugins)
+    if tracking:
+        from regsearch.tracking import default_tracking_uri
+
+        tracking_uri = tracking_uri or default_tracking_uri()
+    return confirm_study(stored, exp, top, seeds, tracking_uri if tracking else None)
+
+
+def check_counts(top: int, seeds: int) -> None:
+    if top < 1:
+        raise ConfigError(f"top must be at least 1; got {top}")
+    if seeds < 2:
+        raise ConfigError(f"seeds must be at least 2 (a spread needs two runs); got {seeds}")
+
+
+def confirm_at_end(study: optuna.Study, exp: Experiment, stores: Any) -> None:
+    """`optimize`'s last step when the study file asks for it (`search.confirm`; off by default). A study
+    resumed with nothing new to run keeps the confirmation it has of the same finalists and seeds."""
+    settings = exp.spec.search.confirm
+    if settings is None or not study.get_trials(deepcopy=False, states=(COMPLETE,)):
+        return
+    done = study.user_attrs.get(CONFIRM_ATTR) or {}
+    numbers = [t.number for t, _ in finalists(study, exp.spec, settings.top)]
+    if (sorted(r["trial"] for r in done.get("rows", [])) == sorted(numbers)
+            and done.get("seeds") == confirm_seeds(exp.spec.seed, settings.seeds, numbers)):
+        return
+    uri = None
+    if stores.tracking:
+        from regsearch.tracking import default_tracking_uri
+
+        uri = stores.tracking_uri or default_tracking_uri()
+    confirm_study(study, exp, settings.top, settings.seeds, uri)
+
+
+def confirm_study(study: optuna.Study, exp: Experiment, top: int, seeds: int, tracking_uri: str | None
+                  ) -> list[dict[str, Any]]:
+    """Confirm an open study's finalists in a prepared experiment; stores and (with a URI) logs the result."""
+    check_counts(top, seeds)
+    chosen = finalists(study, exp.spec, top)
+    if not chosen:
+        raise ConfigError(f"study {study.study_name!r} has no complete trial to confirm")
+    fresh = confirm_seeds(exp.spec.seed, seeds, [t.number for t, _ in chosen])
+    logger.info("confirming %d configurations of study %s with %d fresh seeds each", len(chosen),
+                study.study_name, seeds)
+    rows = [_row(exp, trial, role, fresh) for trial, role in chosen]
+    rows.sort(key=lambda r: (-r["val_acc_mean"], r["val_loss_mean"], r["trial"]))
+    for i, r in enumerate(rows):
+        r["winner"] = i == 0
+    sentence = confirm_sentence(rows, seeds, len(exp.data.y_val))
+    study.set_user_attr(CONFIRM_ATTR, {"seeds": fresh, "spread": "sd", "rows": rows, "sentence": sentence})
+    if tracking_uri is not None:
+        log_confirmation(study, tracking_uri, rows, fresh, sentence)
+    return rows
+
+
+def finalists(study: optuna.Study, spec: StudySpec, top: int) -> list[tuple[optuna.trial.FrozenTrial, str]]:
+    """(trial, role) of the configurations to confirm: the top `top` distinct complete ones by the one ranking,
+    then the recipe and the baseline where the study has them; role is searched, recipe or baseline."""
+    trials = {t.number: t for t in study.get_trials(deepcopy=False, states=(COMPLETE,))}
+    ranked = [trials[r["number"]] for r in leaderboard(study, top=len(trials)) if r["number"] in trials]
+    recipe = find_recipe(study, spec)
+    baseline = next((t for t in ranked if is_baseline(t)), None)
+
+    def role(t: optuna.trial.FrozenTrial) -> str:
+        return "baseline" if is_baseline(t) else "recipe" if recipe is not None and t.number == recipe.number \
+            else "searched"
+
+    chosen: list[optuna.trial.FrozenTrial] = []
+    seen: list[tuple[dict[str, Any], bool]] = []
+    for t in ranked:
+        if len(chosen) == top:
+            break
+        if (t.params, is_baseline(t)) not in seen:  # a configuration sampled twice is confirmed once
+            chosen.append(t)
+            seen.append((t.params, is_baseline(t)))
+    for extra in (recipe, baseline):
+        if extra is not None and all(extra.number != t.number for t in chosen):
+            chosen.append(extra)
+    return [(t, role(t)) for t in chosen]
+
+
+def find_recipe(study: optuna.Study, spec: StudySpec) -> optuna.trial.FrozenTrial | None:
+    """The enqueued `first_trial`: the first complete non-baseline trial holding the recipe's parameters (the
+    others it holds were sampled)."""
+    if not spec.search.first_trial:
+        return None
+    recipe = encoded(spec.search.first_trial)
+    for t in study.get_trials(deepcopy=False, states=(COMPLETE,)):
+        if not is_baseline(t) and all(k in t.params and t.params[k] == v for k, v in recipe.items()):
+            return t
+    return None
+
+
+def confirm_seeds(study_seed: int, n: int, avoid: Sequence[int] = ()) -> list[int]:
+    """N seeds shared by every finalist (a paired comparison: the same initial draws for all), none of them a
+    trial's own seed (`avoid`: the finalists' trial numbers)."""
+    own = {trial_seed(study_seed, number) for number in avoid}
+    seeds: list[int] = []
+    k = 1
+    while len(seeds) < n:
+        seed = (study_seed * 1_000_003 + k * 104_729 + 31) % (2**31 - 1)
+        if seed not in own:
+            seeds.append(seed)
+        k += 1
+    return seeds
+
+
+def _row(exp: Experiment, trial: optuna.trial.FrozenTrial, role: str, seeds: Sequence[int]) -> dict[str, Any]:
+    """One configuration trained once per seed: per-seed metrics and their mean and (sample) sd."""
+    runs = [retrain_with_seed(exp, trial, seed) for seed in seeds]
+    row: dict[str, Any] = {"trial": trial.number, "role": role,
+                           "config": " + ".join(combination(exp.spec, trial)) or "no regularizer",
+                           "params": dict(trial.params), "single_run_val_acc": trial.value}
+    for key in _METRICS:
+        values = [r[key] for r in runs]
+        row[key] = values
+        known = [v for v in values if v is not None]
+        row[f"{key}_mean"] = statistics.fmean(known) if known else None
+        row[f"{key}_sd"] = statistics.stdev(known) if len(known) > 1 else None
+    return row
+
+
+def retrain_with_seed(exp: Experiment, trial: optuna.trial.FrozenTrial, seed: int) -> dict[str, float | None]:
+    """A stored trial's configuration trained with another seed, in its precision: val, gap and test metrics."""
+    model, applied, lr = build_trial(exp, optuna.trial.FixedTrial(trial.params, number=trial.number), seed,
+                                     baseline=is_baseline(trial))
+    autocast = stored_autocast(exp, trial)
+    metrics = fit(model, exp.data, applied, training_for(exp, trial), lr=lr, device=exp.device, seed=seed,
+                  autocast=autocast)
+    test_acc = test_score(exp, model, autocast)[1] if exp.data.y_test is not None else None
+    return {"val_acc": metrics["val_acc"], "gap_acc": metrics["gap_acc"], "val_loss": metrics["val_loss"],
+            "test_acc": test_acc}
+
+
+def log_confirmation(study: optuna.Study, tracking_uri: str, rows: Sequence[Mapping[str, Any]],
+                     seeds: Sequence[int], sentence: str) -> None:
+    """One MLflow run per configuration under the study's parent run (per-seed metrics as steps, then the means);
+    a tracking failure is one warning, never a lost confirmation (it is in the Optuna storage already)."""
+    from regsearch._storage import mask_url
+    from regsearch.tracking._batches import log_batches
+    from regsearch.tracking._client import Tracker
+    from regsearch.tracking._store import error_gist
+
+    where = f"MLflow ({mask_url(tracking_uri)})"
+    try:
+        tracker = Tracker.open(tracking_uri, study.study_name)
+    except Exception as exc:
+        logger.warning("%s: the confirmation was not logged: %s", where, error_gist(exc))
+        return
+    try:
+        parent = tracker.find_parent(study)
+        if parent is None:
+            logger.warning("%s: study %s has no parent run in this store; the confirmation is not logged", where,
+                           study.study_name)
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        for r in rows:
+            run = tracker.client.create_run(tracker.experiment_id, run_name=f"confirm-trial-{r['trial']}", tags={
+                "mlflow.parentRunId": parent, "regsearch.role": "confirm", "regsearch.study": study.study_name,
+                "regsearch.source_trial": str(r["trial"]), "regsearch.confirm_role": r["role"],
+                "regsearch.winner": str(r["winner"]).lower()})
+            metrics = [Metric(k, float(v), now, step) for k in _METRICS for step, v in enumerate(r[k])
+                       if v is not None]
+            metrics += [Metric(f"{k}_{stat}", float(r[f"{k}_{stat}"]), now, 0) for k in _METRICS
+                        for stat in ("mean", "sd") if r[f"{k}_{stat}"] is not None]
+            log_batches(tracker.client, run.info.run_id, params={**r["params"], "seeds": list(seeds)},
+                        metrics=metrics)
+            tracker.client.set_terminated(run.info.run_id, status="FINISHED")
+        tracker.client.set_tag(parent, "regsearch.confirm", sentence)
+    except Exception as exc:
+        logger.warning("%s: the confirmation was not (fully) logged: %s", where, error_gist(exc))
+    finally:
+        tracker.close()
