@@ -47,6 +47,28 @@ class _StepClock(Regularizer):
         self.epochs[-1].append(time.perf_counter())
 
 
+class _PerStep(Regularizer):
+    """A plugin's per-step work only (parameter groups, penalty, batch transform): before any trial, the estimate
+    calls none of the loop events a plugin may act on (its own bookkeeping of a trial)."""
+
+    def __init__(self, inner: Regularizer) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.batch_order = inner.batch_order
+
+    def search_space(self, trial: optuna.Trial) -> dict[str, Any]:
+        return {}
+
+    def param_groups(self, model: nn.Module, params: dict[str, Any], groups: list[dict]) -> list[dict]:
+        return self.inner.param_groups(model, params, groups)
+
+    def penalty(self, model: nn.Module, params: dict[str, Any]) -> Any:
+        return self.inner.penalty(model, params)
+
+    def transform_batch(self, x: Any, y: Any, params: dict[str, Any]) -> tuple[Any, Any]:
+        return self.inner.transform_batch(x, y, params)
+
+
 def trial_seconds(exp: Experiment, model: nn.Module, applied: list[Applied]) -> float | None:
     """Seconds one trial of `model` takes here: `fit` itself, in the trial's precision, for two epochs of a cut of
     the training data, the second (warm) one scaled to the full data and evaluation splits. None when the run
@@ -64,7 +86,8 @@ def trial_seconds(exp: Experiment, model: nn.Module, applied: list[Applied]) -> 
     clock = _StepClock()
     with callers_threads():  # fit's thread probe may change the count; the trials start from this one
         try:
-            fit(model, part, [*applied, Applied(clock, {})], training, lr=training.lr.low, device=exp.device,
+            per_step = [Applied(_PerStep(a.regularizer), a.params) for a in applied]
+            fit(model, part, [*per_step, Applied(clock, {})], training, lr=training.lr.low, device=exp.device,
                 seed=exp.spec.seed, epochs=2, autocast=training_autocast(training, exp.device, model, data))
         except Exception as exc:  # a diverging mid-range plugin value, a hook that breaks: no estimate
             logger.debug("no trial time estimate: %s: %s", type(exc).__name__, exc)

@@ -172,7 +172,7 @@ AGREE = """
 import sys, time
 import optuna
 from regsearch._storage import open_storage
-from regsearch._tracking import TrackerProcess
+from regsearch.tracking import TrackerProcess
 
 storage, name, tracking, at = sys.argv[1:]
 study = optuna.load_study(study_name=name, storage=open_storage(storage))
