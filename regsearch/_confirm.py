@@ -26,6 +26,7 @@ from regsearch._records import (
     confirm_sentence,
     is_baseline,
     leaderboard,
+    trial_val_acc,
 )
 from regsearch._search_space import encoded
 from regsearch._spec import StudySpec
@@ -169,7 +170,7 @@ def _row(exp: Experiment, trial: optuna.trial.FrozenTrial, role: str, seeds: Seq
     runs = [retrain_with_seed(exp, trial, seed) for seed in seeds]
     row: dict[str, Any] = {"trial": trial.number, "role": role,
                            "config": " + ".join(combination(exp.spec, trial)) or "no regularizer",
-                           "params": dict(trial.params), "single_run_val_acc": trial.value}
+                           "params": dict(trial.params), "single_run_val_acc": trial_val_acc(trial)}
     for key in _METRICS:
         values = [r[key] for r in runs]
         row[key] = values

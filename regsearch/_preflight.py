@@ -73,8 +73,7 @@ def _first_batch(exp: Experiment, registry: RegularizerRegistry, state: LoopStat
         with _Blame(_who(rspec, registry), f"regularizers.{rspec.name}") as blame:
             blame.hook = "transform_batch"
             a.regularizer.on_train_start(state, a.params)
-            x, y = transformed(a, x, y, checked=True)
-            x, y = _contract.batch((x, y), x)
+            x, y = _contract.batch(transformed(a, x, y, checked=True), x)
             a.regularizer.on_train_end(state, a.params)
     return x, y
 

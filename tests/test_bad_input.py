@@ -432,6 +432,13 @@ CASES = [
              def penalty(self, model, params):
                  return torch.zeros((), device='meta')
              """)}),
+    case("plugin-batch-moved-to-another-device", "optimize --study {tmp}/s.yaml",
+         "regularizer 'mover' (file {tmp}/plugin.py): transform_batch failed: PluginError: transform_batch turned "
+         "inputs (64, 64) torch.float32 on cpu into (64, 64) torch.float32 on meta",
+         files={"s.yaml": uses("mover"), "plugin.py": plugin("mover", SPACE, """\
+             def transform_batch(self, x, y, params):
+                 return x.to('meta'), y
+             """)}),
     case("plugin-penalty-raises", "optimize --study {tmp}/s.yaml",
          "regularizer 'raising_penalty' (file {tmp}/plugin.py): penalty failed: KeyError: 'strength'",
          files={"s.yaml": uses("raising_penalty"), "plugin.py": plugin("raising_penalty", SPACE, """\

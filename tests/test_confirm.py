@@ -153,3 +153,14 @@ def test_confirm_refuses_bad_input_in_one_line_with_exit_2(in_tmp, args, message
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0]
+
+
+def test_a_pareto_study_is_confirmed_like_any_other(tmp_path, monkeypatch, restore_logging):
+    """Trials of two objectives have no single `value`: the confirmation reads their val_acc, and the study ends."""
+    monkeypatch.chdir(tmp_path)
+    pareto = STUDY.replace("n_trials: 3", "n_trials: 2\n  objective: pareto\n  confirm: {top: 1, seeds: 2}")
+    (tmp_path / "pareto.yaml").write_text(pareto)
+    result = CliRunner().invoke(cli, ["optimize", "--study", "pareto.yaml", "--storage", "p.journal",
+                                      "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    assert result.exit_code == 0, result.output
+    assert "Confirmed over 2 fresh seeds" in result.output
