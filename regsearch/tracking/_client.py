@@ -178,7 +178,8 @@ class Tracker:
         with self._sync_lock:
             self._unsynced = False
             try:
-                report = sync_runs(self._study, self, self._parent, skip=set(self.live))
+                # the live view, not a copy: a trial whose run starts while the sync runs is left to its own end
+                report = sync_runs(self._study, self, self._parent, skip=self.live.keys())
             except Exception as exc:
                 self._failed("logging the missing trial runs", exc)
                 return None
@@ -369,7 +370,7 @@ class Tracker:
 
         if self._study is not None and self._parent is not None:
             with contextlib.suppress(Exception):
-                sync_runs(self._study, self, self._parent, skip=set(self.live), log_missing=False)
+                sync_runs(self._study, self, self._parent, skip=self.live.keys(), log_missing=False)
         for _what, fn, args, kwargs in self._deferred:
             with contextlib.suppress(Exception):
                 fn(*args, **kwargs)
