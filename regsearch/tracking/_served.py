@@ -194,7 +194,9 @@ class _Served:
     def on_model(self, blob: bytes, example: Any, register: tuple[str, dict] | None = None) -> None:
         if self.parent:
             if self.warm is not None:
-                self.warm.wait_for_model()
+                # all of it: unpickling a table's fitted encoders imports scikit-learn, which the report's
+                # warm-up may be importing in its thread (a half-imported sklearn.base fails the model)
+                self.warm.wait()
             self.tracker.log_model(self.parent, pickle.loads(blob), example, register)
 
     def on_pareto(self, front: list) -> None:

@@ -18,9 +18,9 @@ class WarmUp:
     """What the end of the study does for the first time, done by a thread while the study trains.
 
     Saving the model imports MLflow's pyfunc and model code, pickles a torch model and scans the installed packages;
-    the first report imports matplotlib and Optuna's importance evaluators (seconds). The best model waits for
-    the model's part (torch's exporter is not safe in two threads at once), the report for all of it; neither
-    waits longer than `LIMIT_S`, so a warm-up stuck on, say, a slow file system cannot keep the study run open.
+    the first report imports matplotlib and Optuna's importance evaluators (seconds). The best model and the report
+    wait for all of it (imports in two threads at once can meet a half-imported package); neither waits longer
+    than `LIMIT_S`, so a warm-up stuck on, say, a slow file system cannot keep the study run open.
     """
 
     LIMIT_S = 120.0
@@ -54,9 +54,6 @@ class WarmUp:
         # (the warm-up's own garbage is collected first, not kept for good)
         gc.collect()
         gc.freeze()
-
-    def wait_for_model(self) -> None:
-        self.model_done.wait(self.LIMIT_S)
 
     def wait(self) -> None:
         self.thread.join(self.LIMIT_S)
