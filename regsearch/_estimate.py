@@ -14,7 +14,7 @@ from torch import nn
 from regsearch._device import training_autocast
 from regsearch._regularizer import Applied, LoopState, Regularizer
 from regsearch._threads import ThreadChooser, callers_threads
-from regsearch._trainer import fit
+from regsearch._trainer import fit, steps_per_epoch
 from regsearch._trial import Experiment
 
 logger = logging.getLogger("regsearch")
@@ -76,7 +76,7 @@ def trial_seconds(exp: Experiment, model: nn.Module, applied: list[Applied]) -> 
     training, data = exp.spec.training, exp.data
     n = len(data.y_train)
     bs = min(training.batch_size, n)
-    steps = n // bs + (1 if n % bs >= 2 else 0)  # as fit counts them
+    steps = steps_per_epoch(n, bs)
     cut = min(steps, TIMED_STEPS)
     n_val = len(data.y_val) if cut == steps else max(1, round(len(data.y_val) * cut / steps))
     part = dataclasses.replace(data, x_train=data.x_train[:cut * bs], y_train=data.y_train[:cut * bs],

@@ -82,6 +82,11 @@ def fit(model: nn.Module, data: TensorData, applied: Sequence[Applied], training
     return metrics
 
 
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Optimizer steps in an epoch of `n` examples; a last batch of one is dropped (it breaks BatchNorm)."""
+    return n // batch_size + (1 if n % batch_size >= 2 else 0)
+
+
 class _Loop:
     """What one `fit` sets up once (optimizer, schedule, the fixed training subset) and its epochs."""
 
@@ -95,7 +100,7 @@ class _Loop:
         self.optimizer = build_optimizer(self.model, applied, training, lr)
         self.n = len(data.y_train)
         self.bs = min(training.batch_size, self.n)
-        self.steps = self.n // self.bs + (1 if self.n % self.bs >= 2 else 0)  # a last batch of one breaks BatchNorm
+        self.steps = steps_per_epoch(self.n, self.bs)
         self.scheduler = schedule(self.optimizer, training, lr, self.steps * epochs)
         self.gen = torch.Generator().manual_seed(seed)
         subset = torch.randperm(self.n, generator=self.gen)[:len(data.y_val)].to(device)
