@@ -4,7 +4,8 @@ A single run's ranking on a small validation split is noise (on digits one image
 (the top K complete configurations by the one ranking, the study file's `first_trial` recipe and the
 unregularized baseline) are each trained again with the same N fresh seeds; the winner is the highest MEAN
 validation accuracy (ties: the lower mean validation loss). Test accuracy is measured and reported, never
-used to choose.
+used to choose. Where one validation split holds too few rows to choose with, k-fold cross-validation of the
+finalists validates each configuration on every row of the pooled training and validation splits.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import optuna
@@ -32,20 +34,22 @@ from regsearch._search_space import encoded
 from regsearch._spec import StudySpec
 from regsearch._trainer import fit
 from regsearch._trial import Experiment, build_trial, stored_autocast, test_score, training_for, trial_seed
-from regsearch.data._tensors import TensorData
+from regsearch.data._tensors import TensorData, cv_folds
 
 logger = logging.getLogger("regsearch")
 
 _METRICS = ("val_acc", "test_acc", "gap_acc", "val_loss")
 
 
-def confirm(study: str | StudySpec, *, top: int = 3, seeds: int = 3, storage: str | None = None,
+def confirm(study: str | StudySpec, *, top: int = 3, seeds: int | None = None, folds: int | None = None,
+            storage: str | None = None,
             study_name: str | None = None, tracking: bool = True, tracking_uri: str | None = None,
             data: TensorData | None = None, model: Callable[..., nn.Module] | None = None,
             data_dir: str | None = None, device: str = "auto", overrides: Iterable[tuple[str, Any]] = (),
             plugins: Iterable[str] = ()) -> list[dict[str, Any]]:
-    """Retrain a stored study's top `top` configurations, its recipe and its baseline with `seeds` fresh seeds;
-    returns one row per configuration, the winner (highest mean val_acc) first.
+    """Retrain a stored study's top `top` configurations, its recipe and its baseline with `seeds` fresh seeds
+    (default 3), or in `folds`-fold cross-validation repeated `seeds` times (default once); returns one row per
+    configuration, the winner (highest mean val_acc) first.
 
     `study`, `overrides`, `data`, `model`, `plugins` must describe the study as `optimize` ran it (the same
     `--set` values): the configurations are retrained from the study file. The rows are also stored in the
@@ -55,7 +59,7 @@ def confirm(study: str | StudySpec, *, top: int = 3, seeds: int = 3, storage: st
     from regsearch._opening import load_stored_study
     from regsearch._study_file import load_study
 
-    check_counts(top, seeds)
+    seeds = check_counts(top, seeds, folds)
     spec = study if isinstance(study, StudySpec) else load_study(study, overrides)
     stored = load_stored_study(spec.name if isinstance(study, StudySpec) else study, storage, study_name)
     exp = prepare(spec, data=data, model=model, data_dir=data_dir, device=device, plugins=plugins)
@@ -63,14 +67,20 @@ def confirm(study: str | StudySpec, *, top: int = 3, seeds: int = 3, storage: st
         from regsearch.tracking import default_tracking_uri
 
         tracking_uri = tracking_uri or default_tracking_uri()
-    return confirm_study(stored, exp, top, seeds, tracking_uri if tracking else None)
+    return confirm_study(stored, exp, top, seeds, tracking_uri if tracking else None, folds)
 
 
-def check_counts(top: int, seeds: int) -> None:
+def check_counts(top: int, seeds: int | None, folds: int | None = None) -> int:
+    """The number of seeds (3 alone, 1 with folds: the folds give the spread), after checking the counts."""
     if top < 1:
         raise ConfigError(f"top must be at least 1; got {top}")
-    if seeds < 2:
-        raise ConfigError(f"seeds must be at least 2 (a spread needs two runs); got {seeds}")
+    if folds is not None and folds < 2:
+        raise ConfigError(f"folds must be at least 2; got {folds}")
+    seeds = seeds if seeds is not None else 3 if folds is None else 1
+    if seeds < (2 if folds is None else 1):
+        raise ConfigError(f"seeds must be at least 2 (a spread needs two runs); got {seeds}" if folds is None
+                          else f"seeds must be at least 1; got {seeds}")
+    return seeds
 
 
 def confirm_at_end(study: optuna.Study, exp: Experiment, stores: Any) -> None:
@@ -81,35 +91,40 @@ def confirm_at_end(study: optuna.Study, exp: Experiment, stores: Any) -> None:
         return
     done = study.user_attrs.get(CONFIRM_ATTR) or {}
     numbers = [t.number for t, _ in finalists(study, exp.spec, settings.top)]
-    if (sorted(r["trial"] for r in done.get("rows", [])) == sorted(numbers)
-            and done.get("seeds") == confirm_seeds(exp.spec.seed, settings.seeds, numbers)):
+    seeds = check_counts(settings.top, settings.seeds, settings.folds)
+    if (sorted(r["trial"] for r in done.get("rows", [])) == sorted(numbers) and done.get("folds") == settings.folds
+            and done.get("seeds") == confirm_seeds(exp.spec.seed, seeds * (settings.folds or 1), numbers)):
         return
     uri = None
     if stores.tracking:
         from regsearch.tracking import default_tracking_uri
 
         uri = stores.tracking_uri or default_tracking_uri()
-    confirm_study(study, exp, settings.top, settings.seeds, uri)
+    confirm_study(study, exp, settings.top, seeds, uri, settings.folds)
 
 
-def confirm_study(study: optuna.Study, exp: Experiment, top: int, seeds: int, tracking_uri: str | None
-                  ) -> list[dict[str, Any]]:
+def confirm_study(study: optuna.Study, exp: Experiment, top: int, seeds: int, tracking_uri: str | None,
+                  folds: int | None = None) -> list[dict[str, Any]]:
     """Confirm an open study's finalists in a prepared experiment; stores and (with a URI) logs the result."""
-    check_counts(top, seeds)
+    seeds = check_counts(top, seeds, folds)
     chosen = finalists(study, exp.spec, top)
     if not chosen:
         raise ConfigError(f"study {study.study_name!r} has no complete trial to confirm")
-    fresh = confirm_seeds(exp.spec.seed, seeds, [t.number for t, _ in chosen])
-    logger.info("confirming %d configurations of study %s with %d fresh seeds each", len(chosen),
-                study.study_name, seeds)
-    rows = [_row(exp, trial, role, fresh) for trial, role in chosen]
+    fresh = confirm_seeds(exp.spec.seed, seeds * (folds or 1), [t.number for t, _ in chosen])
+    splits = [exp.data] * seeds if folds is None else [
+        part for repeat in range(seeds) for part in cv_folds(exp.data, folds, fresh[repeat * folds])]
+    logger.info("confirming %d configurations of study %s: %s each", len(chosen), study.study_name,
+                f"{seeds} fresh seeds" if folds is None else f"{folds}-fold cross-validation" +
+                (f" repeated {seeds} times" if seeds > 1 else ""))
+    rows = [_row(exp, trial, role, fresh, splits) for trial, role in chosen]
     rows.sort(key=lambda r: (-r["val_acc_mean"], r["val_loss_mean"], r["trial"]))
     for i, r in enumerate(rows):
         r["winner"] = i == 0
-    sentence = confirm_sentence(rows, seeds, len(exp.data.y_val))
-    study.set_user_attr(CONFIRM_ATTR, {"seeds": fresh, "spread": "sd", "rows": rows, "sentence": sentence})
+    sentence = confirm_sentence(rows, len(fresh), min(len(s.y_val) for s in splits), folds)
+    study.set_user_attr(CONFIRM_ATTR, {"seeds": fresh, "folds": folds, "spread": "sd", "rows": rows,
+                                       "sentence": sentence})
     if tracking_uri is not None:
-        log_confirmation(study, tracking_uri, rows, fresh, sentence)
+        log_confirmation(study, tracking_uri, rows, fresh, sentence, folds)
     return rows
 
 
@@ -165,9 +180,11 @@ def confirm_seeds(study_seed: int, n: int, avoid: Sequence[int] = ()) -> list[in
     return seeds
 
 
-def _row(exp: Experiment, trial: optuna.trial.FrozenTrial, role: str, seeds: Sequence[int]) -> dict[str, Any]:
-    """One configuration trained once per seed: per-seed metrics and their mean and (sample) sd."""
-    runs = [retrain_with_seed(exp, trial, seed) for seed in seeds]
+def _row(exp: Experiment, trial: optuna.trial.FrozenTrial, role: str, seeds: Sequence[int],
+         splits: Sequence[TensorData]) -> dict[str, Any]:
+    """One configuration trained once per (seed, split): per-run metrics and their mean and (sample) sd."""
+    runs = [retrain_with_seed(exp if data is exp.data else replace(exp, data=data), trial, seed)
+            for seed, data in zip(seeds, splits, strict=True)]
     row: dict[str, Any] = {"trial": trial.number, "role": role,
                            "config": " + ".join(combination(exp.spec, trial)) or "no regularizer",
                            "params": dict(trial.params), "single_run_val_acc": trial_val_acc(trial)}
@@ -193,8 +210,8 @@ def retrain_with_seed(exp: Experiment, trial: optuna.trial.FrozenTrial, seed: in
 
 
 def log_confirmation(study: optuna.Study, tracking_uri: str, rows: Sequence[Mapping[str, Any]],
-                     seeds: Sequence[int], sentence: str) -> None:
-    """One MLflow run per configuration under the study's parent run (per-seed metrics as steps, then the means);
+                     seeds: Sequence[int], sentence: str, folds: int | None = None) -> None:
+    """One MLflow run per configuration under the study's parent run (per-run metrics as steps, then the means);
     a tracking failure is one warning, never a lost confirmation (it is in the Optuna storage already)."""
     from regsearch._storage import mask_url
     from regsearch.tracking._batches import log_batches
@@ -225,8 +242,8 @@ def log_confirmation(study: optuna.Study, tracking_uri: str, rows: Sequence[Mapp
                        if v is not None]
             metrics += [Metric(f"{k}_{stat}", float(r[f"{k}_{stat}"]), now, 0) for k in _METRICS
                         for stat in ("mean", "sd") if r[f"{k}_{stat}"] is not None]
-            log_batches(tracker.client, run.info.run_id, params={**r["params"], "seeds": list(seeds)},
-                        metrics=metrics)
+            params = {**r["params"], "seeds": list(seeds), "folds": folds or "none"}
+            log_batches(tracker.client, run.info.run_id, params=params, metrics=metrics)
             tracker.client.set_terminated(run.info.run_id, status="FINISHED")
         tracker.client.set_tag(parent, "regsearch.confirm", sentence)
     except Exception as exc:

@@ -232,14 +232,17 @@ def beyond_noise(difference: float, spread: float, n_val: int) -> bool:
     return difference > max(spread, 1.0 / max(n_val, 1))
 
 
-def confirm_sentence(rows: list[dict[str, Any]], seeds: int, n_val: int) -> str:
+def confirm_sentence(rows: list[dict[str, Any]], runs: int, n_val: int, folds: int | None = None) -> str:
     """The confirmation in words: the winner on mean val_acc, and whether a searched configuration beats the
-    recipe (else the baseline) beyond noise (`beyond_noise`); differences in points, ± the combined sd."""
+    recipe (else the baseline) beyond noise (`beyond_noise`); differences in points, ± the combined sd.
+    `runs`: trainings per configuration (seeds, or folds × repeats); `n_val`: validation rows of one run."""
     winner = next(r for r in rows if r["winner"])
     test = (f" (test {winner['test_acc_mean']:.3f} ± {winner['test_acc_sd']:.3f})"
             if winner.get("test_acc_mean") is not None else "")
-    sentence = (f"Confirmed over {seeds} fresh seeds (mean ± sd): {_who(winner)} has the best mean validation "
-                f"accuracy, {winner['val_acc_mean']:.3f} ± {winner['val_acc_sd']:.3f}{test}")
+    over = f"{runs} seeds" if folds is None else f"{runs} folds" if runs == folds else \
+        f"{runs} folds ({runs // folds} × {folds}-fold)"
+    sentence = (f"Confirmed over {f'{runs} fresh seeds' if folds is None else over} (mean ± sd): {_who(winner)} has "
+                f"the best mean validation accuracy, {winner['val_acc_mean']:.3f} ± {winner['val_acc_sd']:.3f}{test}")
     reference = next((r for r in rows if r["role"] == "recipe"), None) or next(
         (r for r in rows if r["role"] == "baseline"), None)
     searched = [r for r in rows if r["role"] == "searched"]  # rows come best first
@@ -251,9 +254,9 @@ def confirm_sentence(rows: list[dict[str, Any]], seeds: int, n_val: int) -> str:
     named = "the recipe" if reference["role"] == "recipe" else "the unregularized baseline"
     if beyond_noise(points / 100, spread / 100, n_val):
         return sentence + (f"; trial {best['trial']} ({best['config']}) beats {named} (trial {reference['trial']}) "
-                           f"by {points:.1f} ± {spread:.1f} points over {seeds} seeds.")
+                           f"by {points:.1f} ± {spread:.1f} points over {over}.")
     return sentence + (f"; no searched configuration beats {named} (trial {reference['trial']}) beyond noise (the "
-                       f"best, trial {best['trial']}: {points:+.1f} ± {spread:.1f} points over {seeds} seeds).")
+                       f"best, trial {best['trial']}: {points:+.1f} ± {spread:.1f} points over {over}).")
 
 
 def _who(row: dict[str, Any]) -> str:

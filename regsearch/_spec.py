@@ -177,8 +177,18 @@ class ConfirmSpec(_Spec):
     """`search.confirm`: retrain the top configurations, the recipe and the baseline with fresh seeds at the end."""
 
     top: Annotated[Whole, Field(ge=1)] = 3
-    seeds: Annotated[Whole, Field(ge=2)] = 3
-    """At least 2: a spread needs two runs."""
+    seeds: Annotated[Whole | None, Field(ge=1)] = None
+    """Fresh seeds per configuration: 3 by default, at least 2 (a spread needs two runs); with `folds`, how many
+    times the cross-validation is repeated (default once)."""
+    folds: Annotated[Whole | None, Field(ge=2)] = None
+    """k-fold cross-validation of the finalists on the pooled training and validation rows (small data)."""
+
+    @model_validator(mode="after")
+    def _two_runs(self) -> Self:
+        if self.folds is None and self.seeds is not None and self.seeds < 2:
+            raise ConfigError(f"search.confirm.seeds must be at least 2 without folds (a spread needs two runs); "
+                              f"got {self.seeds}")
+        return self
 
 
 class SearchSpec(_Spec):

@@ -7,6 +7,7 @@ import textwrap
 
 import optuna
 import pytest
+import torch
 from click.testing import CliRunner
 
 import regsearch
@@ -145,7 +146,9 @@ def test_optimize_confirms_at_the_end_when_the_study_file_asks_and_logs_a_run_pe
 
 @pytest.mark.parametrize("args, message", [
     (["--top", "0"], "Invalid value for '--top': must be at least 1; got 0"),
-    (["--seeds", "1"], "Invalid value for '--seeds': must be at least 2; got 1"),
+    (["--seeds", "1"], "Invalid value for '--seeds': must be at least 2 without --folds"),
+    (["--folds", "1"], "Invalid value for '--folds': must be at least 2; got 1"),
+    (["--folds", "3", "--seeds", "0"], "Invalid value for '--seeds': must be at least 1; got 0"),
     (["--storage", "nothing.journal"], "nothing.journal"),
 ])
 def test_confirm_refuses_bad_input_in_one_line_with_exit_2(in_tmp, args, message, restore_logging):
@@ -164,3 +167,46 @@ def test_a_pareto_study_is_confirmed_like_any_other(tmp_path, monkeypatch, resto
                                       "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
     assert result.exit_code == 0, result.output
     assert "Confirmed over 2 fresh seeds" in result.output
+
+
+def test_k_fold_confirmation_validates_on_every_row_and_never_confirms_the_lucky_bad_one(confirmed, tmp_path,
+                                                                                         restore_logging):
+    """On small data the finalists are cross-validated: each trains once per fold; the winner is the best mean
+    over the folds, and the report draws it."""
+    storage = str(tmp_path / "folds.journal")
+    shutil.copy(confirmed["storage"], storage)
+    result = CliRunner().invoke(cli, ["confirm", "--study", str(confirmed["folder"] / "conf.yaml"), "--storage",
+                                      storage, "--top", "1", "--folds", "3"])
+    assert result.exit_code == 0, result.output
+    study = optuna.load_study(study_name="conf", storage=regsearch._storage.open_storage(storage))
+    done = study.user_attrs["confirm"]
+    by_trial = {r["trial"]: r for r in done["rows"]}
+    assert done["folds"] == 3 and len(done["seeds"]) == 3 and all(len(r["val_acc"]) == 3 for r in done["rows"])
+    assert set(by_trial) == {confirmed["bad"], 0, 1}  # the top 1 (the lucky bad one), the recipe, the baseline
+    assert by_trial[confirmed["bad"]]["val_acc_mean"] < 0.5 and not by_trial[confirmed["bad"]]["winner"]
+    assert "confirmed with 3-fold cross-validation (mean ± standard deviation" in result.output
+    assert done["sentence"].startswith("Confirmed over 3 folds (mean ± sd)") and done["sentence"] in result.output
+
+    from regsearch.report import render
+
+    page = render(study).decode("utf-8")
+    section = page.split('<section id="confirmation">', 1)[1].split("</section>", 1)[0]
+    assert "Confirmation of the finalists" in section and section.count('<img alt="Confirmation') == 1
+    assert done["sentence"] in page.split("</header>", 1)[0]  # said in the report's summary too
+
+
+def test_the_folds_pool_training_and_validation_rows_and_each_row_validates_once():
+    from regsearch.data._tensors import cv_folds, load_dataset
+
+    data = load_dataset("digits", val_fraction=0.2, seed=0, train_size=300)
+    folds = cv_folds(data, 4, seed=7)
+    pooled = sorted(map(tuple, torch.cat([data.x_train, data.x_val]).tolist()))
+    validated = sorted(map(tuple, torch.cat([f.x_val for f in folds]).tolist()))
+    assert validated == pooled  # every pooled row is validated exactly once
+    for f in folds:
+        assert len(f.y_train) + len(f.y_val) == 300 and f.x_test is data.x_test
+        shares = torch.bincount(f.y_val, minlength=10) / len(f.y_val)
+        overall = torch.bincount(torch.cat([data.y_train, data.y_val]), minlength=10) / 300
+        assert (shares - overall).abs().max() < 0.05  # stratified: each fold has the classes in proportion
+    with pytest.raises(regsearch.ConfigError, match="folds must be between 2 and 150"):
+        cv_folds(data, 151, seed=7)

@@ -266,14 +266,20 @@ def show(study: str, storage: str | None, study_name: str | None, top: int) -> N
 @tracking_uri_option
 @click.option("--top", type=int, default=3, show_default=True, callback=_at_least(1), metavar="K",
               help="The best K complete configurations to confirm (the recipe and the baseline are added).")
-@click.option("--seeds", type=int, default=3, show_default=True, callback=_at_least(2), metavar="N",
-              help="Fresh seeds per configuration (at least 2: a spread needs two runs).")
+@click.option("--seeds", type=int, default=None, callback=_at_least(1), metavar="N",
+              help="Fresh seeds per configuration (default 3, at least 2: a spread needs two runs); with --folds, "
+                   "repeats of the cross-validation (default 1).")
+@click.option("--folds", type=int, default=None, callback=_at_least(2), metavar="K",
+              help="K-fold cross-validation on the pooled training and validation rows, for data whose validation "
+                   "split is too small to choose with.")
 @set_option
 @data_dir_option
 @plugin_option
 def confirm(study: str, storage: str | None, study_name: str | None, tracking_uri: str | None, top: int,
-            seeds: int, overrides: list[tuple[str, str]], data_dir: str | None, plugins: tuple[str, ...]) -> None:
-    """Retrain the top configurations, the recipe and the baseline with fresh seeds; choose on mean val_acc.
+            seeds: int | None, folds: int | None, overrides: list[tuple[str, str]], data_dir: str | None,
+            plugins: tuple[str, ...]) -> None:
+    """Retrain the top configurations, the recipe and the baseline with fresh seeds (or in k-fold
+    cross-validation); choose on mean val_acc.
 
     Give the same --set values as `optimize` did: the configurations are retrained from the study file.
     """
@@ -284,7 +290,10 @@ def confirm(study: str, storage: str | None, study_name: str | None, tracking_ur
 
     _check_locations(storage, tracking_uri)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    run(study, top=top, seeds=seeds, storage=storage, study_name=study_name, tracking_uri=tracking_uri,
+    if folds is None and seeds is not None and seeds < 2:
+        raise click.BadParameter(f"must be at least 2 without --folds (a spread needs two runs); got {seeds}",
+                                 param_hint="'--seeds'")
+    run(study, top=top, seeds=seeds, folds=folds, storage=storage, study_name=study_name, tracking_uri=tracking_uri,
         overrides=overrides, data_dir=data_dir, plugins=plugins)
     from regsearch._opening import load_stored_study
 

@@ -132,8 +132,10 @@ def print_confirmation(study: optuna.Study) -> None:
         mean, sd = row.get(f"{key}_mean"), row.get(f"{key}_sd")
         return "-" if mean is None else f"{mean:.3f} ± {sd:.3f}" if sd is not None else f"{mean:.3f}"
 
-    click.echo(f"\nconfirmed with {len(done['seeds'])} fresh seeds (mean ± standard deviation; * chosen on "
-               f"mean val_acc, test read only):")
+    folds, runs = done.get("folds"), len(done["seeds"])
+    how = f"{runs} fresh seeds" if not folds else f"{folds}-fold cross-validation" + (
+        f" repeated {runs // folds} times" if runs > folds else "")
+    click.echo(f"\nconfirmed with {how} (mean ± standard deviation; * chosen on mean val_acc, test read only):")
     click.echo(f"{'trial':>6}  {'role':<8}  {'val_acc':<13}  {'test_acc':<13}  {'gap_acc':<13}  configuration")
     for r in done["rows"]:
         click.echo(f"{'*' if r['winner'] else ' '}{r['trial']:>5}  {r['role']:<8}  {stat(r, 'val_acc'):<13}  "

@@ -110,6 +110,25 @@ class TensorData:
         return replace(self, **move)
 
 
+def cv_folds(data: TensorData, k: int, seed: int) -> list[TensorData]:
+    """The training and validation splits pooled and cut into `k` folds (stratified by label where every class
+    has `k` examples); fold i validates on its own rows and trains on the others. Test split and statistics kept."""
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    x, y = torch.cat([data.x_train, data.x_val]), torch.cat([data.y_train, data.y_val])
+    if not 2 <= k <= len(y) // 2:
+        raise ConfigError(f"folds must be between 2 and {len(y) // 2} (half the {len(y)} training and validation "
+                          f"rows); got {k}")
+    labels = y.cpu().numpy()
+    counts = np.unique(labels, return_counts=True)[1]
+    stratify = len(counts) > 1 and int(counts.min()) >= k
+    splitter = (StratifiedKFold if stratify else KFold)(n_splits=k, shuffle=True, random_state=seed % 2**32)
+    folds = []
+    for train, val in splitter.split(labels, labels):
+        train, val = torch.from_numpy(train).to(y.device), torch.from_numpy(val).to(y.device)
+        folds.append(replace(data, x_train=x[train], y_train=y[train], x_val=x[val], y_val=y[val]))
+    return folds
+
 def load_dataset(name: str, *, val_fraction: float, seed: int, train_size: int | None = None,
                  data_dir: str | Path | None = None) -> TensorData:
     """A built-in dataset by name, split into train / validation / test."""

@@ -10,6 +10,7 @@ from typing import Any
 
 import optuna
 
+from regsearch._records import CONFIRM_ATTR
 from regsearch.report._views import (
     Section,
     TrialView,
@@ -203,6 +204,38 @@ def _curves(views: list[TrialView]) -> Section:
     return _drawn(section, fig)
 
 
+def _confirmation(study: optuna.Study) -> Section:
+    section = Section("confirmation", "Confirmation of the finalists",
+                      "Each finalist retrained with fresh seeds (or in k-fold cross-validation): every run's "
+                      "validation accuracy (dots), their mean ± sd (bar) and the mean test accuracy (diamond, read "
+                      "only); the winner, chosen on mean val_acc, is on top.")
+    done = study.user_attrs.get(CONFIRM_ATTR)
+    if not done or not done.get("rows"):
+        section.note = (f"Not confirmed: `regsearch confirm --study {study.study_name}` retrains the finalists with "
+                        f"fresh seeds and chooses on their mean.")
+        return section
+    rows = done["rows"]
+    fig = new_figure(1.0 + 0.55 * len(rows))
+    ax = fig.add_subplot()
+    for y, r in enumerate(reversed(rows)):
+        color = "tab:red" if r["winner"] else "tab:blue"
+        runs = [v for v in r["val_acc"] if v is not None]
+        ax.scatter(runs, [y] * len(runs), s=14, color=color, alpha=0.45, zorder=3)
+        ax.errorbar([r["val_acc_mean"]], [y], xerr=[r["val_acc_sd"] or 0.0], fmt="o", color=color, capsize=4,
+                    zorder=4, label="val_acc, mean ± sd" if y == 0 else None)
+        if r.get("test_acc_mean") is not None:
+            ax.scatter([r["test_acc_mean"]], [y], marker="D", s=36, color="tab:gray", zorder=4,
+                       label="test_acc, mean" if y == 0 else None)
+    labels = [f"{'* ' if r['winner'] else ''}trial {r['trial']} ({r['role']}): {r['config']}" for r in reversed(rows)]
+    ax.set_yticks(range(len(rows)), [label if len(label) <= 70 else label[:67] + "..." for label in labels],
+                  fontsize="small")
+    ax.set_xlabel("accuracy")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    section.note += " " + done.get("sentence", "")
+    return _drawn(section, fig)
+
+
 def _group(param: str) -> str:
     """The regularizer (or 'training', or 'choice <group>') a parameter belongs to."""
     if param.startswith("choice."):
@@ -345,4 +378,4 @@ def _label(choice: Any) -> str:
 def build_sections(study: optuna.Study) -> tuple[list[TrialView], list[Section]]:
     views = trial_views(study)
     return views, [_history(views, len(study.directions) > 1), _importance(study, views), _pareto(views),
-                   _curves(views), _effects(views)]
+                   _curves(views), _effects(views), _confirmation(study)]

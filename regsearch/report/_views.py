@@ -13,6 +13,7 @@ from typing import Any
 import optuna
 
 from regsearch._records import (
+    CONFIRM_ATTR,
     CURVE_ATTR,
     MAX_GAP_ATTR,
     METRIC_ATTR,
@@ -142,6 +143,9 @@ def summary_lines(study: optuna.Study, views: list[TrialView], top: int = 5) -> 
             lines.append(f"baseline (no regularization) trial {v.number}: {v.state.lower()}, val_acc "
                          f"{shown(v.val_acc)}, gap_acc {shown(v.gap_acc)}"
                          + (f", test accuracy {shown(v.test_acc)}" if v.test_acc is not None else ""))
+    confirmed = study.user_attrs.get(CONFIRM_ATTR) or {}
+    if confirmed.get("sentence"):
+        lines.append(confirmed["sentence"])
     return lines
 
 
