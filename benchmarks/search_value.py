@@ -74,8 +74,9 @@ def wine_split(tmp: Path) -> tuple[Path, Path]:
     return paths
 
 
-def run_cell(name: str, condition: str, seed: int, budget_s: float, quick: bool) -> dict[str, Any]:
-    """One search of `budget_s` seconds and its confirmation, in this process."""
+def run_cell(name: str, condition: str, seed: int, budget_s: float, quick: bool,
+             extra: list[tuple[str, str]]) -> dict[str, Any]:
+    """One search of `budget_s` seconds and its confirmation, in this process (`extra`: --set pairs)."""
     import regsearch
     from regsearch._opening import load_stored_study
     from regsearch._study_file import load_study
@@ -83,7 +84,7 @@ def run_cell(name: str, condition: str, seed: int, budget_s: float, quick: bool)
     with common.temp_dir() as folder:
         tmp = Path(folder)
         overrides, data_dir = data_overrides(name, tmp, quick)
-        overrides += [("seed", seed), *CONDITIONS[condition]]
+        overrides += [("seed", seed), *extra, *CONDITIONS[condition]]
         spec = load_study(DATASETS[name]["study"], overrides)
         storage = str(tmp / "study.journal")
         start = time.perf_counter()
@@ -126,7 +127,8 @@ def role(cell: dict[str, Any], which: str) -> dict[str, Any] | None:
 
 
 def beats_recipe(cell: dict[str, Any]) -> bool:
-    return " beats the recipe " in cell["sentence"]
+    """Whether the confirmation said a searched configuration beats the recipe beyond noise."""
+    return " beats the recipe " in cell["sentence"] and "no searched configuration beats" not in cell["sentence"]
 
 
 def table(cells: list[dict[str, Any]]) -> list[str]:
@@ -163,11 +165,18 @@ def main() -> None:
     ap.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated: " + ", ".join(DATASETS))
     ap.add_argument("--seeds", type=int, default=3, help="study seeds (0, 1, ...)")
     ap.add_argument("--budget-scale", type=float, default=1.0, help="multiplies every data set's wall budget")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a study-file override for every cell (to measure a change before making it)")
+    ap.add_argument("--table", nargs="+", metavar="JSON", help="only print the table of earlier results, merged")
     ap.add_argument("--cell", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.table:
+        print("\n".join(table([c for path in args.table for c in json.loads(Path(path).read_text())["cells"]])))
+        return
     if args.cell:
         name, condition, seed, budget = args.cell.split(",")
-        print(json.dumps(run_cell(name, condition, int(seed), float(budget), args.quick)))
+        extra = [tuple(pair.split("=", 1)) for pair in args.set]
+        print(json.dumps(run_cell(name, condition, int(seed), float(budget), args.quick, extra)))
         return
     names = ["digits"] if args.quick else args.datasets.split(",")
     cells = []
@@ -177,14 +186,14 @@ def main() -> None:
             for condition in CONDITIONS:  # side by side: the two searches of one seed run one after the other
                 cell = f"{name},{condition},{seed},{budget}"
                 print(f"running {cell}", flush=True)
-                cells.append(common.run_json([sys.executable, __file__, "--cell", cell,
-                                              *(["--quick"] if args.quick else [])]))
+                cells.append(common.run_json([sys.executable, __file__, "--cell", cell, *(["--quick"] if args.quick
+                                              else []), *(f"--set={pair}" for pair in args.set)]))
                 print("  " + cells[-1]["sentence"], flush=True)
     lines = table(cells)
     print("\n".join(lines))
     measures = [(f"{c['data']} seed {c['seed']} {c['condition']}: winner's test", common.summary(
         [v for v in role(c, "winner")["test_acc"] if v is not None]), "accuracy") for c in cells]
-    common.report("search_value", args, measures, {"table": lines, "cells": cells})
+    common.report("search_value", args, measures, {"table": lines, "overrides": args.set, "cells": cells})
 
 
 if __name__ == "__main__":
