@@ -198,8 +198,11 @@ def combination(spec: StudySpec, trial: optuna.trial.FrozenTrial) -> list[str]:
     on = []
     for name in switched_on(spec.regularizers, trial.params):
         own = {k[len(name) + 1:]: v for k, v in trial.params.items() if k.startswith(f"{name}.")
-               and k != f"{name}.enabled" and not isinstance(v, bool)}
-        values = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(own.items()))
+               and k != f"{name}.enabled"}
+        values = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(own.items())
+                           if not isinstance(v, bool))
+        if not values:  # only its own switches (dropout's sites): say them, "dropout" alone hides that all are off
+            values = ", ".join(f"{k}={'on' if v else 'off'}" for k, v in sorted(own.items()))
         on.append(f"{name}({values})" if values else name)
     return on
 

@@ -334,3 +334,22 @@ def test_a_refused_start_does_not_fix_the_study_settings(in_tmp, data):
                            max_gap=0.5)
     study = regsearch.optimize(spec, data=data, model=Tabular, tracking=False, storage=storage, max_gap=0.2)
     assert study.user_attrs["regsearch.max_gap"] == 0.2 and len(study.get_trials(states=(COMPLETE,))) == 1
+
+
+def test_the_combination_says_when_every_dropout_site_is_off():
+    """A trial can switch dropout on and every one of its sites off: the summary must not read as dropout applied."""
+    from regsearch._records import combination
+
+    spec = spec_from_dict({"regularizers": {"dropout": {"per_site": True}, "l2": {}}}, name="sites")
+    cat, log = optuna.distributions.CategoricalDistribution([False, True]), \
+        optuna.distributions.FloatDistribution(1e-6, 1e-2, log=True)
+    params = {"dropout.enabled": True, "dropout.2.on": False, "dropout.4.on": False, "l2.enabled": True,
+              "l2.weight_decay": 1e-4}
+    trial = optuna.trial.create_trial(value=0.9, params=params, distributions={
+        k: log if k == "l2.weight_decay" else cat for k in params})
+    assert combination(spec, trial) == ["dropout(2.on=off, 4.on=off)", "l2(weight_decay=0.0001)"]
+    on = {**params, "dropout.2.on": True, "dropout.2.p": 0.25}
+    trial = optuna.trial.create_trial(value=0.9, params=on, distributions={
+        k: log if k == "l2.weight_decay" else optuna.distributions.FloatDistribution(0.0, 0.5) if k == "dropout.2.p"
+        else cat for k in on})
+    assert combination(spec, trial) == ["dropout(2.p=0.25)", "l2(weight_decay=0.0001)"]
