@@ -18,6 +18,7 @@ from dataclasses import replace
 from typing import Any
 
 import optuna
+import torch
 from torch import nn
 
 from regsearch._errors import ConfigError
@@ -34,7 +35,7 @@ from regsearch._search_space import encoded
 from regsearch._spec import StudySpec
 from regsearch._trainer import fit
 from regsearch._trial import Experiment, build_trial, stored_autocast, test_score, training_for, trial_seed
-from regsearch.data._tensors import TensorData, cv_folds
+from regsearch.data._tensors import TensorData, cv_folds, fold_split
 
 logger = logging.getLogger("regsearch")
 
@@ -111,16 +112,17 @@ def confirm_study(study: optuna.Study, exp: Experiment, top: int, seeds: int, tr
     if not chosen:
         raise ConfigError(f"study {study.study_name!r} has no complete trial to confirm")
     fresh = confirm_seeds(exp.spec.seed, seeds * (folds or 1), [t.number for t, _ in chosen])
-    splits = [exp.data] * seeds if folds is None else [
-        part for repeat in range(seeds) for part in cv_folds(exp.data, folds, fresh[repeat * folds])]
+    plan = [None] * seeds if folds is None else [  # per run: the fold's (train, val) rows of the pool, or none
+        rows for repeat in range(seeds) for rows in cv_folds(exp.data, folds, fresh[repeat * folds])]
     logger.info("confirming %d configurations of study %s: %s each", len(chosen), study.study_name,
                 f"{seeds} fresh seeds" if folds is None else f"{folds}-fold cross-validation" +
                 (f" repeated {seeds} times" if seeds > 1 else ""))
-    rows = [_row(exp, trial, role, fresh, splits) for trial, role in chosen]
+    rows = [_row(exp, trial, role, fresh, plan) for trial, role in chosen]
     rows.sort(key=lambda r: (-r["val_acc_mean"], r["val_loss_mean"], r["trial"]))
     for i, r in enumerate(rows):
         r["winner"] = i == 0
-    sentence = confirm_sentence(rows, len(fresh), min(len(s.y_val) for s in splits), folds)
+    n_val = len(exp.data.y_val) if folds is None else min(len(val) for _, val in plan)
+    sentence = confirm_sentence(rows, len(fresh), n_val, folds)
     study.set_user_attr(CONFIRM_ATTR, {"seeds": fresh, "folds": folds, "spread": "sd", "rows": rows,
                                        "sentence": sentence})
     if tracking_uri is not None:
@@ -181,10 +183,10 @@ def confirm_seeds(study_seed: int, n: int, avoid: Sequence[int] = ()) -> list[in
 
 
 def _row(exp: Experiment, trial: optuna.trial.FrozenTrial, role: str, seeds: Sequence[int],
-         splits: Sequence[TensorData]) -> dict[str, Any]:
+         plan: Sequence[tuple[torch.Tensor, torch.Tensor] | None]) -> dict[str, Any]:
     """One configuration trained once per (seed, split): per-run metrics and their mean and (sample) sd."""
-    runs = [retrain_with_seed(exp if data is exp.data else replace(exp, data=data), trial, seed)
-            for seed, data in zip(seeds, splits, strict=True)]
+    runs = [retrain_with_seed(exp if rows is None else replace(exp, data=fold_split(exp.data, *rows)), trial, seed)
+            for seed, rows in zip(seeds, plan, strict=True)]  # one fold's copy of the data at a time
     row: dict[str, Any] = {"trial": trial.number, "role": role,
                            "config": " + ".join(combination(exp.spec, trial)) or "no regularizer",
                            "params": dict(trial.params), "single_run_val_acc": trial_val_acc(trial)}

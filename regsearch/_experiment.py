@@ -16,7 +16,7 @@ from regsearch._registry import RegularizerRegistry, default_registry
 from regsearch._search_space import RecordingTrial
 from regsearch._spec import StudySpec
 from regsearch._trial import Experiment, new_model, takes_trial
-from regsearch.data._tensors import Batcher, TensorData, load_dataset
+from regsearch.data._tensors import Batcher, TensorData, check_folds, load_dataset
 from regsearch.models import model_factory
 
 logger = logging.getLogger("regsearch")
@@ -37,6 +37,8 @@ def prepare(spec: StudySpec, *, data: TensorData | None = None, model: Callable[
     if data is None:
         data = _load_data(spec, data_dir)
     data = data.to(dev)
+    if spec.search.confirm is not None and spec.search.confirm.folds is not None:
+        check_folds(data, spec.search.confirm.folds)  # before the search, not after it
     build = model or model_factory(spec.model.name, spec.model.options, data.input_shape, data.num_classes,
                                    spec.searched)
     exp = Experiment(spec, data, build, regs, dev, Batcher(data).inputs(data.x_train[:4]))

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -230,14 +231,24 @@ def summary_sentence(study: optuna.Study, spec: StudySpec, best: optuna.trial.Fr
 
 
 def beyond_noise(difference: float, spread: float, n_val: int) -> bool:
-    """Whether a mean difference in validation accuracy is more than noise: it exceeds the combined standard
-    deviation of the two configurations and one validation example (1 / n_val), whichever is larger."""
+    """Whether a mean difference in validation accuracy is more than noise: it exceeds the standard deviation of
+    the difference (`paired_sd`) and one validation example (1 / n_val), whichever is larger."""
     return difference > max(spread, 1.0 / max(n_val, 1))
+
+
+def paired_sd(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """The sd of two confirmed configurations' per-run val_acc differences: both ran with the same seeds (and
+    folds), so what a seed or a fold does to every configuration cancels. Rows without per-run values fall back
+    to the unpaired √(sd_a² + sd_b²)."""
+    runs_a, runs_b = a.get("val_acc") or [], b.get("val_acc") or []
+    if len(runs_a) == len(runs_b) >= 2 and None not in runs_a and None not in runs_b:
+        return statistics.stdev(x - y for x, y in zip(runs_a, runs_b))
+    return math.hypot(a["val_acc_sd"], b["val_acc_sd"])
 
 
 def confirm_sentence(rows: list[dict[str, Any]], runs: int, n_val: int, folds: int | None = None) -> str:
     """The confirmation in words: the winner on mean val_acc, and whether a searched configuration beats the
-    recipe (else the baseline) beyond noise (`beyond_noise`); differences in points, ± the combined sd.
+    recipe (else the baseline) beyond noise (`beyond_noise`); differences in points, ± their sd (`paired_sd`).
     `runs`: trainings per configuration (seeds, or folds × repeats); `n_val`: validation rows of one run."""
     winner = next(r for r in rows if r["winner"])
     test = (f" (test {winner['test_acc_mean']:.3f} ± {winner['test_acc_sd']:.3f})"
@@ -253,7 +264,7 @@ def confirm_sentence(rows: list[dict[str, Any]], runs: int, n_val: int, folds: i
         return sentence + "."
     best = searched[0]
     points = 100 * (best["val_acc_mean"] - reference["val_acc_mean"])
-    spread = 100 * math.hypot(best["val_acc_sd"], reference["val_acc_sd"])
+    spread = 100 * paired_sd(best, reference)
     named = "the recipe" if reference["role"] == "recipe" else "the unregularized baseline"
     if beyond_noise(points / 100, spread / 100, n_val):
         return sentence + (f"; trial {best['trial']} ({best['config']}) beats {named} (trial {reference['trial']}) "

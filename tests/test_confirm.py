@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import textwrap
+from dataclasses import replace
 
 import optuna
 import pytest
@@ -175,9 +176,20 @@ def test_k_fold_confirmation_validates_on_every_row_and_never_confirms_the_lucky
     over the folds, and the report draws it."""
     storage = str(tmp_path / "folds.journal")
     shutil.copy(confirmed["storage"], storage)
-    result = CliRunner().invoke(cli, ["confirm", "--study", str(confirmed["folder"] / "conf.yaml"), "--storage",
-                                      storage, "--top", "1", "--folds", "3"])
+    validated = []  # the validation rows each training saw
+    real = _confirm.retrain_with_seed
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_confirm, "retrain_with_seed", lambda exp, trial, seed: (validated.append(
+            (trial.number, seed, len(exp.data.y_val), len(exp.data.y_train))), real(exp, trial, seed))[1])
+        result = CliRunner().invoke(cli, ["confirm", "--study", str(confirmed["folder"] / "conf.yaml"), "--storage",
+                                          storage, "--top", "1", "--folds", "3"])
     assert result.exit_code == 0, result.output
+    # digits with train_size 300 and val_fraction 0.2: 240 + 60 rows pooled, three folds of 100 validated in turn
+    assert {(n_val, n_train) for *_, n_val, n_train in validated} == {(100, 200)} and len(validated) == 3 * 3
+    per_config = {}
+    for number, seed, *_ in validated:
+        per_config.setdefault(number, []).append(seed)
+    assert len(set(map(tuple, per_config.values()))) == 1  # every configuration: the same seeds, fold by fold
     study = optuna.load_study(study_name="conf", storage=regsearch._storage.open_storage(storage))
     done = study.user_attrs["confirm"]
     by_trial = {r["trial"]: r for r in done["rows"]}
@@ -196,17 +208,58 @@ def test_k_fold_confirmation_validates_on_every_row_and_never_confirms_the_lucky
 
 
 def test_the_folds_pool_training_and_validation_rows_and_each_row_validates_once():
-    from regsearch.data._tensors import cv_folds, load_dataset
+    from regsearch.data._tensors import cv_folds, fold_split, load_dataset
 
     data = load_dataset("digits", val_fraction=0.2, seed=0, train_size=300)
-    folds = cv_folds(data, 4, seed=7)
-    pooled = sorted(map(tuple, torch.cat([data.x_train, data.x_val]).tolist()))
-    validated = sorted(map(tuple, torch.cat([f.x_val for f in folds]).tolist()))
-    assert validated == pooled  # every pooled row is validated exactly once
+    folds = [fold_split(data, *rows) for rows in cv_folds(data, 4, seed=7)]
+    label_of = {tuple(x): int(y) for x, y in zip(torch.cat([data.x_train, data.x_val]).tolist(),
+                                                  torch.cat([data.y_train, data.y_val]).tolist())}
+    assert len(label_of) == 300  # digits rows are distinct: a row names itself
+    validated = sorted(tuple(x) for f in folds for x in f.x_val.tolist())
+    assert validated == sorted(label_of)  # every pooled row is validated exactly once
     for f in folds:
         assert len(f.y_train) + len(f.y_val) == 300 and f.x_test is data.x_test
+        assert not {tuple(x) for x in f.x_train.tolist()} & {tuple(x) for x in f.x_val.tolist()}
+        assert all(label_of[tuple(x)] == y for x, y in zip(f.x_train.tolist() + f.x_val.tolist(),
+                                                            f.y_train.tolist() + f.y_val.tolist()))
         shares = torch.bincount(f.y_val, minlength=10) / len(f.y_val)
         overall = torch.bincount(torch.cat([data.y_train, data.y_val]), minlength=10) / 300
         assert (shares - overall).abs().max() < 0.05  # stratified: each fold has the classes in proportion
     with pytest.raises(regsearch.ConfigError, match="folds must be between 2 and 150"):
         cv_folds(data, 151, seed=7)
+    # a class with fewer rows than folds leaves the others stratified
+    rare = replace(data, y_train=torch.where(data.y_train == 9, 0, data.y_train))
+    rare.y_train[0] = 9
+    per_fold = torch.stack([torch.bincount(torch.cat([rare.y_train, rare.y_val])[val], minlength=10)
+                            for _, val in cv_folds(rare, 4, seed=7)])
+    assert (per_fold[:, 1:9].max(dim=0).values - per_fold[:, 1:9].min(dim=0).values).max() <= 1
+
+
+def test_the_sentence_pairs_the_runs_of_two_configurations():
+    """Same seeds and folds for all: a configuration a point above the recipe in every run beats it, however much
+    the runs themselves differ (one fold being harder than another is not noise between the two)."""
+    best = {**row(7, "searched", 0.90, 0.05, True), "val_acc": [0.95, 0.90, 0.85]}
+    recipe = {**row(1, "recipe", 0.89, 0.05), "val_acc": [0.94, 0.89, 0.84]}
+    assert "trial 7 (l2(weight_decay=0.0001)) beats the recipe (trial 1) by 1.0 ± 0.0 points over 3 folds" in \
+        confirm_sentence([best, recipe], 3, 269, folds=3)
+    shuffled = {**recipe, "val_acc": [0.84, 0.94, 0.89]}  # the same values, unpaired: noise again
+    assert "no searched configuration beats the recipe" in confirm_sentence([best, shuffled], 3, 269, folds=3)
+
+
+def test_a_study_that_confirms_by_folds_keeps_it_on_resume_and_refuses_too_many_folds_up_front(
+        tmp_path, monkeypatch, restore_logging):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "f.yaml").write_text(STUDY.replace("n_trials: 3", "n_trials: 2\n  confirm: {top: 1, folds: 2}"))
+    study = regsearch.optimize("f.yaml", storage="f.journal", tracking=False)
+    done = study.user_attrs["confirm"]
+    assert done["folds"] == 2 and all(len(r["val_acc"]) == 2 for r in done["rows"])
+    again = regsearch.optimize("f.yaml", storage="f.journal", tracking=False)
+    assert again.user_attrs["confirm"] == done  # resumed with nothing new: the same confirmation, not a new one
+    three = regsearch.optimize("f.yaml", storage="f.journal", tracking=False, overrides=[("search.confirm.folds", 3)])
+    assert three.user_attrs["confirm"]["folds"] == 3  # another fold count is another confirmation
+    result = CliRunner().invoke(cli, ["optimize", "--study", "f.yaml", "--storage", "g.journal", "--tracking-uri",
+                                      "sqlite:///none.db", "--set", "search.confirm.folds=151"])
+    assert result.exit_code == 2, result.output
+    assert "folds must be between 2 and 150 (half the 300 training and validation rows); got 151" in result.output
+    if (tmp_path / "g.journal").exists():  # refused before the first trial: nothing was run
+        assert not optuna.load_study(study_name="conf", storage=regsearch._storage.open_storage("g.journal")).trials

@@ -269,8 +269,8 @@ def show(study: str, storage: str | None, study_name: str | None, top: int) -> N
 @click.option("--seeds", type=int, default=None, callback=_at_least(1), metavar="N",
               help="Fresh seeds per configuration (default 3, at least 2: a spread needs two runs); with --folds, "
                    "repeats of the cross-validation (default 1).")
-@click.option("--folds", type=int, default=None, callback=_at_least(2), metavar="K",
-              help="K-fold cross-validation on the pooled training and validation rows, for data whose validation "
+@click.option("--folds", type=int, default=None, callback=_at_least(2), metavar="F",
+              help="F-fold cross-validation on the pooled training and validation rows, for data whose validation "
                    "split is too small to choose with.")
 @set_option
 @data_dir_option

@@ -110,24 +110,37 @@ class TensorData:
         return replace(self, **move)
 
 
-def cv_folds(data: TensorData, k: int, seed: int) -> list[TensorData]:
-    """The training and validation splits pooled and cut into `k` folds (stratified by label where every class
-    has `k` examples); fold i validates on its own rows and trains on the others. Test split and statistics kept."""
+def check_folds(data: TensorData, k: int) -> None:
+    """Refuse a fold count the pooled training and validation rows cannot fill (each fold needs 2 rows)."""
+    rows = len(data.y_train) + len(data.y_val)
+    if not 2 <= k <= rows // 2:
+        raise ConfigError(f"folds must be between 2 and {rows // 2} (half the {rows} training and validation rows); "
+                          f"got {k}")
+
+
+def cv_folds(data: TensorData, k: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The training and validation splits pooled and cut into `k` folds, as (train, val) row indices into the pool
+    (training rows first); stratified by label, classes with fewer than `k` rows spread as they fall."""
+    import warnings
+
     from sklearn.model_selection import KFold, StratifiedKFold
 
-    x, y = torch.cat([data.x_train, data.x_val]), torch.cat([data.y_train, data.y_val])
-    if not 2 <= k <= len(y) // 2:
-        raise ConfigError(f"folds must be between 2 and {len(y) // 2} (half the {len(y)} training and validation "
-                          f"rows); got {k}")
-    labels = y.cpu().numpy()
+    check_folds(data, k)
+    labels = torch.cat([data.y_train, data.y_val]).cpu().numpy()
     counts = np.unique(labels, return_counts=True)[1]
-    stratify = len(counts) > 1 and int(counts.min()) >= k
-    splitter = (StratifiedKFold if stratify else KFold)(n_splits=k, shuffle=True, random_state=seed % 2**32)
-    folds = []
-    for train, val in splitter.split(labels, labels):
-        train, val = torch.from_numpy(train).to(y.device), torch.from_numpy(val).to(y.device)
-        folds.append(replace(data, x_train=x[train], y_train=y[train], x_val=x[val], y_val=y[val]))
-    return folds
+    splitter = (StratifiedKFold if len(counts) > 1 and int(counts.max()) >= k else KFold)(
+        n_splits=k, shuffle=True, random_state=seed % 2**32)
+    with warnings.catch_warnings():  # "the least populated class has only N members": expected on small data
+        warnings.simplefilter("ignore", UserWarning)
+        return [(torch.from_numpy(train), torch.from_numpy(val)) for train, val in splitter.split(labels, labels)]
+
+
+def fold_split(data: TensorData, train: torch.Tensor, val: torch.Tensor) -> TensorData:
+    """`data` with one fold's rows of the pool as its training and validation splits (test split, statistics and
+    preprocessor kept: they were fitted on the original training split)."""
+    x, y = torch.cat([data.x_train, data.x_val]), torch.cat([data.y_train, data.y_val])
+    train, val = train.to(y.device), val.to(y.device)
+    return replace(data, x_train=x[train], y_train=y[train], x_val=x[val], y_val=y[val])
 
 def load_dataset(name: str, *, val_fraction: float, seed: int, train_size: int | None = None,
                  data_dir: str | Path | None = None) -> TensorData:
