@@ -8,6 +8,7 @@ import io
 import logging
 import os
 import re
+import textwrap
 from pathlib import Path
 
 import optuna
@@ -74,7 +75,9 @@ def _html(name: str, header: list[str], table: str, sections: list[Section]) -> 
 
 
 def _text_png(title: str, lines: list[str], mono: str = "") -> bytes:
-    """A figure holding only text (the header, or a section that has no figure), for the single-PNG report."""
+    """A figure holding only text (the header, or a section that has no figure), for the single-PNG report; long
+    lines (the confirmation's sentence) are wrapped, never cut."""
+    lines = [part for line in lines for part in textwrap.wrap(line, 150, subsequent_indent="  ") or [""]]
     rows = len(lines) + (mono.count("\n") + 2 if mono else 0)
     fig = new_figure(0.9 + 0.22 * rows)
     fig.text(0.01, 1 - 0.35 / fig.get_figheight(), title, fontsize="x-large", weight="bold", va="top")
