@@ -101,7 +101,7 @@ def run_cell(name: str, condition: str, seed: int, budget_s: float, quick: bool,
         return {"data": name, "condition": condition, "seed": seed, "budget_s": budget_s, "search_s": searched_s,
                 "confirm_s": confirm_s, "trials": {s: states.count(s) for s in set(states)},
                 "single_run_best": best, "rows": [{k: r[k] for k in (
-                    "trial", "role", "config", "winner", "val_acc_mean", "val_acc_sd", "test_acc_mean",
+                    "trial", "role", "config", "winner", "val_acc", "val_acc_mean", "val_acc_sd", "test_acc_mean",
                     "test_acc_sd", "test_acc", "single_run_val_acc")} for r in rows],
                 "sentence": confirmed["sentence"], "hgb_test_acc": hgb(spec, data_dir)}
 
@@ -126,9 +126,17 @@ def role(cell: dict[str, Any], which: str) -> dict[str, Any] | None:
     return next((r for r in cell["rows"] if r["role"] == which), None)
 
 
-def beats_recipe(cell: dict[str, Any]) -> bool:
-    """Whether the confirmation said a searched configuration beats the recipe beyond noise."""
+def beats_recipe(cell: dict[str, Any]) -> bool | None:
+    """Whether the confirmation said a searched configuration beats the recipe beyond noise (None: no recipe was
+    confirmed, the sentence then speaks of the baseline)."""
+    if role(cell, "recipe") is None:
+        return None
     return " beats the recipe " in cell["sentence"] and "no searched configuration beats" not in cell["sentence"]
+
+
+def count(cells: list[dict[str, Any]]) -> str:
+    known = [b for b in map(beats_recipe, cells) if b is not None]
+    return f"{sum(known)}/{len(known)}"
 
 
 def table(cells: list[dict[str, Any]]) -> list[str]:
@@ -143,9 +151,11 @@ def table(cells: list[dict[str, Any]]) -> list[str]:
 
     lines = ["| data | seeds | budget | baseline | recipe | study search | random search | searched beats recipe "
              "beyond noise (study / random) | single-run winner was the recipe | HGB |", "|" + "---|" * 10]
-    for name in DATASETS:
-        study = [c for c in cells if c["data"] == name and c["condition"] == "study"]
-        rand = [c for c in cells if c["data"] == name and c["condition"] == "random"]
+    variants = dict.fromkeys((c["data"], tuple(c.get("overrides", ()))) for c in cells)
+    for name, overrides in sorted(variants, key=lambda v: (list(DATASETS).index(v[0]), v[1])):
+        ours = [c for c in cells if c["data"] == name and tuple(c.get("overrides", ())) == overrides]
+        study = [c for c in ours if c["condition"] == "study"]
+        rand = [c for c in ours if c["condition"] == "random"]
         if not study:
             continue
 
@@ -153,9 +163,10 @@ def table(cells: list[dict[str, Any]]) -> list[str]:
             return stat([(role(c, which) or {}).get("test_acc_mean") for c in cs])
 
         recipe_won = sum(c["single_run_best"] == (role(c, "recipe") or {}).get("trial") for c in study)
-        lines.append(f"| {name} | {len(study)} | {study[0]['budget_s']:.0f} s | {test(study, 'baseline')} | "
+        label = " ".join([name, *overrides])
+        lines.append(f"| {label} | {len(study)} | {study[0]['budget_s']:.0f} s | {test(study, 'baseline')} | "
                      f"{test(study, 'recipe')} | {test(study, 'winner')} | {test(rand, 'winner')} | "
-                     f"{sum(map(beats_recipe, study))}/{len(study)} / {sum(map(beats_recipe, rand))}/{len(rand)} | "
+                     f"{count(study)} / {count(rand)} | "
                      f"{recipe_won}/{len(study)} | {stat([c['hgb_test_acc'] for c in study])} |")
     return lines
 
@@ -171,7 +182,8 @@ def main() -> None:
     ap.add_argument("--cell", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.table:
-        print("\n".join(table([c for path in args.table for c in json.loads(Path(path).read_text())["cells"]])))
+        runs = [json.loads(Path(path).read_text()) for path in args.table]
+        print("\n".join(table([{**c, "overrides": run.get("overrides", [])} for run in runs for c in run["cells"]])))
         return
     if args.cell:
         name, condition, seed, budget = args.cell.split(",")
@@ -189,7 +201,7 @@ def main() -> None:
                 cells.append(common.run_json([sys.executable, __file__, "--cell", cell, *(["--quick"] if args.quick
                                               else []), *(f"--set={pair}" for pair in args.set)]))
                 print("  " + cells[-1]["sentence"], flush=True)
-    lines = table(cells)
+    lines = table([{**c, "overrides": args.set} for c in cells])
     print("\n".join(lines))
     measures = [(f"{c['data']} seed {c['seed']} {c['condition']}: winner's test", common.summary(
         [v for v in role(c, "winner")["test_acc"] if v is not None]), "accuracy") for c in cells]
