@@ -100,8 +100,12 @@ def kill_a_worker_mid_trial(storage: str, name: str, pids: set[int] | None, dead
         for t in study.get_trials(deepcopy=False, states=(RUNNING,)):
             pid = (t.user_attrs.get("worker") or {}).get("pid")
             if done >= 2 and pid and pid != spare and (pids is None or pid in pids) and t.intermediate_values:
-                os.kill(pid, signal.SIGKILL)
-                return t.number
+                # frozen first: a trial that ended since the poll would make the kill hit the worker's next trial
+                os.kill(pid, signal.SIGSTOP)
+                if load(storage, name).trials[t.number].state == RUNNING:
+                    os.kill(pid, signal.SIGKILL)
+                    return t.number
+                os.kill(pid, signal.SIGCONT)
         time.sleep(0.05)
     raise AssertionError("no worker was caught in the middle of a trial")
 
