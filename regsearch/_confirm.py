@@ -26,6 +26,7 @@ from regsearch._records import (
     COMPLETE,
     CONFIRM_ATTR,
     combination,
+    confirm_method,
     confirm_sentence,
     is_baseline,
     leaderboard,
@@ -115,8 +116,7 @@ def confirm_study(study: optuna.Study, exp: Experiment, top: int, seeds: int, tr
     plan = [None] * seeds if folds is None else [  # per run: the fold's (train, val) rows of the pool, or none
         rows for repeat in range(seeds) for rows in cv_folds(exp.data, folds, fresh[repeat * folds])]
     logger.info("confirming %d configurations of study %s: %s each", len(chosen), study.study_name,
-                f"{seeds} fresh seeds" if folds is None else f"{folds}-fold cross-validation" +
-                (f" repeated {seeds} times" if seeds > 1 else ""))
+                confirm_method(len(fresh), folds))
     rows = [_row(exp, trial, role, fresh, plan) for trial, role in chosen]
     rows.sort(key=lambda r: (-r["val_acc_mean"], r["val_loss_mean"], r["trial"]))
     for i, r in enumerate(rows):

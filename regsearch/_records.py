@@ -246,6 +246,13 @@ def paired_sd(a: dict[str, Any], b: dict[str, Any]) -> float:
     return math.hypot(a["val_acc_sd"], b["val_acc_sd"])
 
 
+def confirm_method(runs: int, folds: int | None) -> str:
+    """How a confirmation trained each configuration, in words ("3 fresh seeds", "5-fold cross-validation")."""
+    if not folds:
+        return f"{runs} fresh seeds"
+    return f"{folds}-fold cross-validation" + (f" repeated {runs // folds} times" if runs > folds else "")
+
+
 def confirm_sentence(rows: list[dict[str, Any]], runs: int, n_val: int, folds: int | None = None) -> str:
     """The confirmation in words: the winner on mean val_acc, and whether a searched configuration beats the
     recipe (else the baseline) beyond noise (`beyond_noise`); differences in points, ± their sd (`paired_sd`).

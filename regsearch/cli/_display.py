@@ -14,6 +14,7 @@ from regsearch._records import (
     SUMMARY_ATTR,
     TEST_ATTR,
     best_trial,
+    confirm_method,
     is_pareto,
     leaderboard,
     pareto_front,
@@ -132,9 +133,7 @@ def print_confirmation(study: optuna.Study) -> None:
         mean, sd = row.get(f"{key}_mean"), row.get(f"{key}_sd")
         return "-" if mean is None else f"{mean:.3f} ± {sd:.3f}" if sd is not None else f"{mean:.3f}"
 
-    folds, runs = done.get("folds"), len(done["seeds"])
-    how = f"{runs} fresh seeds" if not folds else f"{folds}-fold cross-validation" + (
-        f" repeated {runs // folds} times" if runs > folds else "")
+    how = confirm_method(len(done["seeds"]), done.get("folds"))
     click.echo(f"\nconfirmed with {how} (mean ± standard deviation; * chosen on mean val_acc, test read only):")
     click.echo(f"{'trial':>6}  {'role':<8}  {'val_acc':<13}  {'test_acc':<13}  {'gap_acc':<13}  configuration")
     for r in done["rows"]:

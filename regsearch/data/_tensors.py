@@ -142,6 +142,7 @@ def fold_split(data: TensorData, train: torch.Tensor, val: torch.Tensor) -> Tens
     train, val = train.to(y.device), val.to(y.device)
     return replace(data, x_train=x[train], y_train=y[train], x_val=x[val], y_val=y[val])
 
+
 def load_dataset(name: str, *, val_fraction: float, seed: int, train_size: int | None = None,
                  data_dir: str | Path | None = None) -> TensorData:
     """A built-in dataset by name, split into train / validation / test."""
