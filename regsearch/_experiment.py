@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -15,6 +16,7 @@ from regsearch._preflight import preflight
 from regsearch._registry import RegularizerRegistry, default_registry
 from regsearch._search_space import RecordingTrial
 from regsearch._spec import StudySpec
+from regsearch._trainer import steps_per_epoch
 from regsearch._trial import Experiment, new_model, takes_trial
 from regsearch.data._tensors import Batcher, TensorData, check_folds, load_dataset
 from regsearch.models import model_factory
@@ -37,6 +39,7 @@ def prepare(spec: StudySpec, *, data: TensorData | None = None, model: Callable[
     if data is None:
         data = _load_data(spec, data_dir)
     data = data.to(dev)
+    spec = epochs_from_steps(spec, len(data.y_train))
     if spec.search.confirm is not None and spec.search.confirm.folds is not None:
         check_folds(data, spec.search.confirm.folds)  # before the search, not after it
     build = model or model_factory(spec.model.name, spec.model.options, data.input_shape, data.num_classes,
@@ -45,6 +48,15 @@ def prepare(spec: StudySpec, *, data: TensorData | None = None, model: Callable[
     bare = _check_model(exp)
     announce_slow_trials(exp, preflight(exp, registry), bare)
     return exp
+
+
+def epochs_from_steps(spec: StudySpec, n_train: int) -> StudySpec:
+    """A study whose budget is `training.steps` trains the fewest epochs of `n_train` examples that hold them."""
+    t = spec.training
+    if t.steps is None:
+        return spec
+    epochs = max(1, math.ceil(t.steps / max(1, steps_per_epoch(n_train, t.batch_size))))
+    return spec.replace(training=t.replace(epochs=epochs))
 
 
 def _load_data(spec: StudySpec, data_dir: str | None) -> TensorData:

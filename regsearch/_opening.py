@@ -127,7 +127,8 @@ def fixed_settings(spec: StudySpec) -> dict[str, Any]:
     table = {f"data.{k}": v for k in ("path", "target", "test_path") if (v := getattr(spec.data, k)) is not None}
     return {"study_file": spec.source, "data": spec.data.name, **table, "model": spec.model.name,
             **{f"model.{k}": v for k, v in spec.model.options.items()},
-            "epochs": t.epochs, "batch_size": t.batch_size, "optimizer": t.optimizer, "lr": str(t.lr),
+            "epochs": t.epochs, **({"steps": t.steps} if t.steps is not None else {}),
+            "batch_size": t.batch_size, "optimizer": t.optimizer, "lr": str(t.lr),
             "schedule": t.schedule, "label_smoothing": t.label_smoothing, "precision": t.precision, "seed": spec.seed,
             "objective": spec.search.objective,
             **({"max_gap": spec.search.max_gap} if spec.search.max_gap is not None else {}),

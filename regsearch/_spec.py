@@ -148,6 +148,9 @@ class TrainingSpec(_Spec):
     """The training recipe every trial shares (ranges here are searched like regularizer parameters)."""
 
     epochs: Annotated[Whole, Field(ge=1)] = 30
+    steps: Annotated[Whole, Field(ge=1)] | None = None
+    """A budget in optimizer steps instead of epochs: the epochs are set from the training split's size, so a table
+    of 3,000 rows trains as many steps as one of 30,000. A study file gives one of the two."""
     batch_size: Annotated[Whole, Field(ge=1)] = 64
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: Annotated[Range, _searched(log=True, minimum=0.0)] = Range(0.01, 0.3, log=True)
@@ -389,6 +392,10 @@ def spec_from_dict(raw: Any, *, name: str, source: str = "<python>") -> StudySpe
         if key in raw:
             known = _known_keys(StudySpec)
             raise ConfigError(f"{key}: unknown key{did_you_mean(key, known)}; known: {', '.join(known)}")
+    training = raw.get("training")
+    if isinstance(training, Mapping) and training.get("steps") is not None and "epochs" in training:
+        raise ConfigError("training: give epochs or steps, not both (steps sets the epochs from the size of the "
+                          "training split)")
     searched = search_spaces(raw, TrainingSpec)
     given = {"searched": searched, "model": _model(raw.pop("model", {}) or {}),
              "regularizers": _regularizers(raw.pop("regularizers", None)),

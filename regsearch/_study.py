@@ -145,7 +145,7 @@ def _run(job: Job, workers: int, progress: Progress | None, registry: Regularize
     early = start_tracking(job.stores, job.name)
     try:
         exp = prepare(job.spec, registry=registry, **job.inputs)
-        study, tracker = attach(job.spec, job.name, job.stores, create=True, tracker=early,
+        study, tracker = attach(exp.spec, job.name, job.stores, create=True, tracker=early,
                                 model_space=exp.model_space)
     except BaseException:
         if early is not None:

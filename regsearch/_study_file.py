@@ -82,6 +82,9 @@ def read_study_file(path: Path) -> Any:
         raise ConfigError(f"{path}: not valid YAML{at}: {problem}") from None
 
 
+_ONE_BUDGET = {"training.epochs": "steps", "training.steps": "epochs"}
+
+
 def apply_overrides(raw: Any, overrides: Overrides) -> Any:
     """Set dotted keys (`training.epochs=5`) in a parsed study file; values are read as YAML scalars."""
     raw = dict(raw or {})
@@ -104,6 +107,8 @@ def apply_overrides(raw: Any, overrides: Overrides) -> Any:
             node[part] = child = dict(child)
             node = child
         node[parts[-1]] = value
+        if key in _ONE_BUDGET:  # a budget given with --set replaces the file's other one
+            node.pop(_ONE_BUDGET[key], None)
     return raw
 
 

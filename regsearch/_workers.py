@@ -129,7 +129,7 @@ def worker_main(job: Job) -> None:
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
         exp = prepare(job.spec, **job.inputs)
-        study, tracker = attach(job.spec, job.name, job.stores, create=False, salt=job.index + 1)
+        study, tracker = attach(exp.spec, job.name, job.stores, create=False, salt=job.index + 1)
         objective = Objective(exp, job.name, tracker, None, job.total, job.keep_dir)
         try:
             stopper = run_trials(study, objective, job.total, job.timeout, None)

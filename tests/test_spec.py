@@ -90,6 +90,19 @@ def test_overrides_set_dotted_keys_as_yaml_scalars():
     assert spec.search.pruner.name == "none" and spec.search.baseline is False
 
 
+def test_a_budget_is_epochs_or_steps_and_a_set_one_replaces_the_files():
+    with pytest.raises(ConfigError, match=r"^training: give epochs or steps, not both"):
+        spec_from_dict({"training": {"epochs": 12, "steps": 1500}}, name="s")
+    with pytest.raises(ConfigError, match=r"^training: give epochs or steps, not both"):
+        spec_from_dict({"training": {"epochs": [4, 12], "steps": 1500}}, name="s")  # nor searched epochs
+    # the shipped tabular study's budget is steps; --set training.epochs=3 (a quick try) replaces it, and back
+    table = [("data.path", "t.csv"), ("data.target", "y")]
+    assert load_study("tabular", table).training.steps == 1500
+    quick = load_study("tabular", [*table, ("training.epochs", "3")]).training
+    assert (quick.steps, quick.epochs) == (None, 3)
+    assert load_study("digits", [("training.steps", "200")]).training.steps == 200
+
+
 def test_an_override_into_a_scalar_is_an_error():
     with pytest.raises(ConfigError, match=r"--set training\.epochs\.x: training\.epochs is not a mapping"):
         apply_overrides({"training": {"epochs": 30}}, [("training.epochs.x", "1")])

@@ -287,6 +287,22 @@ def test_a_small_table_from_the_command_line_with_and_without_a_test_file(tmp_pa
     assert re.search(r"Best combination \(trial \d\): .* - validation accuracy 0\.\d+", result.stdout)
 
 
+def test_a_budget_in_steps_trains_a_small_table_more_epochs(tmp_path):
+    import regsearch
+    from regsearch._study_file import load_study
+
+    rng = np.random.default_rng(0)
+    epochs = {}
+    for rows in (300, 1200):  # training splits of 240 and 960 rows: 4 and 15 steps of 64 rows an epoch
+        x = rng.normal(size=rows)
+        pd.DataFrame({"x": x, "label": np.where(x > 0, "yes", "no")}).to_csv(tmp_path / f"{rows}.csv", index=False)
+        spec = load_study("tabular", [("data.path", str(tmp_path / f"{rows}.csv")), ("data.target", "label"),
+                                      ("training.steps", 30), ("training.batch_size", 64), ("search.baseline", False)])
+        study = regsearch.optimize(spec, n_trials=1, storage=str(tmp_path / f"{rows}.journal"), tracking=False)
+        epochs[rows] = study.trials[0].user_attrs["epochs"]
+    assert epochs == {300: 8, 1200: 2}  # the fewest epochs that hold 30 steps: ceil(30 / 4), ceil(30 / 15)
+
+
 @pytest.mark.slow
 def test_adult_from_the_command_line_end_to_end(tmp_path):
     train, test = shared_table("adult-train.csv"), shared_table("adult-test.csv")
