@@ -33,8 +33,8 @@ import _common as common  # noqa: E402
 TABLES = common.REPO.parent / "shared" / "datasets" / "tabular"
 DATASETS: dict[str, dict[str, Any]] = {
     "digits": {"study": "digits", "budget_s": 60},
-    "wine": {"study": "tabular", "budget_s": 90},
-    "adult": {"study": "tabular", "budget_s": 120},
+    "wine": {"study": "tabular", "budget_s": 180},
+    "adult": {"study": "tabular", "budget_s": 240},
     "cifar": {"study": "cifar", "budget_s": 300},
 }
 CONDITIONS = {"study": [], "random": [("search.sampler.name", "random"), ("search.pruner.name", "none")]}
