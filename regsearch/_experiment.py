@@ -55,7 +55,7 @@ def epochs_from_steps(spec: StudySpec, n_train: int) -> StudySpec:
     t = spec.training
     if t.steps is None:
         return spec
-    epochs = max(1, math.ceil(t.steps / max(1, steps_per_epoch(n_train, t.batch_size))))
+    epochs = math.ceil(t.steps / max(1, steps_per_epoch(n_train, t.batch_size)))  # steps >= 1: at least one
     return spec.replace(training=t.replace(epochs=epochs))
 
 
