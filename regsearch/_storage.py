@@ -86,17 +86,32 @@ def _rdb_storage(url: str, scheme: str, heartbeat_interval: int, grace_period: i
                 )
         except Exception as exc:
             # Workers started together on a brand-new database race to create its tables: the losers see a
-            # duplicate-key error and succeed on a second try, once the tables exist. Optuna may wrap that error
-            # ("An exception is raised during the commit"): the driver's words are further down the chain.
-            chain, cause = [], exc
-            while cause is not None and len(chain) < 5:
-                chain.append(str(cause))
-                cause = cause.__cause__ or cause.__context__
-            text = " ".join(chain).lower()
-            if attempt == 7 or not any(k in text for k in ("duplicate", "unique constraint", "already exists")):
+            # duplicate-key error, or (wrapped by Optuna as "An exception is raised during the commit") another
+            # error of the half-made schema, and succeed on a later try, once the tables exist.
+            if attempt == 7 or not _lost_a_race(exc):
                 raise
             time.sleep(0.2 + random.random() * (attempt + 1) * 0.3)
     raise AssertionError("unreachable")
+
+
+_RACE_WORDS = ("duplicate", "unique constraint", "already exists", "deadlock", "concurrently", "serialize")
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """`exc` and what it was raised from, outermost first (the driver's own error is last)."""
+    chain: list[BaseException] = []
+    cause: BaseException | None = exc
+    while cause is not None and len(chain) < 8:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    return chain
+
+
+def _lost_a_race(exc: BaseException) -> bool:
+    import optuna
+
+    text = " ".join(str(c) for c in _causes(exc)).lower()
+    return any(word in text for word in _RACE_WORDS) or isinstance(exc, optuna.exceptions.StorageInternalError)
 
 
 def open_storage(url: str | None = None, *, heartbeat_interval: int = 30, grace_period: int = 90,
@@ -143,7 +158,10 @@ def open_storage(url: str | None = None, *, heartbeat_interval: int = 30, grace_
         raise StorageError(f"--storage {mask_url(url)}: the database driver is not installed ({driver}); "
                            f"for PostgreSQL: pip install 'regsearch[postgres]'") from None
     except Exception as exc:  # SQLAlchemy/driver errors carry the URL; report them masked, in one line
-        reason = mask_url(str(getattr(exc, "orig", None) or exc)).strip().splitlines()[0]
+        # the driver's words, not Optuna's wrapper ("An exception is raised during the commit ...")
+        wrapped = type(exc).__name__ == "StorageInternalError" and exc.__cause__ is not None
+        driver = exc.__cause__ if wrapped else exc
+        reason = mask_url(str(getattr(driver, "orig", None) or driver)).strip().splitlines()[0]
         raise StorageError(f"--storage {mask_url(url)}: cannot open the database: {reason}") from None
 
 

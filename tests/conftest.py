@@ -70,11 +70,6 @@ def fill_disk(folder: Path) -> None:
         os.close(fd)
 
 
-def pytest_xdist_auto_num_workers(config) -> int:
-    """`-n auto`: one test process per core, at most four (the heavy tests already train on every core)."""
-    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
-
-
 @pytest.fixture
 def in_tmp(tmp_path, monkeypatch):
     """Run the test inside an empty folder (default storage and tracking files land there)."""
