@@ -158,8 +158,10 @@ def open_storage(url: str | None = None, *, heartbeat_interval: int = 30, grace_
         raise StorageError(f"--storage {mask_url(url)}: the database driver is not installed ({driver}); "
                            f"for PostgreSQL: pip install 'regsearch[postgres]'") from None
     except Exception as exc:  # SQLAlchemy/driver errors carry the URL; report them masked, in one line
+        import optuna
+
         # the driver's words, not Optuna's wrapper ("An exception is raised during the commit ...")
-        wrapped = type(exc).__name__ == "StorageInternalError" and exc.__cause__ is not None
+        wrapped = isinstance(exc, optuna.exceptions.StorageInternalError) and exc.__cause__ is not None
         driver = exc.__cause__ if wrapped else exc
         reason = mask_url(str(getattr(driver, "orig", None) or driver)).strip().splitlines()[0]
         raise StorageError(f"--storage {mask_url(url)}: cannot open the database: {reason}") from None
