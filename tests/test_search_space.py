@@ -34,8 +34,13 @@ def test_training_and_model_keys_are_searched_shown_and_retrained(in_tmp):
     assert result.exit_code == 0, result.output
     storage = optuna.storages.journal.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(in_tmp / "regsearch.journal")))
-    trials = optuna.load_study(study_name="digits", storage=storage).trials
+    study = optuna.load_study(study_name="digits", storage=storage)
+    trials = study.trials
     assert len(trials) == 5
+    # the summary says the winner's searched values, not only its regularizers: width or epochs may be what won
+    best = trials[int(study.user_attrs["summary"].split("(trial ", 1)[1].split(")", 1)[0])]
+    assert (f"model.hidden={best.params['model.hidden']}, training.batch_size={best.params['training.batch_size']}"
+            in study.user_attrs["summary"])
     for t in trials:
         size, epochs = t.params["training.batch_size"], t.params["training.epochs"]
         assert isinstance(size, int) and 32 <= size <= 128
