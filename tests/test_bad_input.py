@@ -582,6 +582,13 @@ CASES += [
     case("search-model-choice-the-model-refuses", ["optimize", "--study", "digits", "--set",
                                                    "model.hidden={choices: [[32], [0]]}"],
          "model.hidden: hidden must be a list of positive whole numbers; got [0]"),
+    # a budget in steps sets the epochs once for the study: a searched one would be recorded but never trained
+    case("search-steps-as-choices", "optimize --study {tmp}/s.yaml --n-trials 1", bounded=False,
+         message="s.yaml: training.steps: cannot be searched (the epochs are set once from it",
+         files={"s.yaml": "data: {name: digits}\ntraining: {steps: {choices: [100, 400]}}\n"}),
+    case("search-steps-as-a-range", "optimize --study {tmp}/s.yaml --n-trials 1", bounded=False,
+         message="s.yaml: training.steps: cannot be searched (the epochs are set once from it",
+         files={"s.yaml": "data: {name: digits}\ntraining: {steps: [100, 2000]}\n"}),
 ]
 
 
