@@ -209,12 +209,12 @@ def combination(spec: StudySpec, trial: optuna.trial.FrozenTrial) -> list[str]:
 
 
 def configuration(spec: StudySpec, trial: optuna.trial.FrozenTrial) -> str:
-    """A trial's regularizers (`combination`) and its values of the study's searched `model.*`/`training.*` keys:
-    two configurations that differ only in width must read differently."""
+    """A trial's regularizers (`combination`) and its values of the study's searched `model.*`/`training.*` keys
+    (not the learning rate, searched in every study): two configurations of different widths read differently."""
     found = " + ".join(combination(spec, trial)) or "no regularizer"
     keys = [f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(trial.params.items())
             if k.startswith(("model.", "training."))]
-    return found + (f" with {', '.join(keys)}" if keys else "")
+    return found + (f" with {'; '.join(keys)}" if keys else "")
 
 
 def summary_sentence(study: optuna.Study, spec: StudySpec, best: optuna.trial.FrozenTrial,

@@ -632,7 +632,8 @@ def stored(folder: Path) -> tuple[list[tuple], int]:
 
 @pytest.fixture(scope="module")
 def kept_study(tmp_path_factory, mlflow_store) -> Path:
-    """A folder where a tiny real digits study ran (its journal, mlflow.db and artifacts); `keep` cases copy it."""
+    """A folder where a tiny real digits study ran (its journal, mlflow.db and artifacts); `keep` cases copy it.
+    The copies' experiment still names this folder for artifacts; a case counts its own copy's trials and runs."""
     folder = tmp_path_factory.mktemp("kept-study")
     shutil.copy(mlflow_store, folder / "mlflow.db")
     with pytest.MonkeyPatch.context() as mp:
