@@ -25,7 +25,7 @@ from regsearch._errors import ConfigError
 from regsearch._records import (
     COMPLETE,
     CONFIRM_ATTR,
-    combination,
+    configuration,
     confirm_method,
     confirm_sentence,
     is_baseline,
@@ -188,7 +188,7 @@ def _row(exp: Experiment, trial: optuna.trial.FrozenTrial, role: str, seeds: Seq
     runs = [retrain_with_seed(exp if rows is None else replace(exp, data=fold_split(exp.data, *rows)), trial, seed)
             for seed, rows in zip(seeds, plan, strict=True)]  # one fold's copy of the data at a time
     row: dict[str, Any] = {"trial": trial.number, "role": role,
-                           "config": " + ".join(combination(exp.spec, trial)) or "no regularizer",
+                           "config": configuration(exp.spec, trial),
                            "params": dict(trial.params), "single_run_val_acc": trial_val_acc(trial)}
     for key in _METRICS:
         values = [r[key] for r in runs]

@@ -208,11 +208,20 @@ def combination(spec: StudySpec, trial: optuna.trial.FrozenTrial) -> list[str]:
     return on
 
 
+def configuration(spec: StudySpec, trial: optuna.trial.FrozenTrial) -> str:
+    """A trial's regularizers (`combination`) and its values of the study's searched `model.*`/`training.*` keys
+    (not the learning rate, searched in every study): two configurations of different widths read differently."""
+    found = " + ".join(combination(spec, trial)) or "no regularizer"
+    keys = [f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(trial.params.items())
+            if k.startswith(("model.", "training."))]
+    return found + (f" with {'; '.join(keys)}" if keys else "")
+
+
 def summary_sentence(study: optuna.Study, spec: StudySpec, best: optuna.trial.FrozenTrial,
                      test_acc: float | None) -> str:
     """What the study found, in words: the best combination, its test accuracy and gap against the baseline."""
     found_metrics = metrics(best)
-    found = " + ".join(combination(spec, best)) or "no regularizer"
+    found = configuration(spec, best)
     score = (f"test accuracy {test_acc:.3f}" if test_acc is not None
              else f"validation accuracy {found_metrics.get('val_acc', float('nan')):.3f}")
     gap = found_metrics.get("gap_acc")

@@ -61,6 +61,9 @@ def search_spaces(raw: dict[str, Any], training_spec: Any) -> dict[str, Range | 
     searched: dict[str, Range | Choice] = {}
     training = raw.get("training")
     if isinstance(training, Mapping):
+        if isinstance(training.get("steps"), (Mapping, list, tuple)):
+            raise ConfigError("training.steps: cannot be searched (the epochs are set once from it and the training "
+                              f"split's size); give one number, or search training.epochs; got {training['steps']!r}")
         fields = training_spec.model_fields
         raw["training"], searched = _split_searched(
             "training", training, lambda key: fields[key].default if key in fields else _NO_DEFAULT, False,

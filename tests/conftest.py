@@ -70,6 +70,16 @@ def fill_disk(folder: Path) -> None:
         os.close(fd)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def away_from_the_checkout(tmp_path_factory) -> Iterator[None]:
+    """The session runs in a scratch folder: a command given no --storage or --tracking-uri writes its default
+    ./regsearch.journal and ./mlflow.db there, never into the checkout."""
+    cwd = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(cwd)
+
+
 @pytest.fixture
 def in_tmp(tmp_path, monkeypatch):
     """Run the test inside an empty folder (default storage and tracking files land there)."""

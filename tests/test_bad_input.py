@@ -2,8 +2,8 @@
 
 One table, one test: each case writes its own files (study YAML, plugin .py, tiny CIFAR-10 files) into its own
 folder, runs `regsearch` there (in-process with click's CliRunner unless a real process matters) and checks
-the answer. Cases marked `keep` first run a tiny real study in the same folder and check afterwards that the
-bad command lost none of its trials or MLflow runs.
+the answer. Cases marked `keep` start from a folder where a tiny real study ran (run once, copied per case) and
+check afterwards that the bad command lost none of its trials or MLflow runs.
 """
 
 from __future__ import annotations
@@ -582,6 +582,13 @@ CASES += [
     case("search-model-choice-the-model-refuses", ["optimize", "--study", "digits", "--set",
                                                    "model.hidden={choices: [[32], [0]]}"],
          "model.hidden: hidden must be a list of positive whole numbers; got [0]"),
+    # a budget in steps sets the epochs once for the study: a searched one would be recorded but never trained
+    case("search-steps-as-choices", "optimize --study {tmp}/s.yaml --n-trials 1", bounded=False,
+         message="s.yaml: training.steps: cannot be searched (the epochs are set once from it",
+         files={"s.yaml": "data: {name: digits}\ntraining: {steps: {choices: [100, 400]}}\n"}),
+    case("search-steps-as-a-range", "optimize --study {tmp}/s.yaml --n-trials 1", bounded=False,
+         message="s.yaml: training.steps: cannot be searched (the epochs are set once from it",
+         files={"s.yaml": "data: {name: digits}\ntraining: {steps: [100, 2000]}\n"}),
 ]
 
 
@@ -623,8 +630,23 @@ def stored(folder: Path) -> tuple[list[tuple], int]:
     return trials, runs
 
 
+@pytest.fixture(scope="module")
+def kept_study(tmp_path_factory, mlflow_store) -> Path:
+    """A folder where a tiny real digits study ran (its journal, mlflow.db and artifacts); `keep` cases copy it.
+    The copies' experiment still names this folder for artifacts; a case counts its own copy's trials and runs."""
+    folder = tmp_path_factory.mktemp("kept-study")
+    shutil.copy(mlflow_store, folder / "mlflow.db")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)
+        mp.setenv("REGSEARCH_CACHE", str(folder / "cache"))
+        mp.setattr(_registry, "_default", None)
+        first = invoke(["optimize", "--study", "digits", *TINY_RUN])
+    assert first.exit_code == 0, first.stderr
+    return folder
+
+
 @pytest.mark.parametrize("case", CASES)
-def test_bad_input_is_one_line_and_exit_2(case: Case, tmp_path, monkeypatch, mlflow_store):
+def test_bad_input_is_one_line_and_exit_2(case: Case, tmp_path, monkeypatch, mlflow_store, request):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("REGSEARCH_CACHE", str(tmp_path / "cache"))  # no shared download cache
     # a fresh process-wide registry: a case's plugins meet only the built-ins, and leave with the case
@@ -643,8 +665,7 @@ def test_bad_input_is_one_line_and_exit_2(case: Case, tmp_path, monkeypatch, mlf
         case.setup(tmp_path)
     before = None
     if case.keep:
-        first = invoke(["optimize", "--study", "digits", *TINY_RUN])
-        assert first.exit_code == 0, first.stderr
+        shutil.copytree(request.getfixturevalue("kept_study"), tmp_path, dirs_exist_ok=True)
         before = stored(tmp_path)
         # the baseline ran; the recipe enqueued after it waits for a later run
         assert [t[1] for t in before[0]] == ["COMPLETE", "WAITING"] and before[1] >= 1

@@ -34,8 +34,13 @@ def test_training_and_model_keys_are_searched_shown_and_retrained(in_tmp):
     assert result.exit_code == 0, result.output
     storage = optuna.storages.journal.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(in_tmp / "regsearch.journal")))
-    trials = optuna.load_study(study_name="digits", storage=storage).trials
+    study = optuna.load_study(study_name="digits", storage=storage)
+    trials = study.trials
     assert len(trials) == 5
+    # the summary says the winner's searched values, not only its regularizers: width or epochs may be what won
+    best = trials[int(study.user_attrs["summary"].split("(trial ", 1)[1].split(")", 1)[0])]
+    assert (f"model.hidden={best.params['model.hidden']}; training.batch_size={best.params['training.batch_size']}"
+            in study.user_attrs["summary"])
     for t in trials:
         size, epochs = t.params["training.batch_size"], t.params["training.epochs"]
         assert isinstance(size, int) and 32 <= size <= 128
@@ -58,6 +63,13 @@ def test_training_and_model_keys_are_searched_shown_and_retrained(in_tmp):
     assert _linear_shapes(model)[:2] == [(64, 64), (64, 32)]
     val_loss, _ = evaluate(model, Batcher(exp.data), exp.data.x_val, exp.data.y_val, 1024)
     assert val_loss == pytest.approx(recipe.user_attrs["metrics"]["val_loss"], rel=1e-5)
+
+    # the confirmation names each configuration by its searched values too (the recipe's are the first_trial's)
+    rows = regsearch.confirm(exp.spec, top=1, seeds=2, storage=str(in_tmp / "regsearch.journal"), tracking=False)
+    recipe_row = next(r for r in rows if r["role"] == "recipe")
+    assert recipe_row["config"].endswith(f"with model.hidden=[64, 32]; training.batch_size=128; "
+                                         f"training.epochs={recipe.params['training.epochs']}; "
+                                         "training.optimizer=adamw")
 
 
 def test_without_a_recipe_the_baseline_takes_mid_range_values_and_first_choices():

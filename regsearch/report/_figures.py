@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
 import warnings
 from typing import Any
 
@@ -227,7 +228,9 @@ def _confirmation(study: optuna.Study) -> Section:
             ax.scatter([r["test_acc_mean"]], [y], marker="D", s=36, color="tab:gray", zorder=4,
                        label="test_acc, mean" if y == 0 else None)
     labels = [f"{'* ' if r['winner'] else ''}trial {r['trial']} ({r['role']}): {r['config']}" for r in reversed(rows)]
-    ax.set_yticks(range(len(rows)), [label if len(label) <= 70 else label[:67] + "..." for label in labels],
+    # two lines of 70 characters: a configuration's searched width or epochs come last and must show
+    wrapped = [textwrap.wrap(label, 70) for label in labels]
+    ax.set_yticks(range(len(rows)), ["\n".join(lines[:2]) + ("..." if len(lines) > 2 else "") for lines in wrapped],
                   fontsize="small")
     ax.set_xlabel("accuracy")
     ax.grid(axis="x", alpha=0.3)
