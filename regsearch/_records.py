@@ -200,20 +200,23 @@ def combination(spec: StudySpec, trial: optuna.trial.FrozenTrial) -> list[str]:
     for name in switched_on(spec.regularizers, trial.params):
         own = {k[len(name) + 1:]: v for k, v in trial.params.items() if k.startswith(f"{name}.")
                and k != f"{name}.enabled"}
-        values = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(own.items())
-                           if not isinstance(v, bool))
+        values = ", ".join(_setting(k, v) for k, v in sorted(own.items()) if not isinstance(v, bool))
         if not values:  # only its own switches (dropout's sites): say them, "dropout" alone hides that all are off
             values = ", ".join(f"{k}={'on' if v else 'off'}" for k, v in sorted(own.items()))
         on.append(f"{name}({values})" if values else name)
     return on
 
 
+def _setting(key: str, value: Any) -> str:
+    """`key=value`, a float to three significant digits."""
+    return f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}"
+
+
 def configuration(spec: StudySpec, trial: optuna.trial.FrozenTrial) -> str:
     """A trial's regularizers (`combination`) and its values of the study's searched `model.*`/`training.*` keys
     (not the learning rate, searched in every study): two configurations of different widths read differently."""
     found = " + ".join(combination(spec, trial)) or "no regularizer"
-    keys = [f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(trial.params.items())
-            if k.startswith(("model.", "training."))]
+    keys = [_setting(k, v) for k, v in sorted(trial.params.items()) if k.startswith(("model.", "training."))]
     return found + (f" with {'; '.join(keys)}" if keys else "")
 
 
