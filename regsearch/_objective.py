@@ -76,7 +76,7 @@ class Objective:
     """Optuna's objective: one call per trial, in this process, keeping this process's best model."""
 
     def __init__(self, exp: Experiment, study_name: str, tracker: Any, parent_run_id: str | None,
-                 total: int, keep_dir: str | None = None):
+                 total: float, keep_dir: str | None = None):
         self.exp, self.study_name, self.tracker, self.parent_run_id = exp, study_name, tracker, parent_run_id
         self.total, self.keep_dir = total, keep_dir
         self.best: tuple[tuple, int, nn.Module] | None = None

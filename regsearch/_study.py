@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import shlex
 import shutil
@@ -82,7 +83,8 @@ class Options:
 def optimize(study: str | StudySpec, *, n_trials: int | None = None, timeout: float | None = None,
              workers: int = 1, data: TensorData | None = None, model: Callable[..., nn.Module] | None = None,
              progress: Progress | None = None, **options: Any) -> optuna.Study:
-    """Run (or resume) a study until it holds `n_trials` finished trials in total; returns the Optuna study.
+    """Run (or resume) a study until it holds `n_trials` finished trials in total or `timeout` seconds pass;
+    returns the Optuna study. Given a timeout and no `n_trials`, the timeout alone decides how many trials run.
 
     `study` is a shipped study's name, a study file's path or a `StudySpec`. `data` (a `TensorData`) and
     `model` (a factory of your own `nn.Module`: of no argument, or of the Optuna trial, whose suggestions are the
@@ -106,12 +108,20 @@ def optimize(study: str | StudySpec, *, n_trials: int | None = None, timeout: fl
     stores = Stores(opts.storage, opts.tracking, opts.tracking_uri)
     inputs = {"data": data, "model": model, "data_dir": opts.data_dir, "device": opts.device,
               "plugins": tuple(opts.plugins)}
-    job = Job(spec, opts.study_name or spec.name, n_trials or spec.search.n_trials, timeout, stores, inputs,
+    job = Job(spec, opts.study_name or spec.name, _total(n_trials, timeout, spec), timeout, stores, inputs,
               threads=worker_share(workers))
     with callers_threads(), _optuna_quiet(not opts.verbose):
         if workers > 1:  # each worker gets its share of the cores, and never probes beyond it
             set_thread_budget(job.threads)
         return _run(job, workers, progress, opts.registry)
+
+
+def _total(n_trials: int | None, timeout: float | None, spec: StudySpec) -> float:
+    """The study's total of finished trials: a budget given to the call replaces the study file's `n_trials`, so
+    a timeout alone means "search until then" (unbounded), not "stop at the file's count or then"."""
+    if n_trials is not None:
+        return n_trials
+    return math.inf if timeout is not None else spec.search.n_trials
 
 
 @contextlib.contextmanager
@@ -186,8 +196,10 @@ def _run(job: Job, workers: int, progress: Progress | None, registry: Regularize
 
 def _announce(job: Job, study: optuna.Study, finished: int, workers: int) -> None:
     if finished < job.total:
-        logger.info("study %s: %d of %d trials finished; running the rest (storage %s%s)", job.name, finished,
-                    job.total, describe_storage(job.stores.storage), f", {workers} workers" if workers > 1 else "")
+        done = f"{finished} of {job.total}" if math.isfinite(job.total) else f"{finished}"
+        rest = "the rest" if math.isfinite(job.total) else f"more for {job.timeout:g} s"
+        logger.info("study %s: %s trials finished; running %s (storage %s%s)", job.name, done, rest,
+                    describe_storage(job.stores.storage), f", {workers} workers" if workers > 1 else "")
     if job.spec.search.objective == "pareto":
         logger.info("objective pareto: maximize val_acc, minimize gap_acc; no pruning (Optuna cannot prune "
                     "multi-objective studies)")

@@ -30,7 +30,7 @@ logger = logging.getLogger("regsearch")
 class Progress(Protocol):
     """What a front end (the CLI's progress bar) is told while a study runs."""
 
-    def start(self, study_name: str, finished: int, total: int) -> None: ...
+    def start(self, study_name: str, finished: int, total: float) -> None: ...
 
     def trial_done(self, trial: optuna.trial.FrozenTrial, study: optuna.Study) -> None: ...
 
@@ -48,7 +48,7 @@ class StopWhenDone:
     After each trial it also fails the trials of workers on this host that died, and queues them again.
     """
 
-    def __init__(self, total: int, max_failures: int, progress: Progress | None, tracker: Any):
+    def __init__(self, total: float, max_failures: int, progress: Progress | None, tracker: Any):
         self.total, self.max_failures, self.progress, self.tracker = total, max_failures, progress, tracker
         self.failures: list[str] = []
         self.gave_up = False
@@ -71,7 +71,7 @@ class StopWhenDone:
             study.stop()
 
 
-def run_trials(study: optuna.Study, objective: Objective, total: int, timeout: float | None,
+def run_trials(study: optuna.Study, objective: Objective, total: float, timeout: float | None,
                progress: Progress | None) -> StopWhenDone:
     """This process's share of the study: trials until the study holds `total` finished ones (or gives up).
 
@@ -111,7 +111,8 @@ class Job:
 
     spec: StudySpec
     name: str
-    total: int
+    total: float
+    """finished trials to reach; math.inf when only the timeout bounds the study"""
     timeout: float | None
     stores: Stores
     inputs: dict[str, Any] = field(default_factory=dict)
@@ -156,7 +157,7 @@ class _Follower:
         self.progress = progress
         self.seen = {t.number for t in study.get_trials(deepcopy=False, states=FINISHED)}
 
-    def start(self, study_name: str, finished: int, total: int) -> None:
+    def start(self, study_name: str, finished: int, total: float) -> None:
         pass
 
     def trial_done(self, trial: optuna.trial.FrozenTrial, study: optuna.Study) -> None:

@@ -80,6 +80,21 @@ def test_optimize_digits_end_to_end_then_show_and_resume(tmp_path):
     assert len(optuna.load_study(study_name="digits", storage=storage).trials) == 4
 
 
+def test_a_timeout_alone_replaces_the_study_files_trial_count(tmp_path):
+    args = ["optimize", "--study", "digits", "--set", "search.n_trials=1", "--set", "training.epochs=1",
+            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    done = run(*args, "--timeout", "20", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    storage = optuna.storages.journal.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "regsearch.journal")))
+    searched = len(optuna.load_study(study_name="digits", storage=storage).trials)
+    assert searched > 1, "the study stopped at the file's n_trials: 1 despite --timeout 20"
+    assert f"study digits: {searched} complete" in done.stdout
+    capped = run(*args, "--timeout", "20", "--n-trials", str(searched + 1), cwd=tmp_path)
+    assert capped.returncode == 0, capped.stderr
+    assert f"study digits: {searched + 1} complete" in capped.stdout  # --n-trials and --timeout: whichever first
+
+
 BAD_INPUT = [
     (["optimize", "--study", "digts"], r"unknown study 'digts' (did you mean 'digits'?)"),
     (["optimize", "--study", "digits", "--n-trials", "0"], "must be positive"),

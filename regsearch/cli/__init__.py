@@ -189,9 +189,11 @@ def plugins(plugins: tuple[str, ...]) -> None:
 @cli.command()
 @study_option
 @click.option("--n-trials", type=int, callback=_positive(int), metavar="N",
-              help="The study's total number of finished trials (across resumes and workers).")
+              help="The study's total number of finished trials (across resumes and workers); default: the "
+                   "study file's search.n_trials, or no limit when --timeout is given.")
 @click.option("--timeout", type=float, callback=_positive(float), metavar="SECONDS",
-              help="Stop starting new trials after this many seconds.")
+              help="Stop starting new trials after this many seconds (alone, it replaces the study file's "
+                   "trial count: search until then).")
 @storage_option
 @tracking_uri_option
 @study_name_option

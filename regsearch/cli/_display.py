@@ -30,7 +30,7 @@ class TqdmProgress:
     def __init__(self) -> None:
         self.bar = None
 
-    def start(self, study_name: str, finished: int, total: int) -> None:
+    def start(self, study_name: str, finished: int, total: float) -> None:
         from tqdm import tqdm
 
         self.bar = tqdm(total=total, initial=min(finished, total), desc=study_name, unit="trial",
