@@ -80,6 +80,17 @@ def test_optimize_digits_end_to_end_then_show_and_resume(tmp_path):
     assert len(optuna.load_study(study_name="digits", storage=storage).trials) == 4
 
 
+def test_output_piped_into_a_reader_that_left_early_is_not_an_error():
+    reader, writer = os.pipe()
+    os.close(reader)  # `regsearch studies | head -0`: nobody reads what it prints
+    exe = os.path.join(os.path.dirname(sys.executable), "regsearch")
+    try:
+        done = subprocess.run([exe, "studies"], stdout=writer, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(writer)
+    assert done.stderr == "", done.stderr
+
+
 def test_a_timeout_alone_replaces_the_study_files_trial_count(tmp_path):
     args = ["optimize", "--study", "digits", "--set", "search.n_trials=1", "--set", "training.epochs=1",
             "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]

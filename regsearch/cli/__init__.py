@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import sys
 from collections.abc import Callable
@@ -47,11 +48,23 @@ class RegsearchGroup(click.Group):
                 raise
             raise _Failure(str(exc), exc.exit_code) from None
         except Exception as exc:
+            if isinstance(exc, BrokenPipeError) and _stdout_closed():
+                raise  # output piped into `head` and closed early: main() ends quietly
             if ctx.meta.get("debug"):
                 raise
             text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise _Failure(f"internal error: {type(exc).__name__}: {text} (rerun with --debug for the traceback)",
                            1) from None
+
+
+def _stdout_closed() -> bool:
+    """Whether standard output's reader went away (a broken pipe elsewhere, say to a server, is a real error)."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), or no real file behind stdout
+        return False
 
 
 def _positive(kind: type) -> Callable:
