@@ -38,10 +38,14 @@ COMPLETE, PRUNED, FAIL, RUNNING = (optuna.trial.TrialState.COMPLETE, optuna.tria
 END_STATUS = {COMPLETE: "FINISHED", PRUNED: "KILLED", FAIL: "FAILED"}
 
 GATE_PLUGIN = '''\
+import faulthandler
 import os
+import signal
 import time
 
 import regsearch
+
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # a test that times out asks where the process hangs
 
 
 @regsearch.register("gate")
@@ -80,6 +84,18 @@ def wait_for(what: str, condition: Callable[[], Any], timeout: float, proc: subp
         if time.monotonic() > deadline:
             pytest.fail(f"{what}: not within {timeout:.0f} s")
         time.sleep(0.1)
+
+
+def communicate_or_show_stacks(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """`proc.communicate`; a process still running after `timeout` fails the test with its threads' stacks."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)  # the gate plugin's faulthandler writes every thread's stack to stderr
+        time.sleep(2)
+        proc.kill()
+        _, err = proc.communicate()
+        pytest.fail(f"still running {timeout:.0f} s after the signal; its stacks:\n{err[-6000:]}")
 
 
 def trials(storage: str, name: str) -> list[optuna.trial.FrozenTrial]:
@@ -362,7 +378,7 @@ def test_sigint_and_sigterm_fail_the_running_trial_and_rerunning_resumes(tmp_pat
             number = hold_next_trial(hold, proc, timeout=120)
             proc.send_signal(sig)
             sent = time.monotonic()
-            out, err = proc.communicate(timeout=30)
+            out, err = communicate_or_show_stacks(proc, timeout=30)
         finally:
             if proc.poll() is None:
                 proc.kill()
