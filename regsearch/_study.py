@@ -101,8 +101,10 @@ def optimize(study: str | StudySpec, *, n_trials: int | None = None, timeout: fl
     spec = _spec(study, opts)
     if n_trials is not None and n_trials < 1:
         raise ConfigError(f"n_trials must be at least 1; got {n_trials}")
-    if timeout is not None and timeout <= 0:
+    if timeout is not None and not timeout > 0:
         raise ConfigError(f"timeout must be positive; got {timeout}")
+    if timeout == math.inf:
+        raise ConfigError("timeout must be finite; got inf (None: no limit)")
     if workers < 1:
         raise ConfigError(f"workers must be at least 1; got {workers}")
     stores = Stores(opts.storage, opts.tracking, opts.tracking_uri)

@@ -170,6 +170,8 @@ CASES = [
          "Invalid value for '--timeout': 'soon' is not a valid float"),
     case("cli-timeout-nan", "optimize --study digits --timeout nan",
          "Invalid value for '--timeout': must be positive; got nan"),
+    case("cli-timeout-inf", "optimize --study digits --timeout inf",
+         "Invalid value for '--timeout': must be finite; got inf (leave it out for no limit)"),
     case("cli-set-without-equals", "optimize --study digits --set training.epochs",
          "Invalid value for '--set': expected KEY=VALUE (e.g. training.epochs=5); got 'training.epochs'"),
     case("cli-set-empty-key", "optimize --study digits --set =5",

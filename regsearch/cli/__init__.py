@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import select
 import signal
@@ -49,7 +50,9 @@ class RegsearchGroup(click.Group):
             raise _Failure(str(exc), exc.exit_code) from None
         except Exception as exc:
             if isinstance(exc, BrokenPipeError) and _stdout_closed():
-                raise  # output piped into `head` and closed early: main() ends quietly
+                # output piped into `head` and closed early: not an error; nothing more is written to the pipe
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                raise click.exceptions.Exit(0) from None
             if ctx.meta.get("debug"):
                 raise
             text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -62,7 +65,7 @@ def _stdout_closed() -> bool:
     try:
         poll = select.poll()
         poll.register(sys.stdout.fileno(), select.POLLOUT)
-        return any(events & select.POLLERR for _, events in poll.poll(0))
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poll.poll(0))
     except (AttributeError, OSError, ValueError):  # no poll (Windows), or no real file behind stdout
         return False
 
@@ -71,6 +74,8 @@ def _positive(kind: type) -> Callable:
     def check(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
         if value is not None and not value > 0:  # `not >` also refuses nan
             raise click.BadParameter(f"must be positive; got {value}")
+        if value == math.inf:
+            raise click.BadParameter("must be finite; got inf (leave it out for no limit)")
         return value
     return check
 
@@ -229,7 +234,8 @@ def optimize(study: str, n_trials: int | None, timeout: float | None, storage: s
              tracking_uri: str | None, study_name: str | None, data_dir: str | None, device: str,
              seed: int | None, overrides: list[tuple[str, str]], plugins: tuple[str, ...], workers: int,
              objective: str | None, max_gap: float | None, register_model: str | None) -> None:
-    """Run or resume a study; rerunning the same command adds only the missing trials."""
+    """Run or resume a study; rerunning the same command adds only the missing trials (with --timeout alone:
+    searches for that long again)."""
     from regsearch._errors import ConfigError
 
     if device == "cuda":
@@ -381,11 +387,7 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 def main() -> None:
     signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        cli(prog_name="regsearch")
-    except BrokenPipeError:  # output piped into `head` and closed early: not an error
-        sys.stderr.close()
-        sys.exit(0)
+    cli(prog_name="regsearch")
 
 
 if __name__ == "__main__":
