@@ -198,8 +198,10 @@ def _run(job: Job, workers: int, progress: Progress | None, registry: Regularize
 
 def _announce(job: Job, study: optuna.Study, finished: int, workers: int) -> None:
     if finished < job.total:
-        done = f"{finished} of {job.total}" if math.isfinite(job.total) else f"{finished}"
-        rest = "the rest" if math.isfinite(job.total) else f"more for {job.timeout:g} s"
+        if math.isfinite(job.total):
+            done, rest = f"{finished} of {job.total}", "the rest"
+        else:
+            done, rest = f"{finished}", f"more for {job.timeout:g} s"
         logger.info("study %s: %s trials finished; running %s (storage %s%s)", job.name, done, rest,
                     describe_storage(job.stores.storage), f", {workers} workers" if workers > 1 else "")
     if job.spec.search.objective == "pareto":

@@ -13,11 +13,19 @@ from click.testing import CliRunner
 
 from regsearch.cli import cli
 
+EXE = os.path.join(os.path.dirname(sys.executable), "regsearch")
+"""The installed `regsearch` entry point, as a user runs it."""
+
 
 def run(*args: str, cwd=None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """The installed `regsearch` entry point, as a user runs it."""
-    exe = os.path.join(os.path.dirname(sys.executable), "regsearch")
-    return subprocess.run([exe, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+    return subprocess.run([EXE, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+
+
+def journal_trials(folder, study: str = "digits") -> list[optuna.trial.FrozenTrial]:
+    """The trials of `study` in the default journal file of `folder`, read with plain Optuna as a user would."""
+    storage = optuna.storages.journal.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(folder / "regsearch.journal")))
+    return optuna.load_study(study_name=study, storage=storage).trials
 
 
 def invoke(*args: str):
@@ -75,17 +83,14 @@ def test_optimize_digits_end_to_end_then_show_and_resume(tmp_path):
     again = run(*[a if a != "3" else "4" for a in args], cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert "study digits: 4 complete" in again.stdout
-    storage = optuna.storages.journal.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(tmp_path / "regsearch.journal")))
-    assert len(optuna.load_study(study_name="digits", storage=storage).trials) == 4
+    assert len(journal_trials(tmp_path)) == 4
 
 
 def test_output_piped_into_a_reader_that_left_early_is_not_an_error():
     reader, writer = os.pipe()
     os.close(reader)  # `regsearch studies | head -0`: nobody reads what it prints
-    exe = os.path.join(os.path.dirname(sys.executable), "regsearch")
     try:
-        done = subprocess.run([exe, "studies"], stdout=writer, stderr=subprocess.PIPE, text=True, timeout=120)
+        done = subprocess.run([EXE, "studies"], stdout=writer, stderr=subprocess.PIPE, text=True, timeout=120)
     finally:
         os.close(writer)
     assert done.returncode == 0 and done.stderr == "", done.stderr
@@ -96,11 +101,9 @@ def test_a_timeout_alone_replaces_the_study_files_trial_count(tmp_path):
             "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
     done = run(*args, "--timeout", "20", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    storage = optuna.storages.journal.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(tmp_path / "regsearch.journal")))
 
     def finished() -> int:
-        trials = optuna.load_study(study_name="digits", storage=storage).trials
+        trials = journal_trials(tmp_path)
         return sum(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for t in trials)
 
     searched = finished()
