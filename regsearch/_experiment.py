@@ -67,7 +67,7 @@ def _load_data(spec: StudySpec, data_dir: str | None) -> TensorData:
 
         return load_table(d.path, d.target, test_path=d.test_path, features=d.features, categorical=d.categorical,
                           id_columns=d.id_columns, val_fraction=d.val_fraction, seed=spec.seed,
-                          train_size=d.train_size)
+                          train_size=d.train_size, group_repeats=bool(d.group_repeats))
     return load_dataset(d.name, val_fraction=d.val_fraction, seed=spec.seed, train_size=d.train_size,
                         data_dir=data_dir)
 

@@ -105,7 +105,8 @@ class DataSpec(_Spec):
     for the built-in datasets. Its paths are absolute once read (see `_data_paths`).
     """
 
-    table_keys: ClassVar[tuple[str, ...]] = ("path", "target", "test_path", "features", "categorical", "id_columns")
+    table_keys: ClassVar[tuple[str, ...]] = ("path", "target", "test_path", "features", "categorical", "id_columns",
+                                             "group_repeats")
     name: Literal["digits", "cifar10", "table"] = "digits"
     val_fraction: Annotated[float, Field(ge=0.01, le=0.9)] = 0.2
     train_size: Annotated[Whole | None, Field(ge=10)] = None
@@ -121,6 +122,8 @@ class DataSpec(_Spec):
     """Columns that are categories (default: those whose values are not numbers)."""
     id_columns: _Columns = None
     """Columns left out of the inputs (row ids, names)."""
+    group_repeats: bool | None = None
+    """Keep rows with the same inputs on one side of the validation split (and of confirmation folds)."""
 
     @model_validator(mode="after")
     def _table_keys_go_with_a_table(self) -> Self:

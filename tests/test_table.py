@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import re
@@ -111,6 +112,69 @@ def test_wine_quality_numeric_labels_and_no_test_split():
     assert data.x_train.shape == (3_918, 11) and data.x_val.shape == (980, 11)
     assert data.x_test is None and data.y_test is None
     assert set(data.y_train.tolist()) == set(range(7))  # stratified: the 5 wines of quality 9 are split too
+
+
+def test_rows_that_repeat_training_rows_are_warned_of(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="regsearch")
+    load_table(shared_table("winequality-white.csv"), "quality")  # 937 of its 4,898 rows are copies of another
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and re.match(r"winequality-white.csv: [1-9]\d% of the validation rows repeat", said[0])
+    caplog.clear()
+    table = small_table()
+    load_table(write(tmp_path, "t.csv", table), "y")
+    assert not caplog.records  # every row distinct: nothing to say
+    load_table(write(tmp_path, "t.csv", table), "y", test_path=write(tmp_path, "test.csv", table))
+    assert [r.getMessage() for r in caplog.records] == [
+        "t.csv: 80% of the test rows repeat a training row's inputs exactly; test accuracy on them measures memory, "
+        "not generalization (duplicate records? drop them from the files if so)"]
+
+
+def test_group_repeats_keeps_copies_of_a_row_on_one_side_of_the_split_and_of_each_fold(caplog):
+    from regsearch.data._tensors import cv_folds, fold_split
+    from regsearch.data.table import repeated_share
+
+    caplog.set_level(logging.WARNING, logger="regsearch")
+    plain = load_table(shared_table("winequality-white.csv"), "quality")
+    assert repeated_share(plain.x_train, plain.x_val) > 0.2  # the copies straddle a plain split
+    caplog.clear()
+    wine = load_table(shared_table("winequality-white.csv"), "quality", group_repeats=True)
+    assert not caplog.records and repeated_share(wine.x_train, wine.x_val) == 0
+    assert len(wine.y_train) + len(wine.y_val) == 4_898 and abs(len(wine.y_val) - 980) < 40
+    assert set(wine.y_val.tolist()) == set(range(7))  # still stratified, the 5 wines of quality 9 included
+    for train, val in cv_folds(wine, 5, seed=3):
+        fold = fold_split(wine, train, val)
+        assert repeated_share(fold.x_train, fold.x_val) == 0
+    with pytest.raises(ConfigError, match="folds must be between 2 and 1980 .half the 3961 distinct rows"):
+        cv_folds(wine, 1981, seed=3)
+
+
+def test_a_table_without_repeats_splits_as_before_and_group_repeats_takes_one_and_the_same_row_together(tmp_path):
+    from sklearn.model_selection import train_test_split
+
+    path = write(tmp_path, "t.csv", small_table(200))
+    data = load_table(path, "y", seed=5)  # the split stored studies resume on: sklearn's stratified split
+    labels = np.array([i % 2 for i in range(200)])
+    _, val = train_test_split(np.arange(200), test_size=40, random_state=5, stratify=labels)
+    assert sorted(data.x_val[:, 0].tolist()) == sorted(data.preprocessor.transform(
+        pd.read_csv(path).iloc[val])[:, 0].tolist())
+    # `1`, `1.0` and ` 1` are one row to the network, so they are one group to the split (with the file's `1,red,b`)
+    rows = ["x,colour,y"] + [f"{v},red,a" for v in ("1", "1.0", " 1", "1.00")] + small_table(60).splitlines()[1:]
+    for seed in range(4):
+        grouped = load_table(write(tmp_path, "g.csv", "\n".join(rows) + "\n"), "y", group_repeats=True, seed=seed)
+        one = grouped.preprocessor.transform(pd.DataFrame({"x": ["1"], "colour": ["red"]}))[0, 0]
+        sides = [(x[:, 0] == one).sum().item() for x in (grouped.x_train, grouped.x_val)]
+        assert sorted(sides) == [0, 5], sides
+
+
+def test_group_repeats_with_train_size_and_on_a_table_of_one_row_repeated(tmp_path):
+    from regsearch.data.table import repeated_share
+
+    twice = small_table(100) + small_table(100).split("\n", 1)[1]  # every row twice
+    data = load_table(write(tmp_path, "t.csv", twice), "y", group_repeats=True, train_size=60)
+    assert len(data.y_train) + len(data.y_val) == 60 and repeated_share(data.x_train, data.x_val) == 0
+    same = "x,colour,y\n" + "1,red,a\n1,red,b\n" * 20
+    with pytest.raises(DataError, match="1 distinct input rows are too few to split off a validation set"):
+        load_table(write(tmp_path, "same.csv", same), "y", group_repeats=True)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -29,7 +29,8 @@ class TensorData:
     A table also keeps `classes` (the label values, index = class id), the `columns` it was read from and its
     fitted `preprocessor` (`.transform(DataFrame)` turns raw rows with those columns into float32 inputs).
     `scale`, where set, is what raw inputs were multiplied by to give these (digits: 1/16 of sklearn's 0..16 pixels);
-    the logged model applies it to the raw inputs a user has.
+    the logged model applies it to the raw inputs a user has. `group_repeats`: rows with the same inputs were kept
+    on one side of the training/validation split, and cross-validation folds keep them together too.
     """
 
     x_train: torch.Tensor
@@ -46,6 +47,7 @@ class TensorData:
     preprocessor: Any | None = None
     columns: tuple | None = None
     scale: float | None = None
+    group_repeats: bool = False
 
     @property
     def is_image(self) -> bool:
@@ -113,9 +115,18 @@ class TensorData:
 def check_folds(data: TensorData, k: int) -> None:
     """Refuse a fold count the pooled training and validation rows cannot fill (each fold needs 2 rows)."""
     rows = len(data.y_train) + len(data.y_val)
+    if data.group_repeats:
+        rows = int(pool_groups(data).max()) + 1
+    what = "distinct" if data.group_repeats else "training and validation"
     if not 2 <= k <= rows // 2:
-        raise ConfigError(f"folds must be between 2 and {rows // 2} (half the {rows} training and validation rows); "
-                          f"got {k}")
+        raise ConfigError(f"folds must be between 2 and {rows // 2} (half the {rows} {what} rows); got {k}")
+
+
+def pool_groups(data: TensorData) -> np.ndarray:
+    """One id per distinct input row of the pooled training and validation splits."""
+    pool = torch.cat([data.x_train, data.x_val]).cpu().flatten(1).contiguous().numpy()
+    rows = pool.view(np.dtype((np.void, pool.dtype.itemsize * pool.shape[1]))).ravel()
+    return np.unique(rows, return_inverse=True)[1].ravel()
 
 
 def cv_folds(data: TensorData, k: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -123,16 +134,19 @@ def cv_folds(data: TensorData, k: int, seed: int) -> list[tuple[torch.Tensor, to
     (training rows first); stratified by label, classes with fewer than `k` rows spread as they fall."""
     import warnings
 
-    from sklearn.model_selection import KFold, StratifiedKFold
+    from sklearn.model_selection import KFold, StratifiedGroupKFold, StratifiedKFold
 
     check_folds(data, k)
     labels = torch.cat([data.y_train, data.y_val]).cpu().numpy()
     counts = np.unique(labels, return_counts=True)[1]
-    splitter = (StratifiedKFold if len(counts) > 1 and int(counts.max()) >= k else KFold)(
-        n_splits=k, shuffle=True, random_state=seed % 2**32)
+    stratified = len(counts) > 1 and int(counts.max()) >= k
+    groups = pool_groups(data) if data.group_repeats else None
+    kind = StratifiedGroupKFold if groups is not None else StratifiedKFold if stratified else KFold
+    splitter = kind(n_splits=k, shuffle=True, random_state=seed % 2**32)
     with warnings.catch_warnings():  # "the least populated class has only N members": expected on small data
         warnings.simplefilter("ignore", UserWarning)
-        return [(torch.from_numpy(train), torch.from_numpy(val)) for train, val in splitter.split(labels, labels)]
+        return [(torch.from_numpy(train), torch.from_numpy(val))
+                for train, val in splitter.split(labels, labels, groups)]
 
 
 def fold_split(data: TensorData, train: torch.Tensor, val: torch.Tensor) -> TensorData:

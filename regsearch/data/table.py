@@ -6,6 +6,7 @@ rows with the table's columns, exactly as they are written in the file.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +25,11 @@ MISSING = frozenset({"", "?", "NA", "N/A", "NaN", "nan", "null", "NULL"})
 MOSTLY_NUMERIC = 0.95
 """A column whose values are numbers but for a few is taken as numeric with bad cells, not as categories."""
 
+REPEATS_WORTH_SAYING = 0.05
+"""A validation or test split with this share of rows whose inputs repeat a training row's is worth a warning."""
+
+logger = logging.getLogger("regsearch")
+
 _PARQUET = (".parquet", ".pq")
 _TAB = (".tsv", ".tab")
 _NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
@@ -32,10 +38,11 @@ _NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
 def load_table(path: str | Path, target: str, *, test_path: str | Path | None = None,
                features: Sequence[str] | None = None, categorical: Sequence[str] | None = None,
                id_columns: Sequence[str] | None = None, val_fraction: float = 0.2, seed: int = 0,
-               train_size: int | None = None) -> TensorData:
+               train_size: int | None = None, group_repeats: bool = False) -> TensorData:
     """Read a table, split it seeded (stratified where possible), fit imputers/scaler/one-hot on train only.
 
     Without `test_path` the test split is None. Classes are the sorted label values (`TensorData.classes`).
+    `group_repeats` keeps rows with the same inputs on one side of the split, so validation cannot reward memory.
     """
     if not 0 < val_fraction < 1:
         raise ConfigError(f"val_fraction must be in (0, 1); got {val_fraction}")
@@ -58,15 +65,44 @@ def load_table(path: str | Path, target: str, *, test_path: str | Path | None = 
                 raise DataError(f"{test_path} has no column {column!r} (the training table {path} has)")
         _check_numbers(test, test_path, numeric)
         y_test = torch.from_numpy(_test_ids(test, test_path, target, classes, is_number))
-    train, val = _split(y, val_fraction, seed, train_size)
+    groups = _row_groups(clean_columns(frame, numeric, categories)) if group_repeats else None
+    train, val = _split(y, val_fraction, seed, train_size, groups)
     preprocessor = make_preprocessor(numeric, categories).fit(frame.iloc[train])
     if test_path is not None:
         x_test = torch.from_numpy(preprocessor.transform(test))
-    return TensorData(
+    data = TensorData(
         torch.from_numpy(preprocessor.transform(frame.iloc[train])), torch.from_numpy(y[train]),
         torch.from_numpy(preprocessor.transform(frame.iloc[val])), torch.from_numpy(y[val]),
         x_test, y_test, len(classes), name=path.stem, classes=classes, preprocessor=preprocessor,
-        columns=tuple(inputs))
+        columns=tuple(inputs), group_repeats=group_repeats)
+    _warn_of_repeats(data, path)
+    return data
+
+
+def repeated_share(x_train: torch.Tensor, x: torch.Tensor) -> float:
+    """The share of the rows of `x` whose (encoded) inputs are exactly those of some training row."""
+    seen = {row.tobytes() for row in x_train.numpy()}
+    return sum(row.tobytes() in seen for row in x.numpy()) / max(len(x), 1)
+
+
+def _warn_of_repeats(data: TensorData, path: Path) -> None:
+    """Say so when validation or test rows repeat training rows: accuracy on them rewards memorising, and on the
+    validation split that favours the least regularized trials."""
+    val = repeated_share(data.x_train, data.x_val)
+    test = repeated_share(data.x_train, data.x_test) if data.x_test is not None else 0.0
+    drop = "duplicate records? drop them from the files if so"
+    if val >= REPEATS_WORTH_SAYING:
+        said = f"{val:.0%} of the validation rows" + (f" and {test:.0%} of the test rows" if data.x_test is not None
+                                                       else "")
+        why = "accuracy on them rewards memorising, which favours less regularization"
+        fix = drop if data.group_repeats else ("set data.group_repeats=true to keep repeated rows on one side of "
+                                               "the validation split")
+    elif test >= REPEATS_WORTH_SAYING:
+        said, why, fix = (f"{test:.0%} of the test rows", "test accuracy on them measures memory, not generalization",
+                          drop)
+    else:
+        return
+    logger.warning("%s: %s repeat a training row's inputs exactly; %s (%s)", path.name, said, why, fix)
 
 
 def read_table(path: Path) -> pd.DataFrame:
@@ -314,20 +350,46 @@ def _test_ids(test: pd.DataFrame, path: Path, target: str, classes: tuple, is_nu
     return _class_ids(labels, classes, is_number)
 
 
-def _split(y: np.ndarray, val_fraction: float, seed: int, train_size: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded train / validation row positions; stratified by class when every class can be on both sides."""
+def _row_groups(inputs: pd.DataFrame) -> np.ndarray:
+    """One id per distinct row of cleaned inputs (rows that repeat another's share its id: `1` and `1.0` alike)."""
+    return np.unique(pd.util.hash_pandas_object(inputs, index=False).to_numpy(), return_inverse=True)[1]
+
+
+def _split(y: np.ndarray, val_fraction: float, seed: int, train_size: int | None,
+           groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded train / validation row positions; stratified by class when every class can be on both sides.
+    With `groups`, rows of one group fall on the same side."""
     from sklearn.model_selection import train_test_split
 
     rows = np.arange(len(y))
     if train_size is not None and train_size < len(rows):
         rows, _ = train_test_split(rows, train_size=train_size, random_state=seed,
                                    stratify=_strata(y[rows], train_size, len(rows) - train_size))
+    if groups is not None:
+        return _split_groups(rows, y, groups[rows], val_fraction, seed)
     n_val = max(1, round(len(rows) * val_fraction))
     if len(rows) - n_val < 2:
         raise DataError(f"{len(rows)} training rows are too few to split off a validation set")
     train, val = train_test_split(rows, test_size=n_val, random_state=seed,
                                   stratify=_strata(y[rows], len(rows) - n_val, n_val))
     return np.sort(train), np.sort(val)
+
+
+def _split_groups(rows: np.ndarray, y: np.ndarray, groups: np.ndarray, val_fraction: float, seed: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Split one row of each group (stratified by its label) and let the group's other rows follow it: the
+    validation split holds about `val_fraction` of the distinct rows, more or fewer of all rows."""
+    from sklearn.model_selection import train_test_split
+
+    heads = np.unique(groups, return_index=True)[1]
+    n_val = max(1, round(len(heads) * val_fraction))
+    if len(heads) - n_val < 2:
+        raise DataError(f"{len(heads)} distinct input rows are too few to split off a validation set with "
+                        "group_repeats")
+    _, val_heads = train_test_split(heads, test_size=n_val, random_state=seed,
+                                    stratify=_strata(y[rows[heads]], len(heads) - n_val, n_val))
+    in_val = np.isin(groups, groups[val_heads])
+    return np.sort(rows[~in_val]), np.sort(rows[in_val])
 
 
 def _strata(y: np.ndarray, n_first: int, n_second: int) -> np.ndarray | None:
