@@ -101,8 +101,8 @@ def run_cell(name: str, condition: str, seed: int, budget_s: float, quick: bool,
         return {"data": name, "condition": condition, "seed": seed, "budget_s": budget_s, "search_s": searched_s,
                 "confirm_s": confirm_s, "trials": {s: states.count(s) for s in set(states)},
                 "single_run_best": best, "rows": [{k: r[k] for k in (
-                    "trial", "role", "config", "winner", "val_acc", "val_acc_mean", "val_acc_sd", "test_acc_mean",
-                    "test_acc_sd", "test_acc", "single_run_val_acc")} for r in rows],
+                    "trial", "role", "config", "params", "winner", "val_acc", "val_acc_mean", "val_acc_sd",
+                    "test_acc_mean", "test_acc_sd", "test_acc", "single_run_val_acc")} for r in rows],
                 "sentence": confirmed["sentence"], "hgb_test_acc": hgb(spec, data_dir)}
 
 
