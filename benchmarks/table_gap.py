@@ -76,6 +76,7 @@ def run_table(name: str, seeds: int, quick: bool, extra: list[tuple[str, str]]) 
 
     from regsearch._experiment import prepare
     from regsearch._study_file import load_study
+    from regsearch.data.table import seen_rows
 
     with tempfile.TemporaryDirectory() as folder:
         overrides, _ = search_value.data_overrides(name, Path(folder), quick=False)
@@ -86,9 +87,7 @@ def run_table(name: str, seeds: int, quick: bool, extra: list[tuple[str, str]]) 
         exp = prepare(spec)
     data = exp.data
     x_train, y_val, y_test = data.x_train.cpu(), data.y_val.cpu(), data.y_test.cpu()
-    known = {row.tobytes() for row in x_train.numpy()}
-    seen_by = {split: torch.tensor([row.tobytes() in known for row in x.cpu().numpy()])
-               for split, x in (("val", data.x_val), ("test", data.x_test))}
+    seen_by = dict(zip(("val", "test"), map(torch.from_numpy, seen_rows(x_train, data.x_val, data.x_test))))
     out: dict[str, Any] = {"data": name, "train_rows": len(x_train), "test_rows": len(y_test),
                            "seen_fraction": {k: v.float().mean().item() for k, v in seen_by.items()}, "configs": {}}
     for config, params in CONFIGS.items():

@@ -131,19 +131,19 @@ def test_rows_that_repeat_training_rows_are_warned_of(tmp_path, caplog):
 
 def test_group_repeats_keeps_copies_of_a_row_on_one_side_of_the_split_and_of_each_fold(caplog):
     from regsearch.data._tensors import cv_folds, fold_split
-    from regsearch.data.table import repeated_share
+    from regsearch.data.table import seen_rows
 
     caplog.set_level(logging.WARNING, logger="regsearch")
     plain = load_table(shared_table("winequality-white.csv"), "quality")
-    assert repeated_share(plain.x_train, plain.x_val) > 0.2  # the copies straddle a plain split
+    assert seen_rows(plain.x_train, plain.x_val)[0].mean() > 0.2  # the copies straddle a plain split
     caplog.clear()
     wine = load_table(shared_table("winequality-white.csv"), "quality", group_repeats=True)
-    assert not caplog.records and repeated_share(wine.x_train, wine.x_val) == 0
+    assert not caplog.records and seen_rows(wine.x_train, wine.x_val)[0].mean() == 0
     assert len(wine.y_train) + len(wine.y_val) == 4_898 and abs(len(wine.y_val) - 980) < 40
     assert set(wine.y_val.tolist()) == set(range(7))  # still stratified, the 5 wines of quality 9 included
     for train, val in cv_folds(wine, 5, seed=3):
         fold = fold_split(wine, train, val)
-        assert repeated_share(fold.x_train, fold.x_val) == 0
+        assert seen_rows(fold.x_train, fold.x_val)[0].mean() == 0
     with pytest.raises(ConfigError, match="folds must be between 2 and 1980 .half the 3961 distinct rows"):
         cv_folds(wine, 1981, seed=3)
 
@@ -167,11 +167,11 @@ def test_a_table_without_repeats_splits_as_before_and_group_repeats_takes_one_an
 
 
 def test_group_repeats_with_train_size_and_on_a_table_of_one_row_repeated(tmp_path):
-    from regsearch.data.table import repeated_share
+    from regsearch.data.table import seen_rows
 
     twice = small_table(100) + small_table(100).split("\n", 1)[1]  # every row twice
     data = load_table(write(tmp_path, "t.csv", twice), "y", group_repeats=True, train_size=60)
-    assert len(data.y_train) + len(data.y_val) == 60 and repeated_share(data.x_train, data.x_val) == 0
+    assert len(data.y_train) + len(data.y_val) == 60 and seen_rows(data.x_train, data.x_val)[0].mean() == 0
     same = "x,colour,y\n" + "1,red,a\n1,red,b\n" * 20
     with pytest.raises(DataError, match="1 distinct input rows are too few to split off a validation set"):
         load_table(write(tmp_path, "same.csv", same), "y", group_repeats=True)

@@ -79,17 +79,18 @@ def load_table(path: str | Path, target: str, *, test_path: str | Path | None = 
     return data
 
 
-def repeated_share(x_train: torch.Tensor, x: torch.Tensor) -> float:
-    """The share of the rows of `x` whose (encoded) inputs are exactly those of some training row."""
-    seen = {row.tobytes() for row in x_train.numpy()}
-    return sum(row.tobytes() in seen for row in x.numpy()) / max(len(x), 1)
+def seen_rows(x_train: torch.Tensor, *splits: torch.Tensor) -> list[np.ndarray]:
+    """Per split, which of its rows have (encoded) inputs exactly those of some training row."""
+    known = {row.tobytes() for row in x_train.cpu().numpy()}
+    return [np.array([row.tobytes() in known for row in x.cpu().numpy()], dtype=bool) for x in splits]
 
 
 def _warn_of_repeats(data: TensorData, path: Path) -> None:
     """Say so when validation or test rows repeat training rows: accuracy on them rewards memorising, and on the
     validation split that favours the least regularized trials."""
-    val = repeated_share(data.x_train, data.x_val)
-    test = repeated_share(data.x_train, data.x_test) if data.x_test is not None else 0.0
+    splits = [data.x_val] if data.x_test is None else [data.x_val, data.x_test]
+    shares = [float(seen.mean()) if len(seen) else 0.0 for seen in seen_rows(data.x_train, *splits)]
+    val, test = shares[0], shares[-1] if data.x_test is not None else 0.0
     drop = "duplicate records? drop them from the files if so"
     if val >= REPEATS_WORTH_SAYING:
         said = f"{val:.0%} of the validation rows" + (f" and {test:.0%} of the test rows" if data.x_test is not None
