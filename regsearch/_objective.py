@@ -16,7 +16,6 @@ from torch import nn
 from regsearch._device import precision_name, training_autocast
 from regsearch._errors import RegsearchError
 from regsearch._records import (
-    CURVE_ATTR,
     FAIL_REASON_ATTR,
     FINISHED,
     GAP_CONSTRAINT,
@@ -28,6 +27,7 @@ from regsearch._records import (
     SURPLUS,
     TEST_ACC_ATTR,
     WORKER_ATTR,
+    curve_key,
     is_baseline,
     rank_key,
     run_status,
@@ -146,22 +146,23 @@ class Objective:
         autocast = training_autocast(training, self.exp.device, model, self.exp.data)
         trial.set_user_attr(PRECISION_ATTR, precision_name(autocast))
         run.params({PRECISION_ATTR: precision_name(autocast)})
-        curve: list[dict[str, float]] = []
+        epochs: list[int] = []
         metrics = fit(model, self.exp.data, applied, training, lr=lr, device=self.exp.device,
-                      seed=seed, on_epoch=lambda epoch, m: self._on_epoch(trial, run, curve, epoch, m),
+                      seed=seed, on_epoch=lambda epoch, m: self._on_epoch(trial, run, epochs, epoch, m),
                       autocast=autocast)
         trial.set_user_attr(METRIC_ATTR, metrics)
         if baseline and self.exp.data.y_test is not None:  # what the final summary compares against
             trial.set_user_attr(TEST_ACC_ATTR, test_score(self.exp, model, autocast)[1])
-        trial.set_user_attr("epochs", len(curve))  # fewer than training.epochs when a plugin stopped early
+        trial.set_user_attr("epochs", len(epochs))  # fewer than training.epochs when a plugin stopped early
         self._constrain(trial, metrics)
         self._keep(trial.number, self._rank(trial.number, metrics), model)
         return metrics
 
-    def _on_epoch(self, trial: optuna.Trial, run: _TrialRun, curve: list[dict[str, float]], epoch: int,
+    def _on_epoch(self, trial: optuna.Trial, run: _TrialRun, epochs: list[int], epoch: int,
                   metrics: dict[str, float]) -> None:
-        curve.append({"epoch": epoch, **{k: round(v, 6) for k, v in metrics.items()}})
-        trial.set_user_attr(CURVE_ATTR, curve)
+        epochs.append(epoch)
+        # one record per epoch, written once: a killed trial keeps the epochs it finished
+        trial.set_user_attr(curve_key(epoch), {k: round(v, 6) for k, v in metrics.items()})
         run.epoch(epoch, metrics)
         if self.pareto:
             return  # multi-objective trials take no intermediate values (and are never pruned)

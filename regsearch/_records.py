@@ -29,7 +29,8 @@ METRIC_ATTR = "metrics"
 FAIL_REASON_ATTR = "fail_reason"
 TEST_ATTR = "best_test"
 CURVE_ATTR = "curve"
-"""Per-epoch eval-mode metrics of a trial (a list of dicts with `epoch`), for reports without MLflow."""
+"""Per-epoch eval-mode metrics of a trial, for reports without MLflow: one user attribute per epoch,
+`curve.<epoch>`, written once when the epoch ends (studies stored before held one list under `curve` itself)."""
 BASELINE_ATTR = "baseline"
 """True on the study's unregularized baseline trial (every regularizer off)."""
 TEST_ACC_ATTR = "test_acc"
@@ -77,6 +78,22 @@ def trial_gap_acc(trial: optuna.trial.FrozenTrial) -> float | None:
     if trial.values and len(trial.values) > 1:
         return trial.values[1]
     return metrics(trial).get("gap_acc")
+
+
+def curve_key(epoch: int) -> str:
+    """The user attribute holding one epoch's metrics: a record per epoch, so a trial's bytes grow with its epochs."""
+    return f"{CURVE_ATTR}.{epoch}"
+
+
+def trial_curve(trial: Any) -> list[dict[str, float]]:
+    """A trial's per-epoch metrics in epoch order, each with its `epoch` (a stored list, as older studies kept it,
+    read as well)."""
+    attrs = trial.user_attrs
+    rows = {int(key[len(CURVE_ATTR) + 1:]): value for key, value in attrs.items()
+            if key.startswith(f"{CURVE_ATTR}.") and key[len(CURVE_ATTR) + 1:].isdigit()}
+    for row in attrs.get(CURVE_ATTR) or ():
+        rows.setdefault(int(row["epoch"]), {k: v for k, v in row.items() if k != "epoch"})
+    return [{"epoch": epoch, **rows[epoch]} for epoch in sorted(rows)]
 
 
 def is_feasible(trial: optuna.trial.FrozenTrial) -> bool:

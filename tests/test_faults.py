@@ -360,6 +360,29 @@ def test_trials_run_without_mlflow_are_logged_once_from_the_storage(tmp_path, mo
     assert len(trial_runs(client, "synced")[1]) == len(study.trials) == 9
 
 
+def test_a_trial_killed_mid_way_keeps_the_epochs_it_finished(tmp_path):
+    """SIGKILL while a trial waits at the start of epoch 2: its epoch 1 is in the storage, read as its curve."""
+    from regsearch._records import trial_curve
+
+    storage, hold = str(tmp_path / "s.journal"), tmp_path / "hold"
+    command = gated_command(tmp_path, "killed", f"sqlite:///{tmp_path / 'mlflow.db'}", n_trials=1, epochs=3)
+    hold.touch()
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)
+    try:
+        number = hold_next_trial(hold, proc, timeout=120)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    trial = {t.number: t for t in trials(storage, "killed")}[number]
+    assert trial.state == RUNNING  # its worker died: nothing ended it
+    curve = trial_curve(trial)
+    assert [row["epoch"] for row in curve] == [1]
+    assert curve[0]["val_acc"] == pytest.approx(trial.intermediate_values[1], abs=1e-6)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # SIGINT / SIGTERM mid-trial
 

@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 
 import regsearch
 from regsearch import ConfigError
-from regsearch._records import best_trial, pareto_front
+from regsearch._records import best_trial, pareto_front, trial_curve
 from regsearch.cli import cli
 
 COMPLETE, PRUNED = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED
@@ -169,7 +169,7 @@ def test_pareto_study_keeps_two_values_never_prunes_and_logs_its_front(mlflow_se
     for t in study.trials:
         m = t.user_attrs["metrics"]
         assert t.values == [m["val_acc"], m["gap_acc"]], t.number
-        assert len(t.user_attrs["curve"]) == EPOCHS
+        assert len(trial_curve(t)) == EPOCHS
 
     front = pareto_front(study)
     numbers = [row["trial"] for row in front]

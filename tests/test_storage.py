@@ -122,3 +122,36 @@ def test_a_torn_journal_on_a_full_disk_is_left_as_it_is_with_one_clear_error(tmp
             open_storage(str(journal))
         assert journal.read_bytes() == torn
         assert sorted(p.name for p in folder.iterdir()) == ["filler", "s.journal"]
+
+
+def _journal_bytes_per_trial(tmp_path, table: str, epochs: int) -> float:
+    storage = str(tmp_path / f"e{epochs}.journal")
+    regsearch.optimize("tabular", n_trials=2, tracking=False, storage=storage, device="cpu",
+                       overrides=[("data.path", table), ("data.target", "quality"), ("training.epochs", str(epochs)),
+                                  ("training.batch_size", "512"), ("search.pruner.name", "none")])
+    trials = optuna.load_study(study_name="tabular", storage=open_storage(storage)).trials
+    assert [len(t.intermediate_values) for t in trials] == [epochs, epochs]
+    return (tmp_path / f"e{epochs}.journal").stat().st_size / len(trials)
+
+
+def test_a_trials_stored_bytes_grow_linearly_with_its_epochs(tmp_path):
+    """Every epoch's record is written once: 400 epochs cost about 8 times 50, not 64 times (a rewritten curve)."""
+    import pandas as pd
+
+    from tests.test_table import shared_table
+
+    table = tmp_path / "wine.csv"
+    pd.read_csv(shared_table("winequality-white.csv")).head(400).to_csv(table, index=False)
+    short = _journal_bytes_per_trial(tmp_path, str(table), 50)
+    long = _journal_bytes_per_trial(tmp_path, str(table), 400)
+    per_epoch = (long - short) / 350
+    assert per_epoch < 1_500, f"{per_epoch:.0f} bytes per epoch"
+    assert long < 10 * short, (short, long)
+
+    trial = optuna.load_study(study_name="tabular", storage=open_storage(str(tmp_path / "e400.journal"))).trials[1]
+    from regsearch._records import trial_curve
+
+    curve = trial_curve(trial)
+    assert [row["epoch"] for row in curve] == list(range(1, 401))
+    assert {"train_acc", "val_acc", "gap_acc", "val_loss"} <= set(curve[-1])
+    assert curve[-1]["val_acc"] == pytest.approx(trial.user_attrs["metrics"]["val_acc"], abs=1e-6)

@@ -179,7 +179,7 @@ def _curves(views: list[TrialView]) -> Section:
     chosen += [v for v in views if v.baseline and v not in chosen]
     chosen = [v for v in chosen if v.curve]
     if not chosen:
-        section.note = "No curves: the trials hold no per-epoch metrics (user attribute 'curve')."
+        section.note = "No curves: the trials hold no per-epoch metrics (user attributes 'curve.<epoch>')."
         return section
     axes = _panel_row(3.6, len(chosen))
     fig = axes[0].figure

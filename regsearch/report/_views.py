@@ -14,7 +14,6 @@ import optuna
 
 from regsearch._records import (
     CONFIRM_ATTR,
-    CURVE_ATTR,
     MAX_GAP_ATTR,
     METRIC_ATTR,
     TEST_ATTR,
@@ -24,6 +23,7 @@ from regsearch._records import (
     is_surplus,
     nondominated,
     rank_key,
+    trial_curve,
 )
 
 STATE = optuna.trial.TrialState
@@ -76,7 +76,7 @@ def trial_views(study: optuna.Study) -> list[TrialView]:
                 gap = t.values[1]
         views.append(TrialView(t.number, t.state.name, as_number(val), as_number(gap),
                                as_number(metrics.get("train_acc")), dict(t.params), dict(t.distributions),
-                               list(t.user_attrs.get(CURVE_ATTR) or []), is_baseline(t),
+                               trial_curve(t), is_baseline(t),
                                as_number(t.user_attrs.get("test_acc")), as_number(metrics.get("val_loss"))))
         if max_gap is not None:
             views[-1].feasible = is_feasible(t)

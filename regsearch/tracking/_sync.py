@@ -19,7 +19,7 @@ from typing import Any
 
 import optuna
 
-from regsearch._records import CURVE_ATTR, METRIC_ATTR, PRECISION_ATTR, is_surplus, run_outcome
+from regsearch._records import METRIC_ATTR, PRECISION_ATTR, is_surplus, run_outcome, trial_curve
 from regsearch.tracking._batches import log_batches
 
 SYNCED_TAG = "regsearch.synced"
@@ -67,7 +67,7 @@ def _trial_metrics(trial: optuna.trial.FrozenTrial) -> list:
     end = _ms(trial.datetime_complete) or start
     # a multi-objective (pareto) trial reports no intermediate values: its stored curve has them
     per_epoch = dict(trial.intermediate_values) or {
-        int(row["epoch"]): row["val_acc"] for row in trial.user_attrs.get(CURVE_ATTR) or () if "val_acc" in row}
+        row["epoch"]: row["val_acc"] for row in trial_curve(trial) if "val_acc" in row}
     steps = sorted(per_epoch)
     last = trial.user_attrs.get("epochs") or (steps[-1] if steps else 0)
     # Optuna keeps no time per epoch: spread the epochs evenly over the trial's duration
