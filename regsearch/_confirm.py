@@ -33,7 +33,7 @@ from regsearch._records import (
     trial_val_acc,
 )
 from regsearch._search_space import encoded
-from regsearch._spec import StudySpec
+from regsearch._spec import StudySpec, seeds_problem
 from regsearch._trainer import fit
 from regsearch._trial import Experiment, build_trial, stored_autocast, test_score, training_for, trial_seed
 from regsearch.data._tensors import TensorData, cv_folds, fold_split
@@ -53,18 +53,27 @@ def confirm(study: str | StudySpec, *, top: int = 3, seeds: int | None = None, f
     (default 3), or in `folds`-fold cross-validation repeated `seeds` times (default once); returns one row per
     configuration, the winner (highest mean val_acc) first.
 
-    `study`, `overrides`, `data`, `model`, `plugins` must describe the study as `optimize` ran it (the same
-    `--set` values): the configurations are retrained from the study file. The rows are also stored in the
-    study's user attr `confirm` (shown by `regsearch show`) and, when tracked, logged to MLflow.
+    A study is retrained as it stored itself: `study` may be its name alone, and a file, `overrides` or `plugins`
+    that would change it are refused. `data` and `model` given in Python, and studies stored without that record,
+    must be given as `optimize` ran them. The rows are also stored in the study's user attr `confirm` (shown by
+    `regsearch show`) and, when tracked, logged to MLflow.
     """
     from regsearch._experiment import prepare
     from regsearch._opening import load_stored_study
-    from regsearch._study_file import load_study
+    from regsearch._question import ask, python_inputs
+    from regsearch._study_record import refuse_foreign_params, refuse_other_data
 
     seeds = check_counts(top, seeds, folds)
-    spec = study if isinstance(study, StudySpec) else load_study(study, overrides)
-    stored = load_stored_study(spec.name if isinstance(study, StudySpec) else study, storage, study_name)
-    exp = prepare(spec, data=data, model=model, data_dir=data_dir, device=device, plugins=plugins)
+    question = ask(study, study_name=study_name, storage=storage, overrides=overrides, plugins=tuple(plugins),
+                   data_dir=data_dir)
+    question.check_inputs(python_inputs(data, model))
+    stored = load_stored_study(question.name, storage)
+    if question.stored is None:
+        refuse_foreign_params(stored, question.spec)
+    exp = prepare(question.spec, data=data, model=model, data_dir=question.data_dir, device=device,
+                  plugins=question.plugins)
+    if question.stored is not None:
+        refuse_other_data(question.name, question.stored, exp.data)
     if tracking:
         from regsearch.tracking import default_tracking_uri
 
@@ -78,11 +87,10 @@ def check_counts(top: int, seeds: int | None, folds: int | None = None) -> int:
         raise ConfigError(f"top must be at least 1; got {top}")
     if folds is not None and folds < 2:
         raise ConfigError(f"folds must be at least 2; got {folds}")
-    seeds = seeds if seeds is not None else 3 if folds is None else 1
-    if seeds < (2 if folds is None else 1):
-        raise ConfigError(f"seeds must be at least 2 (a spread needs two runs); got {seeds}" if folds is None
-                          else f"seeds must be at least 1; got {seeds}")
-    return seeds
+    problem = seeds_problem(seeds, folds)
+    if problem:
+        raise ConfigError(f"seeds {problem}")
+    return seeds if seeds is not None else 3 if folds is None else 1
 
 
 def confirm_at_end(study: optuna.Study, exp: Experiment, stores: Any) -> None:

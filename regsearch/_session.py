@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,13 +41,16 @@ def tracking_error(uri: str, exc: BaseException) -> ConfigError:
 
 
 def attach(spec: StudySpec, name: str, stores: Stores, *, create: bool, salt: int = 0,
-           tracker: TrackerProcess | None = None, model_space: Mapping[str, Any] | None = None
-           ) -> tuple[optuna.Study, TrackerProcess | None]:
+           tracker: TrackerProcess | None = None, model_space: Mapping[str, Any] | None = None,
+           remember: Callable[[optuna.Study], None] | None = None) -> tuple[optuna.Study, TrackerProcess | None]:
     """The Optuna study (created once, by the first process) and, when tracked, its MLflow parent run opened.
 
-    `model_space`: what the model factory asks of a trial, fixed in the baseline trial (see `queue_first_trials`).
+    `model_space`: what the model factory asks of a trial, fixed in the baseline trial (see `queue_first_trials`);
+    `remember`: called with the study once it is open, before anything is logged or queued (see `Question.remember`).
     """
     study, new = open_study(spec, name, stores.storage, create=create, salt=salt)
+    if remember is not None:
+        remember(study)
     if stores.tracking:
         tracker = tracker or start_tracking(stores, name)
         try:

@@ -191,10 +191,20 @@ class ConfirmSpec(_Spec):
 
     @model_validator(mode="after")
     def _two_runs(self) -> Self:
-        if self.folds is None and self.seeds is not None and self.seeds < 2:
-            raise ConfigError(f"search.confirm.seeds must be at least 2 without folds (a spread needs two runs); "
-                              f"got {self.seeds}")
+        problem = seeds_problem(self.seeds, self.folds)
+        if problem:
+            raise ConfigError(f"search.confirm.seeds {problem}")
         return self
+
+
+def seeds_problem(seeds: int | None, folds: int | None, folds_name: str = "folds") -> str | None:
+    """The one rule for a confirmation's seeds: at least 2 without folds (a spread needs two runs), at least 1
+    with them (the folds give the spread); what is wrong, or None."""
+    least = 2 if folds is None else 1
+    if seeds is None or seeds >= least:
+        return None
+    return f"must be at least {least}{f' without {folds_name} (a spread needs two runs)' if folds is None else ''}; " \
+           f"got {seeds}"
 
 
 class SearchSpec(_Spec):
@@ -379,6 +389,16 @@ def _data_paths(raw: Any, source: str) -> Any:
     base = Path(source).parent if source != "<python>" else Path.cwd()
     return {key: os.path.abspath(base / os.path.expanduser(value)) if key in TABLE_PATHS and isinstance(value, str)
             and value else value for key, value in raw.items()}
+
+
+def absolute_paths(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """A valid study file's mapping with its data paths and plugin files absolute, as `spec_from_dict` reads them."""
+    raw = dict(raw)
+    if raw.get("plugins"):
+        raw["plugins"] = list(_plugins(raw["plugins"], source))
+    if "data" in raw:
+        raw["data"] = _data_paths(raw["data"], source)
+    return raw
 
 
 def spec_from_dict(raw: Any, *, name: str, source: str = "<python>") -> StudySpec:

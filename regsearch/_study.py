@@ -22,6 +22,7 @@ from regsearch._confirm import confirm_at_end
 from regsearch._errors import ConfigError, StudyError, did_you_mean
 from regsearch._experiment import prepare
 from regsearch._objective import Objective
+from regsearch._question import Question, ask, python_inputs, search_overrides
 from regsearch._records import (
     FAIL,
     FAIL_REASON_ATTR,
@@ -40,7 +41,6 @@ from regsearch._registry import RegularizerRegistry
 from regsearch._session import Stores, attach, start_tracking
 from regsearch._spec import StudySpec, search_value
 from regsearch._storage import describe_storage, mask_url
-from regsearch._study_file import load_study
 from regsearch._threads import callers_threads, set_thread_budget, worker_share
 from regsearch._trial import Experiment, rebuild, retrain, stored_autocast, test_score
 from regsearch._workers import Job, Progress, run_trials, run_workers
@@ -61,7 +61,7 @@ class Options:
     data_dir: str | None = None
     device: str = "auto"
     seed: int | None = None
-    overrides: Mapping[str, Any] | Sequence[tuple[str, Any]] = ()
+    overrides: Mapping[str, Any] | Sequence[tuple[str, Any]] | Sequence[str] = ()
     plugins: Iterable[str] = ()
     registry: RegularizerRegistry | None = None
     objective: str | None = None
@@ -98,7 +98,8 @@ def optimize(study: str | StudySpec, *, n_trials: int | None = None, timeout: fl
     the study's `search.register_model`).
     """
     opts = Options.of(options)
-    spec = _spec(study, opts)
+    question = _question(study, opts)
+    question.check_inputs(python_inputs(data, model))
     if n_trials is not None and n_trials < 1:
         raise ConfigError(f"n_trials must be at least 1; got {n_trials}")
     if timeout is not None and not timeout > 0:
@@ -107,15 +108,16 @@ def optimize(study: str | StudySpec, *, n_trials: int | None = None, timeout: fl
         raise ConfigError("timeout must be finite; got inf (None: no limit)")
     if workers < 1:
         raise ConfigError(f"workers must be at least 1; got {workers}")
+    spec = question.spec
     stores = Stores(opts.storage, opts.tracking, opts.tracking_uri)
-    inputs = {"data": data, "model": model, "data_dir": opts.data_dir, "device": opts.device,
-              "plugins": tuple(opts.plugins)}
-    job = Job(spec, opts.study_name or spec.name, _total(n_trials, timeout, spec), timeout, stores, inputs,
+    inputs = {"data": data, "model": model, "data_dir": question.data_dir, "device": opts.device,
+              "plugins": question.plugins}
+    job = Job(spec, question.name, _total(n_trials, timeout, spec), timeout, stores, inputs,
               threads=worker_share(workers))
     with callers_threads(), _optuna_quiet(not opts.verbose):
         if workers > 1:  # each worker gets its share of the cores, and never probes beyond it
             set_thread_budget(job.threads)
-        return _run(job, workers, progress, opts.registry)
+        return _run(job, workers, progress, opts.registry, question)
 
 
 def _total(n_trials: int | None, timeout: float | None, spec: StudySpec) -> float:
@@ -138,34 +140,63 @@ def _optuna_quiet(quiet: bool) -> Iterator[None]:
         optuna.logging.set_verbosity(before)
 
 
-def _spec(study: str | StudySpec, opts: Options) -> StudySpec:
-    spec = study if isinstance(study, StudySpec) else load_study(study, opts.overrides)
-    if opts.seed is not None:
-        spec = spec.replace(seed=opts.seed)
+def _question(study: str | StudySpec, opts: Options) -> Question:
+    """The study this call runs: `--seed` and the `search.*` options go in as `--set` values would, so that a
+    stored study is resumed with them or refused for them like any other change."""
     given = {key: search_value(key, value, key) for key, value in (("objective", opts.objective),
                                                                     ("max_gap", opts.max_gap),
                                                                     ("register_model", opts.register_model))
              if value is not None}
-    if given:
-        spec = spec.replace(search=spec.search.replace(**given))
-    return spec
+    if isinstance(study, StudySpec):
+        if opts.seed is not None:
+            study = study.replace(seed=opts.seed)
+        if given:
+            study = study.replace(search=study.search.replace(**given))
+        overrides: list[tuple[str, Any]] = []
+    else:
+        overrides = [*_pairs(opts.overrides), *([("seed", str(opts.seed))] if opts.seed is not None else []),
+                     *search_overrides(given)]
+    return ask(study, study_name=opts.study_name, storage=opts.storage, overrides=overrides,
+               plugins=tuple(opts.plugins), data_dir=opts.data_dir)
 
 
-def _run(job: Job, workers: int, progress: Progress | None, registry: RegularizerRegistry | None) -> optuna.Study:
+def _pairs(overrides: Mapping[str, Any] | Sequence[tuple[str, Any]] | Sequence[str]) -> list[tuple[str, Any]]:
+    """`overrides` as (key, value) pairs: a mapping, pairs, or "key=value" texts as `--set` takes them."""
+    if isinstance(overrides, Mapping):
+        return list(overrides.items())
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    pairs = []
+    for item in overrides:
+        if isinstance(item, str) and "=" in item and item.partition("=")[0].strip():
+            key, _, value = item.partition("=")
+            pairs.append((key.strip(), value))
+        elif isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str):
+            pairs.append((item[0], item[1]))
+        else:
+            raise ConfigError(f"overrides: expected a mapping, (key, value) pairs or 'key=value' texts such as "
+                              f"'training.epochs=5'; got {item!r}")
+    return pairs
+
+
+def _run(job: Job, workers: int, progress: Progress | None, registry: RegularizerRegistry | None,
+         question: Question) -> optuna.Study:
     """Prepare, attach, run this process's trials (and the workers'), then the final test and the summary."""
     # MLflow's set-up (import, store creation) runs in the tracking process while data and model are prepared
     early = start_tracking(job.stores, job.name)
     try:
         exp = prepare(job.spec, registry=registry, **job.inputs)
+        given = python_inputs(job.inputs["data"], job.inputs["model"])
         study, tracker = attach(exp.spec, job.name, job.stores, create=True, tracker=early,
-                                model_space=exp.model_space)
+                                model_space=exp.model_space,
+                                remember=lambda opened: question.remember(opened, exp.data, given))
     except BaseException:
         if early is not None:
             early.close(wait=False)
         raise
     finished = len(study.get_trials(deepcopy=False, states=FINISHED))
     _announce(job, study, finished, workers)
-    if progress is not None:
+    if progress is not None and finished < job.total:
         progress.start(job.name, finished, job.total)
     keep_dir = tempfile.mkdtemp(prefix="regsearch-best-") if workers > 1 else None
     objective = Objective(exp, job.name, tracker, None, job.total, keep_dir)
@@ -204,6 +235,9 @@ def _announce(job: Job, study: optuna.Study, finished: int, workers: int) -> Non
             done, rest = f"{finished}", f"more for {job.timeout:g} s"
         logger.info("study %s: %s trials finished; running %s (storage %s%s)", job.name, done, rest,
                     describe_storage(job.stores.storage), f", {workers} workers" if workers > 1 else "")
+    else:
+        logger.info("study %s: %d of %d trials finished; nothing to run (a larger --n-trials runs more)", job.name,
+                    finished, job.total)
     if job.spec.search.objective == "pareto":
         logger.info("objective pareto: maximize val_acc, minimize gap_acc; no pruning (Optuna cannot prune "
                     "multi-objective studies)")

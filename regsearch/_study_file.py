@@ -133,10 +133,18 @@ def _set_paths_from_cwd(raw: dict, overrides: Overrides) -> dict:
 
 def load_study(name_or_path: str, overrides: Overrides = ()) -> StudySpec:
     """Find, read, override and validate a study file."""
-    from regsearch._spec import spec_from_dict
-
     path = resolve_study(name_or_path)
-    raw = read_study_file(path)
+    return resolve(read_study_file(path), overrides, path)[0]
+
+
+def resolve(raw: Any, overrides: Overrides, path: Path | str) -> tuple[StudySpec, dict]:
+    """A parsed study file with `overrides` set, validated: (the spec, the file as resolved, its paths absolute).
+
+    The resolved file is what a study stores about itself: validated again anywhere, it gives the same spec.
+    """
+    from regsearch._spec import absolute_paths, spec_from_dict
+
+    path = Path(path)
     if overrides:
         if raw is None:
             raise ConfigError(f"{path}: the study file is empty")
@@ -144,7 +152,7 @@ def load_study(name_or_path: str, overrides: Overrides = ()) -> StudySpec:
             raise ConfigError(f"{path}: a study file is a mapping of keys; got a {type(raw).__name__}")
         raw = _set_paths_from_cwd(apply_overrides(raw, overrides), overrides)
     try:
-        return spec_from_dict(raw, name=path.stem, source=str(path))
+        spec = spec_from_dict(raw, name=path.stem, source=str(path))
     except ConfigError as exc:
         text = str(exc)
         items = overrides.items() if isinstance(overrides, Mapping) else overrides
@@ -152,6 +160,7 @@ def load_study(name_or_path: str, overrides: Overrides = ()) -> StudySpec:
             if text.startswith((f"{key}:", f"{key}.")):
                 raise ConfigError(f"--set {key}={value}: {text}") from None
         raise ConfigError(f"{path.name}: {text}") from None
+    return spec, absolute_paths(raw, str(path))
 
 
 def describe(path: Path) -> str:

@@ -115,9 +115,9 @@ def test_a_timeout_alone_replaces_the_study_files_trial_count(tmp_path):
 
 BAD_INPUT = [
     (["optimize", "--study", "digts"], r"unknown study 'digts' (did you mean 'digits'?)"),
-    (["optimize", "--study", "digits", "--n-trials", "0"], "must be positive"),
+    (["optimize", "--study", "digits", "--n-trials", "0"], "0 is not in the range x>=1."),
     (["optimize", "--study", "digits", "--n-trials", "x"], "'x' is not a valid integer"),
-    (["optimize", "--study", "digits", "--timeout", "-5"], "must be positive"),
+    (["optimize", "--study", "digits", "--timeout", "-5"], "-5.0 is not in the range x>0."),
     (["optimize", "--study", "digits", "--set", "training.epochs"], "expected KEY=VALUE"),
     (["optimize", "--study", "digits", "--set", "training.epoch=3"], "training.epoch: unknown key (did you mean 'epochs'?)"),
     (["optimize", "--study", "digits", "--set", "training.epochs=three"], "training.epochs: expected a whole number"),

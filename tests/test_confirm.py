@@ -146,10 +146,10 @@ def test_optimize_confirms_at_the_end_when_the_study_file_asks_and_logs_a_run_pe
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--top", "0"], "Invalid value for '--top': must be at least 1; got 0"),
+    (["--top", "0"], "Invalid value for '--top': 0 is not in the range x>=1."),
     (["--seeds", "1"], "Invalid value for '--seeds': must be at least 2 without --folds"),
-    (["--folds", "1"], "Invalid value for '--folds': must be at least 2; got 1"),
-    (["--folds", "3", "--seeds", "0"], "Invalid value for '--seeds': must be at least 1; got 0"),
+    (["--folds", "1"], "Invalid value for '--folds': 1 is not in the range x>=2."),
+    (["--folds", "3", "--seeds", "0"], "Invalid value for '--seeds': 0 is not in the range x>=1."),
     (["--storage", "nothing.journal"], "nothing.journal"),
 ])
 def test_confirm_refuses_bad_input_in_one_line_with_exit_2(in_tmp, args, message, restore_logging):

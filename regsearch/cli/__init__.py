@@ -70,22 +70,30 @@ def _stdout_closed() -> bool:
         return False
 
 
-def _positive(kind: type) -> Callable:
-    def check(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
-        if value is not None and not value > 0:  # `not >` also refuses nan
-            raise click.BadParameter(f"must be positive; got {value}")
-        if value == math.inf:
-            raise click.BadParameter("must be finite; got inf (leave it out for no limit)")
-        return value
-    return check
+class _Seconds(click.FloatRange):
+    """A positive, finite number of seconds: click's range, which lets nan through, and infinity refused."""
+
+    name = "float"
+
+    def __init__(self) -> None:
+        super().__init__(min=0, min_open=True)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if math.isnan(number):
+            self.fail(f"{value} is not in the range x>0", param, ctx)
+        if math.isinf(number):
+            self.fail("must be finite; got inf (leave it out for no limit)", param, ctx)
+        return number
 
 
-def _at_least(low: int) -> Callable:
-    def check(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
-        if value is not None and value < low:
-            raise click.BadParameter(f"must be at least {low}; got {value}")
-        return value
-    return check
+class _Count(click.IntRange):
+    """A whole number with a lower bound, said as click says it ("0 is not in the range x>=1")."""
+
+    name = "integer"
+
+
+POSITIVE = _Count(min=1)
 
 
 def _search_key(key: str) -> Callable:
@@ -108,7 +116,8 @@ def _key_value(ctx: click.Context, param: click.Parameter, values: tuple[str, ..
 
 
 study_option = click.option("--study", "study", required=True, metavar="NAME_OR_PATH",
-                            help="A shipped study's name (see `regsearch studies`) or a study file's path.")
+                            help="A stored study's name, a shipped study's name (see `regsearch studies`) or a "
+                                 "study file's path.")
 storage_option = click.option("--storage", metavar="URL",
                               help="Optuna storage: a journal file path (default ./regsearch.journal), "
                                    "sqlite:///FILE or postgresql://USER@HOST/DB.")
@@ -132,7 +141,7 @@ def _check_locations(storage: str | None, tracking_uri: str | None) -> None:
     of MLflow retrying.
     """
     from regsearch._errors import StorageError
-    from regsearch._storage import DEFAULT_STORAGE, mask_url
+    from regsearch._storage import DEFAULT_STORAGE, mask_url, url_scheme
     from regsearch.tracking import check_tracking_uri, default_tracking_uri, local_store_problem, sqlite_path
 
     url = storage or DEFAULT_STORAGE
@@ -141,7 +150,7 @@ def _check_locations(storage: str | None, tracking_uri: str | None) -> None:
             problem = local_store_problem(url)
             if problem:
                 raise StorageError(f"--storage {url}: {problem}")
-    elif url.split("://", 1)[0].split("+", 1)[0].lower() == "sqlite":
+    elif url_scheme(url) == "sqlite":
         path = sqlite_path(url)
         problem = local_store_problem(path) if path is not None else None
         if problem:
@@ -206,10 +215,10 @@ def plugins(plugins: tuple[str, ...]) -> None:
 
 @cli.command()
 @study_option
-@click.option("--n-trials", type=int, callback=_positive(int), metavar="N",
+@click.option("--n-trials", type=POSITIVE, metavar="N",
               help="The study's total number of finished trials (across resumes and workers); default: the "
                    "study file's search.n_trials, or no limit when --timeout is given.")
-@click.option("--timeout", type=float, callback=_positive(float), metavar="SECONDS",
+@click.option("--timeout", type=_Seconds(), metavar="SECONDS",
               help="Stop starting new trials after this many seconds (alone, it replaces the study file's "
                    "trial count: search until then).")
 @storage_option
@@ -220,7 +229,7 @@ def plugins(plugins: tuple[str, ...]) -> None:
 @click.option("--seed", type=int, help="The study's seed (overrides the study file's).")
 @set_option
 @plugin_option
-@click.option("--workers", type=int, default=1, show_default=True, callback=_positive(int), metavar="N",
+@click.option("--workers", type=POSITIVE, default=1, show_default=True, metavar="N",
               help="Worker processes on this machine sharing the study (torch threads are split among them).")
 @click.option("--objective", callback=_search_key("objective"), metavar="val_acc|pareto",
               help="val_acc: maximize it (default); pareto: maximize val_acc and minimize gap_acc, no pruning "
@@ -267,7 +276,7 @@ def optimize(study: str, n_trials: int | None, timeout: float | None, storage: s
 @study_option
 @storage_option
 @study_name_option
-@click.option("--top", type=int, default=None, callback=_positive(int),
+@click.option("--top", type=POSITIVE, default=None,
               help="Rows to show (default: 10; a pareto study: its whole front).")
 def show(study: str, storage: str | None, study_name: str | None, top: int) -> None:
     """Print the leaderboard of a stored study."""
@@ -285,12 +294,12 @@ def show(study: str, storage: str | None, study_name: str | None, top: int) -> N
 @storage_option
 @study_name_option
 @tracking_uri_option
-@click.option("--top", type=int, default=3, show_default=True, callback=_at_least(1), metavar="K",
+@click.option("--top", type=POSITIVE, default=3, show_default=True, metavar="K",
               help="The best K complete configurations to confirm (the recipe and the baseline are added).")
-@click.option("--seeds", type=int, default=None, callback=_at_least(1), metavar="N",
+@click.option("--seeds", type=POSITIVE, default=None, metavar="N",
               help="Fresh seeds per configuration (default 3, at least 2: a spread needs two runs); with --folds, "
                    "repeats of the cross-validation (default 1).")
-@click.option("--folds", type=int, default=None, callback=_at_least(2), metavar="F",
+@click.option("--folds", type=_Count(min=2), default=None, metavar="F",
               help="F-fold cross-validation on the pooled training and validation rows, for data whose validation "
                    "split is too small to choose with.")
 @set_option
@@ -302,7 +311,7 @@ def confirm(study: str, storage: str | None, study_name: str | None, tracking_ur
     """Retrain the top configurations, the recipe and the baseline with fresh seeds (or in k-fold
     cross-validation); choose on mean val_acc.
 
-    Give the same --set values as `optimize` did: the configurations are retrained from the study file.
+    The study is retrained as it stored itself (its file after --set, its plugins, its data): its name is enough.
     """
     import optuna
 
@@ -311,9 +320,11 @@ def confirm(study: str, storage: str | None, study_name: str | None, tracking_ur
 
     _check_locations(storage, tracking_uri)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    if folds is None and seeds is not None and seeds < 2:
-        raise click.BadParameter(f"must be at least 2 without --folds (a spread needs two runs); got {seeds}",
-                                 param_hint="'--seeds'")
+    from regsearch._spec import seeds_problem
+
+    problem = seeds_problem(seeds, folds, folds_name="--folds")
+    if problem:
+        raise click.BadParameter(problem, param_hint="'--seeds'")
     run(study, top=top, seeds=seeds, folds=folds, storage=storage, study_name=study_name, tracking_uri=tracking_uri,
         overrides=overrides, data_dir=data_dir, plugins=plugins)
     from regsearch._opening import load_stored_study

@@ -157,6 +157,10 @@ def fold_split(data: TensorData, train: torch.Tensor, val: torch.Tensor) -> Tens
     return replace(data, x_train=x[train], y_train=y[train], x_val=x[val], y_val=y[val])
 
 
+FOLDER_DATASETS = frozenset({"cifar10"})
+"""The datasets read from a local folder or archive (`--data-dir`); the others need none."""
+
+
 def load_dataset(name: str, *, val_fraction: float, seed: int, train_size: int | None = None,
                  data_dir: str | Path | None = None) -> TensorData:
     """A built-in dataset by name, split into train / validation / test."""
