@@ -25,6 +25,7 @@ _EXPORTS = {
     "StudySpec": "regsearch._spec",
     "Range": "regsearch._ranges",
     "parse_range": "regsearch._ranges",
+    "Names": "regsearch._options",
     "load_study": "regsearch._study_file",
     "spec_from_dict": "regsearch._spec",
     "TensorData": "regsearch.data._tensors",
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
         StudyError,
         TrialError,
     )
+    from regsearch._options import Names
     from regsearch._ranges import Range, parse_range
     from regsearch._records import leaderboard
     from regsearch._registry import RegularizerInfo, RegularizerRegistry, default_registry, register

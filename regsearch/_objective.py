@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,6 +27,7 @@ from regsearch._records import (
     RUNNING,
     SURPLUS,
     TEST_ACC_ATTR,
+    TRAIN_SECONDS_ATTR,
     WORKER_ATTR,
     curve_key,
     is_baseline,
@@ -147,9 +149,13 @@ class Objective:
         trial.set_user_attr(PRECISION_ATTR, precision_name(autocast))
         run.params({PRECISION_ATTR: precision_name(autocast)})
         epochs: list[int] = []
-        metrics = fit(model, self.exp.data, applied, training, lr=lr, device=self.exp.device,
-                      seed=seed, on_epoch=lambda epoch, m: self._on_epoch(trial, run, epochs, epoch, m),
-                      autocast=autocast)
+        started = time.perf_counter()
+        try:
+            metrics = fit(model, self.exp.data, applied, training, lr=lr, device=self.exp.device,
+                          seed=seed, on_epoch=lambda epoch, m: self._on_epoch(trial, run, epochs, epoch, m),
+                          autocast=autocast)
+        finally:  # the trainer's own time (its per-epoch evaluation included), beside the trial's wall time
+            trial.set_user_attr(TRAIN_SECONDS_ATTR, round(time.perf_counter() - started, 3))
         trial.set_user_attr(METRIC_ATTR, metrics)
         if baseline and self.exp.data.y_test is not None:  # what the final summary compares against
             trial.set_user_attr(TEST_ACC_ATTR, test_score(self.exp, model, autocast)[1])

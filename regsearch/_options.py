@@ -2,10 +2,60 @@
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, ConfigDict, Field, ValidationError, create_model
 
 from regsearch._errors import ConfigError, did_you_mean
+
+
+def _own_text(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+Names = Annotated[tuple[str, ...], BeforeValidator(_own_text), Field(strict=False)]
+"""An option that is a list of names (module types, name patterns); one name alone is a list of one."""
+
+
+def checked_options(factory: Any, options: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """`options` checked against the factory's annotations (`per_site: bool`, `position: Literal[...]`, `Names`,
+    `Annotated[float, Field(ge=0)]`): the constraints are declared once, in the signature, and a bad value is one
+    line naming its key. Options annotated `Any` (ranges a plugin parses itself) pass through as given."""
+    import inspect
+
+    target = factory.__init__ if isinstance(factory, type) else factory
+    try:
+        hints = typing.get_type_hints(target, include_extras=True)
+    except (NameError, TypeError):  # annotations that do not resolve: the factory checks its own options
+        return dict(options)
+    fields = {key: (hints[key], ...) for key in options if key in hints and hints[key] is not Any
+              and key in inspect.signature(target).parameters}
+    if not fields:
+        return dict(options)
+    model = create_model("Options", __config__=ConfigDict(strict=True, arbitrary_types_allowed=True), **fields)
+    try:
+        checked = model(**{key: options[key] for key in fields})
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        raise ConfigError(f"{where}.{'.'.join(map(str, error['loc']))}: {_expected(error)}") from None
+    return {**options, **{key: getattr(checked, key) for key in fields}}
+
+
+def _expected(error: Mapping[str, Any]) -> str:
+    """A pydantic error in a study file's words: what was expected, what was got."""
+    from regsearch._spec import _EXPECTED
+
+    kind, value, ctx = error["type"], error.get("input"), error.get("ctx") or {}
+    if kind == "literal_error":
+        return f"expected one of {ctx.get('expected', '').replace(chr(39), '')}; got {value!r}"
+    for name, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+        if name in ctx:
+            return f"must be {sign} {ctx[name]}; got {value!r}"
+    if kind in _EXPECTED:
+        return f"expected {_EXPECTED[kind]}; got {value!r}"
+    return f"{error['msg'][:1].lower()}{error['msg'][1:]}; got {value!r}"
 
 
 def call_with_options(factory: Any, options: Mapping[str, Any], where: str, what: str) -> Any:
@@ -20,6 +70,7 @@ def call_with_options(factory: Any, options: Mapping[str, Any], where: str, what
         if key not in known and not takes_any:
             raise ConfigError(f"{where}.{key}: unknown option{did_you_mean(str(key), known)}; "
                               f"{what} takes: {', '.join(known) or 'none'}")
+    options = checked_options(factory, options, where)
     try:
         return factory(**options)
     except ConfigError as exc:

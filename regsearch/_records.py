@@ -31,6 +31,8 @@ TEST_ATTR = "best_test"
 CURVE_ATTR = "curve"
 """Per-epoch eval-mode metrics of a trial, for reports without MLflow: one user attribute per epoch,
 `curve.<epoch>`, written once when the epoch ends (studies stored before held one list under `curve` itself)."""
+TRAIN_SECONDS_ATTR = "train_s"
+"""Seconds a trial spent in the trainer (its per-epoch evaluation included), beside its wall time."""
 BASELINE_ATTR = "baseline"
 """True on the study's unregularized baseline trial (every regularizer off)."""
 TEST_ACC_ATTR = "test_acc"

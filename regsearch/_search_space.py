@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -139,12 +138,11 @@ class RecordingTrial:
     def suggest_float(self, name: str, low: float, high: float, *, step: float | None = None,
                       log: bool = False) -> float:
         dist = optuna.distributions.FloatDistribution(low, high, log=log, step=step)
-        mid = math.sqrt(low * high) if log else (low + high) / 2
-        return self._record(name, dist, mid)
+        return self._record(name, dist, Range(low, high, log=log, step=step).middle)
 
     def suggest_int(self, name: str, low: int, high: int, *, step: int = 1, log: bool = False) -> int:
         dist = optuna.distributions.IntDistribution(low, high, log=log, step=step)
-        return self._record(name, dist, low)
+        return self._record(name, dist, Range(low, high, log=log, integer=True, step=step).middle)
 
     def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any:
         dist = optuna.distributions.CategoricalDistribution(list(choices))

@@ -47,6 +47,13 @@ _DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mariadb": 3306}
 _LOOPBACK = ("", "localhost", "127.0.0.1", "::1")
 
 
+def url_scheme(url: str) -> str | None:
+    """The database kind of a storage URL (`postgresql` for `postgresql+psycopg://...`); None for a file path."""
+    if "://" not in url:
+        return None
+    return url.split("://", 1)[0].split("+", 1)[0].lower()
+
+
 def storage_identity(url: str | None) -> str:
     """The same text for every spelling of one storage, different for different storages.
 
@@ -142,7 +149,7 @@ def open_storage(url: str | None = None, *, heartbeat_interval: int = 30, grace_
             return JournalStorage(JournalFileBackend(str(path)))
         except OSError as exc:
             raise StorageError(f"--storage {url}: cannot open the journal file ({exc})") from None
-    scheme = url.split("://", 1)[0].split("+", 1)[0].lower()
+    scheme = url_scheme(url)
     if scheme not in _RDB_SCHEMES:
         raise StorageError(f"--storage {mask_url(url)}: unknown scheme {scheme!r}; use a file path (journal), "
                            f"sqlite:///FILE, postgresql://USER@HOST/DB or mysql://USER@HOST/DB")

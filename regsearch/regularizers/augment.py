@@ -19,8 +19,6 @@ class Augment(Regularizer):
 
     def __init__(self, translate: Any = 4, flip: bool = True) -> None:
         self.translate = parse_range(translate, "translate", minimum=0, integer=True)
-        if not isinstance(flip, bool):
-            raise ValueError(f"flip must be true or false; got {flip!r}")
         self.flip = flip
 
     def search_space(self, trial: Any) -> dict[str, Any]:

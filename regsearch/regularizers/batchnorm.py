@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from torch import nn
 
 from regsearch._errors import ConfigError
+from regsearch._options import Names
 from regsearch._regularizer import Regularizer
-from regsearch.regularizers.dropout import _as_names
 from regsearch.surgery import ACTIVATIONS, LAYERS, Site, insert_after, original, select
-
-POSITIONS = ("before_activation", "after_activation")
 
 
 def batchnorm_for(site: Site) -> nn.Module:
@@ -30,17 +28,11 @@ class BatchNorm(Regularizer):
 
     transform_order = -10
 
-    def __init__(self, types: Any = LAYERS, sites: Any = (), exclude: Any = (),
-                 position: str = "before_activation", per_site: bool = False) -> None:
-        self.types = _as_names(types, "types")
-        self.sites = _as_names(sites, "sites")
-        self.exclude = _as_names(exclude, "exclude")
-        if position not in POSITIONS:
-            raise ValueError(f"position must be one of {', '.join(POSITIONS)}; got {position!r}")
-        self.position = position
-        if not isinstance(per_site, bool):
-            raise ValueError(f"per_site must be true or false; got {per_site!r}")
-        self.per_site = per_site
+    def __init__(self, types: Names = LAYERS, sites: Names = (), exclude: Names = (),
+                 position: Literal["before_activation", "after_activation"] = "before_activation",
+                 per_site: bool = False) -> None:
+        self.types, self.sites, self.exclude = tuple(types), tuple(sites), tuple(exclude)
+        self.position, self.per_site = position, per_site
 
     def candidate_sites(self) -> list[Site]:
         """Chosen layers, except the model's output layer and layers already followed by a BatchNorm."""

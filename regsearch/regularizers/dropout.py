@@ -8,17 +8,10 @@ import torch
 from torch import nn
 
 from regsearch._errors import ConfigError
+from regsearch._options import Names
 from regsearch._ranges import parse_range
 from regsearch._regularizer import Regularizer
 from regsearch.surgery import ACTIVATIONS, Site, insert_after, select
-
-
-def _as_names(value: Any, option: str) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"{option} must be a list of names; got {value!r}")
-    return tuple(value)
 
 
 class ElementDropout(nn.Dropout):
@@ -51,13 +44,9 @@ def dropout_for(site: Site, p: float) -> nn.Module:
 class Dropout(Regularizer):
     """Dropout after chosen modules (by type and/or name pattern), per-site or shared rate; never before BatchNorm."""
 
-    def __init__(self, types: Any = ACTIVATIONS, sites: Any = (), exclude: Any = (), per_site: bool = False,
+    def __init__(self, types: Names = ACTIVATIONS, sites: Names = (), exclude: Names = (), per_site: bool = False,
                  p: Any = (0.0, 0.5)) -> None:
-        self.types = _as_names(types, "types")
-        self.sites = _as_names(sites, "sites")
-        self.exclude = _as_names(exclude, "exclude")
-        if not isinstance(per_site, bool):
-            raise ValueError(f"per_site must be true or false; got {per_site!r}")
+        self.types, self.sites, self.exclude = tuple(types), tuple(sites), tuple(exclude)
         self.per_site = per_site
         self.p = parse_range(p, "p", minimum=0.0, maximum=1.0, maximum_open=True)
 

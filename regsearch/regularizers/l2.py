@@ -15,8 +15,6 @@ class L2(Regularizer):
 
     def __init__(self, weight_decay: Any = (1e-6, 1e-2), exclude_1d: bool = True) -> None:
         self.weight_decay = parse_range(weight_decay, "weight_decay", log=True, minimum=0.0)
-        if not isinstance(exclude_1d, bool):
-            raise ValueError(f"exclude_1d must be true or false; got {exclude_1d!r}")
         self.exclude_1d = exclude_1d
 
     def search_space(self, trial: Any) -> dict[str, Any]:

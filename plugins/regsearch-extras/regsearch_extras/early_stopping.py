@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
 
 import regsearch
 
@@ -15,18 +17,10 @@ MONITORS = {"val_acc": 1.0, "val_loss": -1.0}
 class EarlyStopping(regsearch.Regularizer):
     """Early stopping: ends training when val_acc (or val_loss) has not improved for `patience` epochs."""
 
-    def __init__(self, patience: Any = (3, 10), min_delta: float = 0.0, monitor: str = "val_acc",
-                 restore_best: bool = False) -> None:
+    def __init__(self, patience: Any = (3, 10), min_delta: Annotated[float, Field(ge=0.0)] = 0.0,
+                 monitor: Literal["val_acc", "val_loss"] = "val_acc", restore_best: bool = False) -> None:
         self.patience = regsearch.parse_range(patience, "patience", integer=True, minimum=1)
-        if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float)) or not min_delta >= 0:
-            raise ValueError(f"min_delta must be a number >= 0; got {min_delta!r}")
-        self.min_delta = float(min_delta)
-        if monitor not in MONITORS:
-            raise ValueError(f"monitor must be one of {', '.join(MONITORS)}; got {monitor!r}")
-        self.monitor = monitor
-        if not isinstance(restore_best, bool):
-            raise ValueError(f"restore_best must be true or false; got {restore_best!r}")
-        self.restore_best = restore_best
+        self.min_delta, self.monitor, self.restore_best = float(min_delta), monitor, restore_best
 
     def search_space(self, trial: Any) -> dict[str, Any]:
         return {"patience": self.patience.suggest(trial, "patience")}
