@@ -141,10 +141,23 @@ class DataSpec(_Spec):
 
 
 class ModelSpec(_Spec):
-    """A built-in model by name; the other keys are the model's own options."""
+    """A built-in model by name, or a factory's import path (`package.module:callable`); the other keys are the
+    model's own options, but for `weights` and `freeze_epochs`, which any model takes."""
 
-    name: str = "mlp"
+    own_keys: ClassVar[tuple[str, ...]] = ("weights", "freeze_epochs")
+    name: Annotated[str, Field(min_length=1)] = "mlp"
     options: Mapping[Any, Any] = Field(default_factory=dict)  # checked by the model factory (call_with_options)
+    weights: Annotated[str | None, Field(min_length=1)] = None
+    """A local state dict (.safetensors, .pth) every trial's model starts from, its classifier replaced where the
+    data's classes differ; absolute once read (relative to the study file)."""
+    freeze_epochs: Annotated[Whole, Field(ge=0)] = 0
+    """Epochs at the start of training in which only the classifier learns (needs weights)."""
+
+    @model_validator(mode="after")
+    def _freeze_needs_weights(self) -> Self:
+        if self.freeze_epochs and self.weights is None:
+            raise Invalid("needs model.weights: a frozen backbone of random weights learns nothing", "freeze_epochs")
+        return self
 
 
 class TrainingSpec(_Spec):
@@ -337,11 +350,14 @@ def search_value(key: str, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {_error_parts(exc, SearchSpec)[1]}") from None
 
 
-def _model(raw: Any) -> ModelSpec:
+def _model(raw: Any, source: str) -> ModelSpec:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"model: expected a mapping with a 'name'; got {raw!r}")
     options = dict(raw)
-    return ModelSpec.from_mapping({"name": options.pop("name", "mlp"), "options": options}, "model")
+    own = {key: options.pop(key) for key in ModelSpec.own_keys if key in options}
+    if isinstance(own.get("weights"), str) and own["weights"]:
+        own["weights"] = _absolute(own["weights"], source)
+    return ModelSpec.from_mapping({"name": options.pop("name", "mlp"), "options": options, **own}, "model")
 
 
 def _regularizers(raw: Any) -> tuple[RegularizerSpec, ...]:
@@ -376,9 +392,14 @@ def _data_paths(raw: Any, source: str) -> Any:
     """`data` with its table paths absolute: `~` expanded, relative to the study file's folder (Python: the cwd)."""
     if not isinstance(raw, Mapping):
         return raw  # validation names what is wrong with it
+    return {key: _absolute(value, source) if key in TABLE_PATHS and isinstance(value, str) and value else value
+            for key, value in raw.items()}
+
+
+def _absolute(path: str, source: str) -> str:
+    """A path of a study file made absolute: `~` expanded, relative to the study file's folder (Python: the cwd)."""
     base = Path(source).parent if source != "<python>" else Path.cwd()
-    return {key: os.path.abspath(base / os.path.expanduser(value)) if key in TABLE_PATHS and isinstance(value, str)
-            and value else value for key, value in raw.items()}
+    return os.path.abspath(base / os.path.expanduser(path))
 
 
 def spec_from_dict(raw: Any, *, name: str, source: str = "<python>") -> StudySpec:
@@ -400,7 +421,7 @@ def spec_from_dict(raw: Any, *, name: str, source: str = "<python>") -> StudySpe
         raise ConfigError("training: give epochs or steps, not both (steps sets the epochs from the size of the "
                           "training split)")
     searched = search_spaces(raw, TrainingSpec)
-    given = {"searched": searched, "model": _model(raw.pop("model", {}) or {}),
+    given = {"searched": searched, "model": _model(raw.pop("model", {}) or {}, source),
              "regularizers": _regularizers(raw.pop("regularizers", None)),
              "plugins": _plugins(raw.pop("plugins", ()) or (), source)}
     if "data" in raw:
