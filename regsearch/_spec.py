@@ -355,8 +355,9 @@ def _model(raw: Any, source: str) -> ModelSpec:
         raise ConfigError(f"model: expected a mapping with a 'name'; got {raw!r}")
     options = dict(raw)
     own = {key: options.pop(key) for key in ModelSpec.own_keys if key in options}
-    if isinstance(own.get("weights"), str) and own["weights"]:
-        own["weights"] = _absolute(own["weights"], source)
+    for key in MODEL_PATHS:
+        if isinstance(own.get(key), str) and own[key]:
+            own[key] = _absolute(own[key], source)
     return ModelSpec.from_mapping({"name": options.pop("name", "mlp"), "options": options, **own}, "model")
 
 
@@ -386,6 +387,8 @@ def _plugins(raw: Any, source: str) -> tuple[str, ...]:
 
 TABLE_PATHS = ("path", "test_path")
 """The data keys that name files: relative ones are read from the study file's folder (like `plugins`)."""
+MODEL_PATHS = ("weights",)
+"""The model keys that name files, read as the data's are."""
 
 
 def _data_paths(raw: Any, source: str) -> Any:

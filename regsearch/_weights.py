@@ -79,7 +79,7 @@ def load_weights(model: nn.Module, tensors: Mapping[str, torch.Tensor], path: st
     missing = [k for k in own if k not in tensors and k not in head_keys and not k.endswith(".num_batches_tracked")]
     unexpected = [k for k in tensors if k not in own]
     if missing or unexpected:
-        parts = [f"{len(names)} tensors {what} ({_some(names)})" for what, names in
+        parts = [f"{len(names)} tensor{'s' * (len(names) > 1)} {what} ({_some(names)})" for what, names in
                  (("missing from the file", missing), ("in the file but not in the model", unexpected)) if names]
         raise ConfigError(f"model.weights: {path} does not fit the model ({type(model).__name__}): "
                           + "; ".join(parts))

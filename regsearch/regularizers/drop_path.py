@@ -37,9 +37,9 @@ class DropPath(Regularizer):
     def transform_model(self, model: nn.Module, params: dict[str, Any]) -> nn.Module:
         sites = drop_path_modules(model)
         if not sites:
-            raise ConfigError(f"drop_path: the model ({type(model).__name__}) has no residual branch to drop: no "
-                              f"module with a drop_prob (the built-in resnet18/34/50 have them; timm's models when "
-                              f"created with drop_path_rate > 0)")
+            raise ConfigError(f"drop_path needs residual branches: the model ({type(model).__name__}) has no module "
+                              f"with a drop_prob (the built-in resnet18/34/50 have them; timm's models when created "
+                              f"with drop_path_rate > 0)")
         for (_, module), rate in zip(sites, linear_rates(float(params["rate"]), len(sites))):
             module.drop_prob = rate
         return model
