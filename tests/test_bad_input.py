@@ -324,7 +324,8 @@ CASES = [
     case("study-val-fraction-above-range", "optimize --study {tmp}/s.yaml",
          "s.yaml: data.val_fraction: must be <= 0.9; got 1.5", files={"s.yaml": "data: {val_fraction: 1.5}\n"}),
     case("study-unknown-model", "optimize --study {tmp}/s.yaml",
-         "model.name: unknown model 'mpl' (did you mean 'mlp'?); known: cnn, mlp, resnet, resnet18, resnet34, resnet50; or an import path 'package.module:callable'",
+         "model.name: unknown model 'mpl' (did you mean 'mlp'?); known: cnn, mlp, resnet, resnet18, resnet34, "
+         "resnet50; or an import path 'package.module:callable'",
          files={"s.yaml": TINY_STUDY.replace("name: mlp", "name: mpl")}),
     case("study-unknown-model-option", "optimize --study {tmp}/s.yaml",
          "model.hiden: unknown option (did you mean 'hidden'?)",

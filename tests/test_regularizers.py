@@ -366,7 +366,8 @@ def test_drop_path_sets_the_drop_prob_of_any_models_drop_path_modules_and_refuse
     x = torch.randn(2, 4, 4, 4)
     _, model, _ = apply("drop_path", model, x, params={"rate": 0.3})
     assert [model[i].drop_path.drop_prob for i in range(3)] == pytest.approx([0.1, 0.2, 0.3])
-    with pytest.raises(ConfigError, match=r"^drop_path needs residual branches: the model \(Sequential\) has no module with a drop_prob"):
+    with pytest.raises(ConfigError, match=r"^drop_path needs residual branches: the model \(Sequential\) has no "
+                                          r"module with a drop_prob"):
         apply("drop_path", mlp(), torch.randn(2, 6), params={"rate": 0.3})
 
 
