@@ -10,6 +10,8 @@ from regsearch._errors import ConfigError
 from regsearch._ranges import RANGE_KEYS, Choice, Range, read_choice, read_key_range
 
 _NO_DEFAULT = object()
+MODEL_OWN_KEYS = ("weights", "freeze_epochs")
+"""The `model` keys any model takes, checked by the spec, never a model factory's options (nor searched)."""
 
 
 def _split_searched(section: str, options: Mapping[Any, Any], default_of: Any, lists_are_values: bool,
@@ -85,7 +87,7 @@ def search_spaces(raw: dict[str, Any], training_spec: Any) -> dict[str, Range | 
                 defaults.update(_model_defaults(model.get("name", "mlp")), name="")
             return defaults.get(key, _NO_DEFAULT)
 
-        kept = ("name", "weights", "freeze_epochs")  # not the model factory's options: the spec checks them
+        kept = ("name", *MODEL_OWN_KEYS)
         options = {k: v for k, v in model.items() if k not in kept}
         options, more = _split_searched("model", options, default_of, True, lambda key, value: None)
         raw["model"] = {**{k: model[k] for k in kept if k in model}, **options}

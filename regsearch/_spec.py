@@ -17,7 +17,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidat
 
 from regsearch._errors import ConfigError, did_you_mean, unknown_name
 from regsearch._ranges import Invalid, Range, read_range
-from regsearch._searched_keys import search_spaces
+from regsearch._searched_keys import MODEL_OWN_KEYS, search_spaces
 
 
 def _searched(**checks: Any) -> PlainValidator:
@@ -144,7 +144,7 @@ class ModelSpec(_Spec):
     """A built-in model by name, or a factory's import path (`package.module:callable`); the other keys are the
     model's own options, but for `weights` and `freeze_epochs`, which any model takes."""
 
-    own_keys: ClassVar[tuple[str, ...]] = ("weights", "freeze_epochs")
+    own_keys: ClassVar[tuple[str, ...]] = MODEL_OWN_KEYS
     name: Annotated[str, Field(min_length=1)] = "mlp"
     options: Mapping[Any, Any] = Field(default_factory=dict)  # checked by the model factory (call_with_options)
     weights: Annotated[str | None, Field(min_length=1)] = None
