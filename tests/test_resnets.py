@@ -198,6 +198,18 @@ def test_freeze_epochs_keeps_the_backbone_as_loaded_then_trains_it(cifar, tmp_pa
     assert all(p.requires_grad for p in model.parameters())
 
 
+def test_weights_load_into_a_python_model_factory_too(cifar, tmp_path):
+    torch.manual_seed(3)
+    source = MODELS["resnet18"]((3, 32, 32), 10, width=8, depth=[1])
+    torch.save(source.state_dict(), tmp_path / "mine.pth")
+    spec = spec_from_dict({"model": {"weights": str(tmp_path / "mine.pth")}, "training": {"epochs": 1}}, name="py")
+    exp = prepare(spec, data=cifar, device="cpu",
+                  model=lambda trial: MODELS["resnet18"]((3, 32, 32), 10, width=trial.suggest_int("width", 8, 8),
+                                                         depth=[1]))
+    built = build_trial(exp, optuna.trial.FixedTrial({"model.width": 8, "lr": 0.05}), seed=0, baseline=True)[0]
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in built.state_dict().items())
+
+
 def test_freeze_epochs_needs_weights():
     with pytest.raises(ConfigError, match=r"model\.freeze_epochs: needs model\.weights"):
         spec_from_dict({"model": {"name": "resnet18", "freeze_epochs": 2}}, name="f")
