@@ -18,6 +18,7 @@ from regsearch._search_space import RecordingTrial
 from regsearch._spec import StudySpec
 from regsearch._trainer import steps_per_epoch
 from regsearch._trial import Experiment, new_model, takes_trial
+from regsearch._weights import pretrained
 from regsearch.data._tensors import Batcher, TensorData, check_folds, load_dataset
 from regsearch.models import model_factory
 
@@ -44,6 +45,8 @@ def prepare(spec: StudySpec, *, data: TensorData | None = None, model: Callable[
         check_folds(data, spec.search.confirm.folds)  # before the search, not after it
     build = model or model_factory(spec.model.name, spec.model.options, data.input_shape, data.num_classes,
                                    spec.searched)
+    if spec.model.weights is not None:
+        build = pretrained(build, spec.model.weights, takes_trial(build))
     exp = Experiment(spec, data, build, regs, dev, Batcher(data).inputs(data.x_train[:4]))
     bare = _check_model(exp)
     announce_slow_trials(exp, preflight(exp, registry), bare)
@@ -82,6 +85,8 @@ def _check_model(exp: Experiment) -> nn.Module:
         probe.eval()
         with torch.no_grad():
             out = probe(exp.example)
+    except ConfigError:  # said already (weights that do not fit)
+        raise
     except Exception as exc:
         raise ConfigError(f"the model cannot take this data (inputs of shape {tuple(exp.data.input_shape)}): "
                           f"{type(exc).__name__}: {exc}") from None

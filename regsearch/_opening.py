@@ -127,6 +127,7 @@ def fixed_settings(spec: StudySpec) -> dict[str, Any]:
     table = {f"data.{k}": v for k in ("path", "target", "test_path") if (v := getattr(spec.data, k)) is not None}
     return {"study_file": spec.source, "data": spec.data.name, **table, "model": spec.model.name,
             **{f"model.{k}": v for k, v in spec.model.options.items()},
+            **{f"model.{k}": v for k in spec.model.own_keys if (v := getattr(spec.model, k))},
             "epochs": t.epochs, **({"steps": t.steps} if t.steps is not None else {}),
             "batch_size": t.batch_size, "optimizer": t.optimizer, "lr": str(t.lr),
             "schedule": t.schedule, "label_smoothing": t.label_smoothing, "precision": t.precision, "seed": spec.seed,

@@ -10,6 +10,8 @@ from regsearch._errors import ConfigError
 from regsearch._ranges import RANGE_KEYS, Choice, Range, read_choice, read_key_range
 
 _NO_DEFAULT = object()
+MODEL_OWN_KEYS = ("weights", "freeze_epochs")
+"""The `model` keys any model takes, checked by the spec, never a model factory's options (nor searched)."""
 
 
 def _split_searched(section: str, options: Mapping[Any, Any], default_of: Any, lists_are_values: bool,
@@ -34,7 +36,9 @@ def _split_searched(section: str, options: Mapping[Any, Any], default_of: Any, l
             if not numeric and default is not _NO_DEFAULT:
                 raise ConfigError(f"{where}: a range searches a numeric key ({key} is {default!r} by default); "
                                   f"to search it, write {{choices: [...]}}; got {value!r}")
-            space = read_key_range(value, where, integer=isinstance(default, int) and not isinstance(default, bool))
+            whole = (isinstance(default, int) and not isinstance(default, bool)) or (
+                default is _NO_DEFAULT and _whole_bounds(value))  # an import path's key: as its bounds are written
+            space = read_key_range(value, where, integer=whole)
         else:
             continue
         for bound in space.values():
@@ -43,6 +47,12 @@ def _split_searched(section: str, options: Mapping[Any, Any], default_of: Any, l
         if len(set(map(str, space.values()))) > 1:
             searched[where] = space
     return fixed, searched
+
+
+def _whole_bounds(value: Any) -> bool:
+    """Whether a range's bounds are written as whole numbers (`[16, 64]`, `{low: 16, high: 64}`)."""
+    bounds = [value.get("low"), value.get("high")] if isinstance(value, Mapping) else list(value)
+    return all(isinstance(b, int) and not isinstance(b, bool) for b in bounds)
 
 
 def _model_defaults(name: Any) -> dict[str, Any]:
@@ -77,8 +87,9 @@ def search_spaces(raw: dict[str, Any], training_spec: Any) -> dict[str, Range | 
                 defaults.update(_model_defaults(model.get("name", "mlp")), name="")
             return defaults.get(key, _NO_DEFAULT)
 
-        options = {k: v for k, v in model.items() if k != "name"}
+        kept = ("name", *MODEL_OWN_KEYS)
+        options = {k: v for k, v in model.items() if k not in kept}
         options, more = _split_searched("model", options, default_of, True, lambda key, value: None)
-        raw["model"] = {**({"name": model["name"]} if "name" in model else {}), **options}
+        raw["model"] = {**{k: model[k] for k in kept if k in model}, **options}
         searched.update(more)
     return searched

@@ -17,7 +17,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidat
 
 from regsearch._errors import ConfigError, did_you_mean, unknown_name
 from regsearch._ranges import Invalid, Range, read_range
-from regsearch._searched_keys import search_spaces
+from regsearch._searched_keys import MODEL_OWN_KEYS, search_spaces
 
 
 def _searched(**checks: Any) -> PlainValidator:
@@ -141,10 +141,23 @@ class DataSpec(_Spec):
 
 
 class ModelSpec(_Spec):
-    """A built-in model by name; the other keys are the model's own options."""
+    """A built-in model by name, or a factory's import path (`package.module:callable`); the other keys are the
+    model's own options, but for `weights` and `freeze_epochs`, which any model takes."""
 
-    name: str = "mlp"
+    own_keys: ClassVar[tuple[str, ...]] = MODEL_OWN_KEYS
+    name: Annotated[str, Field(min_length=1)] = "mlp"
     options: Mapping[Any, Any] = Field(default_factory=dict)  # checked by the model factory (call_with_options)
+    weights: Annotated[str | None, Field(min_length=1)] = None
+    """A local state dict (.safetensors, .pth) every trial's model starts from, its classifier replaced where the
+    data's classes differ; absolute once read (relative to the study file)."""
+    freeze_epochs: Annotated[Whole, Field(ge=0)] = 0
+    """Epochs at the start of training in which only the classifier learns (needs weights)."""
+
+    @model_validator(mode="after")
+    def _freeze_needs_weights(self) -> Self:
+        if self.freeze_epochs and self.weights is None:
+            raise Invalid("needs model.weights: a frozen backbone of random weights learns nothing", "freeze_epochs")
+        return self
 
 
 class TrainingSpec(_Spec):
@@ -347,11 +360,15 @@ def search_value(key: str, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {_error_parts(exc, SearchSpec)[1]}") from None
 
 
-def _model(raw: Any) -> ModelSpec:
+def _model(raw: Any, source: str) -> ModelSpec:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"model: expected a mapping with a 'name'; got {raw!r}")
     options = dict(raw)
-    return ModelSpec.from_mapping({"name": options.pop("name", "mlp"), "options": options}, "model")
+    own = {key: options.pop(key) for key in ModelSpec.own_keys if key in options}
+    for key in MODEL_PATHS:
+        if isinstance(own.get(key), str) and own[key]:
+            own[key] = _absolute(own[key], source)
+    return ModelSpec.from_mapping({"name": options.pop("name", "mlp"), "options": options, **own}, "model")
 
 
 def _regularizers(raw: Any) -> tuple[RegularizerSpec, ...]:
@@ -380,15 +397,22 @@ def _plugins(raw: Any, source: str) -> tuple[str, ...]:
 
 TABLE_PATHS = ("path", "test_path")
 """The data keys that name files: relative ones are read from the study file's folder (like `plugins`)."""
+MODEL_PATHS = ("weights",)
+"""The model keys that name files, read as the data's are."""
 
 
 def _data_paths(raw: Any, source: str) -> Any:
     """`data` with its table paths absolute: `~` expanded, relative to the study file's folder (Python: the cwd)."""
     if not isinstance(raw, Mapping):
         return raw  # validation names what is wrong with it
+    return {key: _absolute(value, source) if key in TABLE_PATHS and isinstance(value, str) and value else value
+            for key, value in raw.items()}
+
+
+def _absolute(path: str, source: str) -> str:
+    """A path of a study file made absolute: `~` expanded, relative to the study file's folder (Python: the cwd)."""
     base = Path(source).parent if source != "<python>" else Path.cwd()
-    return {key: os.path.abspath(base / os.path.expanduser(value)) if key in TABLE_PATHS and isinstance(value, str)
-            and value else value for key, value in raw.items()}
+    return os.path.abspath(base / os.path.expanduser(path))
 
 
 def absolute_paths(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
@@ -420,7 +444,7 @@ def spec_from_dict(raw: Any, *, name: str, source: str = "<python>") -> StudySpe
         raise ConfigError("training: give epochs or steps, not both (steps sets the epochs from the size of the "
                           "training split)")
     searched = search_spaces(raw, TrainingSpec)
-    given = {"searched": searched, "model": _model(raw.pop("model", {}) or {}),
+    given = {"searched": searched, "model": _model(raw.pop("model", {}) or {}, source),
              "regularizers": _regularizers(raw.pop("regularizers", None)),
              "plugins": _plugins(raw.pop("plugins", ()) or (), source)}
     if "data" in raw:

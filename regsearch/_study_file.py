@@ -113,22 +113,25 @@ def apply_overrides(raw: Any, overrides: Overrides) -> Any:
 
 
 def _set_paths_from_cwd(raw: dict, overrides: Overrides) -> dict:
-    """Table paths given with --set, made absolute from the current folder (the file's own are read from its folder)."""
+    """File paths given with --set (the table's, the model's weights), made absolute from the current folder (the
+    file's own are read from its folder)."""
     import os
 
-    from regsearch._spec import TABLE_PATHS
+    from regsearch._spec import MODEL_PATHS, TABLE_PATHS
 
     items = overrides.items() if isinstance(overrides, Mapping) else overrides
     keys = {key for key, _ in items}
-    data = raw.get("data")
-    if not isinstance(data, Mapping):
-        return raw
-    data = dict(data)
-    for name in TABLE_PATHS:
-        value = data.get(name)
-        if ("data" in keys or f"data.{name}" in keys) and isinstance(value, str) and value:
-            data[name] = os.path.abspath(os.path.expanduser(value))
-    return {**raw, "data": data}
+    for section, names in (("data", TABLE_PATHS), ("model", MODEL_PATHS)):
+        node = raw.get(section)
+        if not isinstance(node, Mapping):
+            continue
+        node = dict(node)
+        for name in names:
+            value = node.get(name)
+            if (section in keys or f"{section}.{name}" in keys) and isinstance(value, str) and value:
+                node[name] = os.path.abspath(os.path.expanduser(value))
+        raw = {**raw, section: node}
+    return raw
 
 
 def load_study(name_or_path: str, overrides: Overrides = ()) -> StudySpec:

@@ -20,6 +20,7 @@ from regsearch._search_space import stored_training, suggest_switches, suggest_t
 from regsearch._spec import RegularizerSpec, StudySpec, TrainingSpec
 from regsearch._trainer import evaluate, fit
 from regsearch.data._tensors import Batcher, TensorData
+from regsearch._weights import FrozenBackbone
 from regsearch.surgery import trace
 
 
@@ -89,8 +90,9 @@ def build_trial(exp: Experiment, trial: Any, seed: int, *, baseline: bool = Fals
     """
     torch.manual_seed(seed)
     model = new_model(exp, trial).to(exp.device)
+    frozen = frozen_backbone(exp, model)
     if baseline:
-        return model, [], _lr(exp, trial, suggest_training(trial, exp.spec, baseline=True))
+        return model, frozen, _lr(exp, trial, suggest_training(trial, exp.spec, baseline=True))
     on = set(suggest_switches(trial, [r for r, _ in exp.regularizers]))
     ctx = context(exp, model, trial.number, seed)
     applied = []
@@ -104,7 +106,13 @@ def build_trial(exp: Experiment, trial: Any, seed: int, *, baseline: bool = Fals
             model = _contract.transformed_model(a.regularizer.transform_model(model, a.params))
         except PluginError as exc:
             raise _contract.named(f"regularizer {a.regularizer.name!r}", exc) from None
-    return model.to(exp.device), applied, lr
+    return model.to(exp.device), applied + frozen, lr
+
+
+def frozen_backbone(exp: Experiment, model: nn.Module) -> list[Applied]:
+    """`model.freeze_epochs` as the loop events that hold the backbone of the model as built (none where it is 0)."""
+    epochs = exp.spec.model.freeze_epochs
+    return [Applied(FrozenBackbone(model, epochs), {})] if epochs else []
 
 
 def _lr(exp: Experiment, trial: Any, training: dict[str, Any]) -> float:

@@ -5,9 +5,9 @@ In a plugin's test module, one line runs every check as its own test::
     test_contract = regsearch.testing.contract_tests(MyRegularizer, (MyRegularizer, {"strength": 1e-3}))
 
 or, anywhere, ``regsearch.testing.check_regularizer(MyRegularizer, strength=1e-3)`` raises an AssertionError
-naming the plugin and the broken rule. The checks build two small models (an MLP on flat inputs and a CNN on
-8x8 images) and train them for a few CPU steps; a plugin may refuse one of them with a `ConfigError` (cutout
-needs images), not both.
+naming the plugin and the broken rule. The checks build three small models (an MLP on flat inputs, a CNN and a
+two-stage ResNet on 8x8 images) and train them for a few CPU steps; a plugin may refuse some of them with a
+`ConfigError` (cutout needs images, drop_path residual branches, batchnorm a layer without one), not all.
 """
 
 from __future__ import annotations
@@ -58,9 +58,17 @@ def _data(kind: str) -> TensorData:
     return TensorData.from_arrays(x, y, val_fraction=0.25, num_classes=CLASSES, name=f"{kind}-check")
 
 
+KINDS = {"flat": "a small MLP", "image": "a small CNN", "residual": "a small ResNet"}
+"""The models of the kit, by the data they take (`residual` takes the image data)."""
+
+
 def _model(kind: str) -> nn.Module:
     if kind == "flat":
         return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, CLASSES))
+    if kind == "residual":
+        from regsearch.models import resnet18
+
+        return resnet18((3, 8, 8), CLASSES, width=4, depth=(1, 1), stem="small")
     return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
                          nn.Linear(4 * 4 * 4, 8), nn.ReLU(), nn.Linear(8, CLASSES))
 
@@ -80,7 +88,8 @@ class _Case:
 
     def __init__(self, cls: type, options: Mapping[str, Any]) -> None:
         self.cls, self.options, self.name = cls, dict(options), _name(cls)
-        self.datasets = {kind: _data(kind) for kind in ("flat", "image")}
+        image = _data("image")
+        self.datasets = {"flat": _data("flat"), "image": image, "residual": image}
 
     def fail(self, rule: str) -> AssertionError:
         return _fail(self.cls, rule)
@@ -124,9 +133,9 @@ class _Case:
             raise self.fail(str(exc)) from None
 
     def kinds(self) -> list[str]:
-        """The model kinds this plugin accepts (it may refuse one with a ConfigError, not both)."""
+        """The model kinds this plugin accepts (it may refuse some with a ConfigError, not all)."""
         accepted, refusals = [], []
-        for kind in ("flat", "image"):
+        for kind in KINDS:
             try:
                 self.build(self.create(), self.sample(self.create(), 0, kind), kind, 0)
             except ConfigError as exc:
@@ -134,7 +143,7 @@ class _Case:
                 continue
             accepted.append(kind)
         if not accepted:
-            raise self.fail(f"refuses both a small MLP and a small CNN: {'; '.join(refusals)}")
+            raise self.fail(f"refuses every model of the kit ({', '.join(KINDS.values())}): {'; '.join(refusals)}")
         return accepted
 
     def train(self, reg: Regularizer, trial_params: Mapping[str, Any], kind: str, seed: int

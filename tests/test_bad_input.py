@@ -77,6 +77,18 @@ def table(*rows: str, header: str = "x,colour,y") -> str:
     return "\n".join([header, *rows, *good]) + "\n"
 
 
+def state_dict_file(**shapes: tuple[int, ...]) -> bytes:
+    """A .pth state dict of zero tensors of these shapes (a `_` in a name stands for the `.` a keyword cannot hold)."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save({name.replace("_", "."): torch.zeros(shape) for name, shape in shapes.items()}, buffer)
+    return buffer.getvalue()
+
+
+TINY_MLP = "optimize --study digits --set model.hidden=[16] "
+"""The digits study's MLP as Sequential(Flatten, Linear 64->16, ReLU, Linear 16->10): tensors 1.* and 3.*."""
+
 TABLE = "optimize --study tabular --set data.target=y --set data.path="
 """The shipped table study on a file of the case's folder (the path follows)."""
 
@@ -312,7 +324,8 @@ CASES = [
     case("study-val-fraction-above-range", "optimize --study {tmp}/s.yaml",
          "s.yaml: data.val_fraction: must be <= 0.9; got 1.5", files={"s.yaml": "data: {val_fraction: 1.5}\n"}),
     case("study-unknown-model", "optimize --study {tmp}/s.yaml",
-         "model.name: unknown model 'mpl' (did you mean 'mlp'?); known: cnn, mlp, resnet",
+         "model.name: unknown model 'mpl' (did you mean 'mlp'?); known: cnn, mlp, resnet, resnet18, resnet34, "
+         "resnet50; or an import path 'package.module:callable'",
          files={"s.yaml": TINY_STUDY.replace("name: mlp", "name: mpl")}),
     case("study-unknown-model-option", "optimize --study {tmp}/s.yaml",
          "model.hiden: unknown option (did you mean 'hidden'?)",
@@ -588,6 +601,35 @@ CASES += [
     case("search-model-choice-the-model-refuses", ["optimize", "--study", "digits", "--set",
                                                    "model.hidden={choices: [[32], [0]]}"],
          "model.hidden: hidden must be a list of positive whole numbers; got [0]"),
+    # --- the model: weights files, import paths, drop_path ---------------------------------------------------
+    case("model-weights-of-another-shape", TINY_MLP + "--set model.weights=w.pth",
+         "model.weights: {tmp}/w.pth: 1.weight is [32, 64] in the file but [16, 64] in the model",
+         files={"w.pth": state_dict_file(**{"1_weight": (32, 64), "1_bias": (32,), "3_weight": (10, 32),
+                                            "3_bias": (10,)})}),
+    case("model-weights-of-another-layout", TINY_MLP + "--set model.weights=w.pth",
+         "model.weights: {tmp}/w.pth does not fit the model (Sequential): 2 tensors missing from the file (1.weight, "
+         "1.bias); 1 tensor in the file but not in the model (fc.weight)",
+         files={"w.pth": state_dict_file(fc_weight=(10, 16))}),
+    case("model-weights-missing", TINY_MLP + "--set model.weights=nowhere.pth",
+         "model.weights: {tmp}/nowhere.pth does not exist"),
+    case("model-weights-not-a-state-dict", TINY_MLP + "--set model.weights=w.pth",
+         "model.weights: {tmp}/w.pth is not a state dict torch can load safely (weights_only)",
+         files={"w.pth": b"these are not tensors"}),
+    case("model-weights-safetensors-truncated", TINY_MLP + "--set model.weights=w.safetensors",
+         "model.weights: {tmp}/w.safetensors is not a readable safetensors file", files={"w.safetensors": b"\x08"}),
+    case("model-freeze-without-weights", TINY_MLP + "--set model.freeze_epochs=2",
+         "model.freeze_epochs: needs model.weights: a frozen backbone of random weights learns nothing"),
+    case("model-import-path-that-does-not-import", "optimize --study digits --set model.name=no_such_package_here:make",
+         "model.name: 'no_such_package_here:make' does not import: no module named 'no_such_package_here' is "
+         "installed (or on PYTHONPATH)"),
+    case("model-import-path-without-the-callable", "optimize --study digits --set model.name=regsearch.models:resnet99",
+         "model.name: module 'regsearch.models' has no 'resnet99'"),
+    case("model-drop-path-without-residual-branches", ["optimize", "--study", "digits", "--set",
+                                                       "regularizers.drop_path={enabled: true}"],
+         "regularizers.drop_path: drop_path needs residual branches: the model (Sequential) has no module with a "
+         "drop_prob"),
+    case("model-resnet-on-flat-data", ["optimize", "--study", "digits", "--set", "model={name: resnet18}"],
+         "model: resnet18 needs image inputs (C, H, W); the data has rows of shape (64,)"),
     # a budget in steps sets the epochs once for the study: a searched one would be recorded but never trained
     case("search-steps-as-choices", "optimize --study {tmp}/s.yaml --n-trials 1", bounded=False,
          message="s.yaml: training.steps: cannot be searched (the epochs are set once from it",

@@ -25,7 +25,7 @@ from regsearch.testing import check_regularizer
 from .conftest import REPO
 
 EXTRAS = REPO / "plugins" / "regsearch-extras"
-NAMES = ["cutout", "early_stopping", "gaussian_noise", "label_smoothing", "max_norm", "mixup", "swa"]
+NAMES = ["cutmix", "cutout", "early_stopping", "gaussian_noise", "label_smoothing", "max_norm", "mixup", "swa"]
 CPU = torch.device("cpu")
 
 
@@ -173,6 +173,29 @@ def test_cutout_zeroes_exactly_one_square_per_image_across_channels(extras):
         corners.add((top, left))
     assert len(corners) > 10  # a different place for each image
     assert (out == 1).sum() == 32 * 3 * (120 - 16)
+
+
+def test_cutmix_pastes_one_box_of_the_partner_per_image_and_mixes_targets_by_its_area(extras):
+    torch.manual_seed(0)
+    reg = started(extras.CutMix(), num_classes=16)
+    n = 16
+    x = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, 10, 12).contiguous()  # image i is all i
+    y = torch.arange(n)
+    out, targets = reg.transform_batch(x, y, {"alpha": 1.0})
+    areas = set()
+    for i in range(n):
+        others = out[i][out[i] != i]
+        partner = int(others[0]) if len(others) else i
+        assert torch.all((out[i] == i) | (out[i] == partner))
+        rows, cols = torch.nonzero(out[i, 0] == partner, as_tuple=True)
+        if partner != i and len(rows):  # one rectangle, the same in every channel
+            box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+            assert len(rows) == box and torch.equal(out[i, 0], out[i, 2])
+            areas.add(len(rows))
+            assert targets[i, partner].item() == pytest.approx(len(rows) / 120)
+            assert targets[i, i].item() == pytest.approx(1 - len(rows) / 120)
+    assert len(areas) > 3  # each image its own box
+    assert torch.allclose(targets.sum(1), torch.ones(n)) and (targets >= 0).all()
 
 
 def test_cutout_refuses_flat_data_before_training(extras):
@@ -390,3 +413,54 @@ def test_the_image_cocktail_runs_on_the_cifar_sample(site, tmp_path, cifar_sampl
         assert ("cutout.size" in trial.params) == (trial.params["choice.mix"] == "cutout")
         _switched_off_params_are_not_sampled(trial)
     assert "Best combination (trial " in done.stdout
+
+
+# --- on the built-in ResNets, at the sizes images come in ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cifar_images(cifar_sample) -> TensorData:
+    from regsearch.data._tensors import load_dataset
+
+    return load_dataset("cifar10", val_fraction=0.25, seed=0, train_size=96, data_dir=cifar_sample)
+
+
+@pytest.mark.parametrize("name", ["mixup", "cutout", "cutmix"])
+@pytest.mark.parametrize("size", [32, 96])
+def test_image_plugins_train_a_resnet_at_small_and_photo_sizes(registry, cifar_images, name, size):
+    from regsearch._regularizer import NamespacedTrial
+    from regsearch.models import resnet18
+
+    data = cifar_images
+    if size != 32:  # the real images, upscaled as a folder of photos would be resized
+        def grow(x):
+            return torch.nn.functional.interpolate(x.float(), size=(size, size), mode="bilinear").round().byte()
+        data = TensorData.from_arrays(grow(data.x_train), data.y_train, grow(data.x_test[:32]), data.y_test[:32],
+                                      val_fraction=0.25, num_classes=10)
+    torch.manual_seed(0)
+    model = resnet18(tuple(data.x_train.shape[1:]), 10, width=8)
+    assert (model.conv1.kernel_size == (3, 3)) == (size == 32)  # auto: the small stem, then the ImageNet one
+    reg = registry.create(name, {})
+    example = data.x_train[:4].float()
+    reg.context = regsearch_context(model, example)
+    fixed = optuna.trial.FixedTrial({f"{name}.{k}": v for k, v in DEFAULTS[name].items()})
+    params = dict(reg.search_space(NamespacedTrial(fixed, name)))
+    model = reg.transform_model(model, params)
+    metrics = fit(model, data, [Applied(reg, params)], TrainingSpec(epochs=1, batch_size=32, precision="float32"),
+                  lr=0.05, device=CPU, seed=0)
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
+    x = data.x_train[:8].float()
+    reg.on_train_start(LoopState(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                 num_classes=10), params)
+    out, y = reg.transform_batch(x, data.y_train[:8], params)
+    assert out.shape == (8, 3, size, size) and not torch.equal(out, x)
+    assert y.shape in ((8,), (8, 10))
+
+
+DEFAULTS = {"mixup": {"alpha": 0.4}, "cutout": {"size": 0.4}, "cutmix": {"alpha": 1.0}}
+
+
+def regsearch_context(model, example):
+    from regsearch._regularizer import TrialContext
+    from regsearch.surgery import trace
+
+    return TrialContext(example, CPU, 0, 0, model, trace(model, example))

@@ -14,7 +14,7 @@ from regsearch._spec import TrainingSpec
 from regsearch.regularizers.dropout import ElementDropout
 from regsearch.surgery import Chain, trace
 
-BUILTINS = ["l1", "l2", "dropout", "batchnorm", "augment"]
+BUILTINS = ["l1", "l2", "dropout", "batchnorm", "augment", "drop_path"]
 
 
 class TwoTowers(nn.Module):
@@ -272,3 +272,110 @@ def test_batchnorm_then_dropout_compose_in_order():
     assert [type(m).__name__ for m in model[0]] == ["Linear", "BatchNorm1d", "ElementDropout"]
     assert [type(m).__name__ for m in model[1]] == ["ReLU", "ElementDropout"]
     assert model(x).shape == (4, 3)
+
+
+# --- the seed regularizers on the built-in ResNets -------------------------------------------------------------
+
+def small_resnet(depth=(2, 2), width=8) -> nn.Module:
+    from regsearch.models import resnet18
+
+    return resnet18((3, 16, 16), 10, width=width, depth=depth)
+
+
+def test_dropout_on_a_resnet_goes_after_each_activation_and_before_the_classifier_by_name():
+    x = torch.randn(4, 3, 16, 16)
+    reg, _, _ = apply("dropout", small_resnet(), x, params={"rates": {}})
+    sites = [s.name for s in reg.candidate_sites()]
+    assert sites[:3] == ["relu", "layer1.0.relu1", "layer1.0.relu"]  # the stem's, then each block's two
+    assert "fc" not in sites and not any("bn" in s or "conv" in s for s in sites)
+    _, model, params = apply("dropout", small_resnet(), x, sites=["flatten"], types=[], p=0.4)
+    assert list(params["rates"]) == ["flatten"]
+    assert type(model.flatten[1]) is ElementDropout and model.flatten[1].p == 0.4  # (N, C) features into fc
+    model.eval()
+    assert torch.equal(model(x), model(x))
+
+
+def test_batchnorm_on_a_resnet_finds_no_site_and_says_so():
+    """Every convolution of a ResNet is already followed by a BatchNorm and the classifier is the output layer."""
+    with pytest.raises(ConfigError, match=r"no batchnorm site matches Linear, Conv1d, Conv2d, Conv3d in this model"):
+        apply("batchnorm", small_resnet(), torch.randn(2, 3, 16, 16))
+
+
+def test_l1_and_l2_on_a_resnet_reach_every_conv_and_the_classifier_but_no_norm_or_bias():
+    model = small_resnet()
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    l1 = default_registry().create("l1", {})
+    want = 0.01 * (sum(c.weight.abs().sum() for c in convs) + model.fc.weight.abs().sum())
+    assert torch.allclose(l1.penalty(model, {"strength": 0.01}), want)
+    l2 = default_registry().create("l2", {})
+    opt = build_optimizer(model, [Applied(l2, {"weight_decay": 1e-4})], TrainingSpec(), 0.1)
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert decayed == {id(c.weight) for c in convs} | {id(model.fc.weight)}
+
+
+# --- drop_path -----------------------------------------------------------------------------------------------
+
+def test_drop_path_sets_a_linear_rate_over_the_depth_of_the_blocks():
+    model = small_resnet(depth=(2, 1, 1))
+    _, model, params = apply("drop_path", model, torch.randn(2, 3, 16, 16), params={"rate": 0.2})
+    rates = [m.drop_prob for name, m in model.named_modules() if name.endswith("drop_path")]
+    assert rates == pytest.approx([0.05, 0.1, 0.15, 0.2])  # rate * (i + 1) / n
+
+
+def test_drop_path_is_the_identity_in_eval_and_drops_whole_branches_per_example_in_train():
+    from regsearch._resnet import DropPath
+
+    drop = DropPath(0.25)
+    x = torch.randn(4000, 3, 2, 2) + 5.0
+    assert drop.eval()(x) is x
+    torch.manual_seed(0)
+    out = drop.train()(x)
+    kept = (out != 0).flatten(1)
+    assert torch.all(kept.all(1) | ~kept.any(1))  # each example's branch is kept or dropped whole
+    dropped = (~kept.any(1)).float().mean().item()
+    assert abs(dropped - 0.25) < 0.03
+    assert torch.allclose(out[kept.all(1)], x[kept.all(1)] / 0.75)
+
+
+def test_a_dropped_branch_leaves_the_block_its_shortcut():
+    from regsearch._resnet import BasicBlock
+
+    block = BasicBlock(4, 4).train()
+    block.drop_path.drop_prob = 0.999999
+    x = torch.randn(3, 4, 5, 5)
+    torch.manual_seed(0)
+    assert torch.equal(block(x), torch.relu(x))  # every branch dropped: relu(identity)
+    block.eval()
+    assert not torch.equal(block(x), torch.relu(x))
+
+
+class TimmBlock(nn.Module):
+    """A residual block as timm writes one: the branch ends in a DropPath module holding `drop_prob`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.drop_path = type("DropPath", (nn.Identity,), {"drop_prob": 0.0})()
+
+    def forward(self, x):
+        return x + self.drop_path(self.conv(x))
+
+
+def test_drop_path_sets_the_drop_prob_of_any_models_drop_path_modules_and_refuses_a_model_without():
+    model = nn.Sequential(TimmBlock(), TimmBlock(), TimmBlock(), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    x = torch.randn(2, 4, 4, 4)
+    _, model, _ = apply("drop_path", model, x, params={"rate": 0.3})
+    assert [model[i].drop_path.drop_prob for i in range(3)] == pytest.approx([0.1, 0.2, 0.3])
+    with pytest.raises(ConfigError, match=r"^drop_path needs residual branches: the model \(Sequential\) has no "
+                                          r"module with a drop_prob"):
+        apply("drop_path", mlp(), torch.randn(2, 6), params={"rate": 0.3})
+
+
+def test_drop_path_searches_its_rate_in_range():
+    reg = default_registry().create("drop_path", {"rate": [0.1, 0.2]})
+    reg.context = context_for(small_resnet(), torch.randn(2, 3, 16, 16))
+    trial = optuna.create_study().ask()
+    params = reg.search_space(NamespacedTrial(trial, "drop_path"))
+    assert 0.1 <= params["rate"] <= 0.2 and list(trial.params) == ["drop_path.rate"]
+    with pytest.raises(ConfigError, match=r"regularizers\.drop_path\.rate: must be in \[0\.0, 1\.0\); got 1\.0"):
+        default_registry().create("drop_path", {"rate": 1.0})

@@ -152,7 +152,8 @@ class Refuses(Good):
     (Remembers, r"a trial repeated with the same instance after another trial ended differently"),
     (BadSignature, r"BadSignature\.on_batch_end\(self, state\) does not take \(self, state, params\)"),
     (Crashes, r"'crashes' .*training_hooks check: KeyError: 'val_accuracy'"),
-    (Refuses, r"refuses both a small MLP and a small CNN: flat: no site here; image: no site here"),
+    (Refuses, r"refuses every model of the kit \(a small MLP, a small CNN, a small ResNet\): flat: no site here; "
+              r"image: no site here; residual: no site here"),
 ])
 def test_a_broken_plugin_fails_the_kit_naming_the_rule(cls, message):
     with pytest.raises(AssertionError, match=message):

@@ -1,5 +1,6 @@
 """More regularizers for regsearch, registered through the `regsearch.regularizers` entry point group."""
 
+from regsearch_extras.cutmix import CutMix
 from regsearch_extras.cutout import Cutout
 from regsearch_extras.early_stopping import EarlyStopping
 from regsearch_extras.max_norm import MaxNorm
@@ -7,4 +8,4 @@ from regsearch_extras.noise import GaussianNoise
 from regsearch_extras.swa import SWA
 from regsearch_extras.targets import LabelSmoothing, Mixup
 
-__all__ = ["Cutout", "EarlyStopping", "GaussianNoise", "LabelSmoothing", "MaxNorm", "Mixup", "SWA"]
+__all__ = ["CutMix", "Cutout", "EarlyStopping", "GaussianNoise", "LabelSmoothing", "MaxNorm", "Mixup", "SWA"]
