@@ -416,12 +416,16 @@ def _absolute(path: str, source: str) -> str:
 
 
 def absolute_paths(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
-    """A valid study file's mapping with its data paths and plugin files absolute, as `spec_from_dict` reads them."""
+    """A valid study file's mapping with its file paths (data, model weights, plugins) absolute, as
+    `spec_from_dict` reads them."""
     raw = dict(raw)
     if raw.get("plugins"):
         raw["plugins"] = list(_plugins(raw["plugins"], source))
     if "data" in raw:
         raw["data"] = _data_paths(raw["data"], source)
+    if isinstance(raw.get("model"), Mapping):
+        raw["model"] = {key: _absolute(value, source) if key in MODEL_PATHS and isinstance(value, str) and value
+                        else value for key, value in raw["model"].items()}
     return raw
 
 
