@@ -32,9 +32,9 @@ OFFLINE_ENV = "REGSEARCH_OFFLINE"
 
 def cache_dir() -> Path:
     """Where a downloaded archive is kept: $REGSEARCH_CACHE, else the user's cache folder."""
-    root = os.environ.get("REGSEARCH_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "regsearch")
-    return Path(root) / "cifar10"
+    from regsearch.data._image_cache import cache_root
+
+    return cache_root() / "cifar10"
 
 
 def parse_batch(raw: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
