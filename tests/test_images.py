@@ -349,3 +349,53 @@ def test_the_shipped_study_file_reads(tmp_path):
     spec = load_study("images", overrides=[("data.path", str(tmp_path))])
     assert spec.data.name == "images" and spec.data.path == str(tmp_path) and spec.model.name == "cnn"
     assert (REPO / "studies" / "images.yaml").is_file()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# failures leave nothing half-written that a later run would use
+
+
+def test_a_corrupt_image_stops_the_decode_and_leaves_no_cache_file(cifar_trees, tmp_path, own_cache):
+    folder = copy_tree(cifar_trees["root"] / "png" / "test", tmp_path / "photos")
+    broken = sorted((folder / "dog").iterdir())[1]
+    good = broken.read_bytes()
+    broken.write_bytes(good[: len(good) // 3])
+    with pytest.raises(DataError, match=f"cannot decode image {broken}"):
+        load_images(folder, image_size=32)
+    assert cache_files(own_cache) == [] and not list((own_cache / "images").glob("*.part"))
+    broken.write_bytes(good)
+    assert len(load_images(folder, image_size=32).y_train) == 80
+
+
+def test_a_cache_folder_without_room_is_refused_before_decoding(cifar_trees, tmp_path, monkeypatch):
+    from tests.conftest import small_tmpfs
+
+    with small_tmpfs(tmp_path / "small", "200k") as small:
+        monkeypatch.setenv("REGSEARCH_CACHE", str(small))
+        with pytest.raises(DataError, match=r"the image cache needs 0.3 MB in .*small/images, which has 0.2 MB free"):
+            load_images(cifar_trees["root"] / "png" / "test", image_size=32)
+        assert not list((small / "images").glob("*.u8")) and not list((small / "images").glob("*.part"))
+
+
+FILLS = """
+import resource, signal, sys
+from regsearch.data import images
+from regsearch._errors import DataError
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+try:
+    images.load_images(sys.argv[1], image_size=32)
+except DataError as exc:
+    print(exc)
+"""
+
+
+def test_a_disk_that_fills_while_the_cache_is_written_leaves_nothing_used_later(cifar_trees, tmp_path, own_cache):
+    folder = cifar_trees["root"] / "png" / "test"
+    env = {**os.environ, "REGSEARCH_CACHE": str(own_cache), "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", FILLS, str(folder)], capture_output=True, text=True, env=env,
+                          timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "filled up while writing it" in done.stdout
+    assert cache_files(own_cache) == [] and not list((own_cache / "images").glob("*.part"))
+    assert len(load_images(folder, image_size=32).y_val) == 20  # with room, the next run decodes and trains
