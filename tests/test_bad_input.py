@@ -182,7 +182,8 @@ def case(case_id: str, args: str | list[str], message: str, *, bounded: bool = T
 CASES = [
     # --- the command line ------------------------------------------------------------------------------------
     case("cli-unknown-study-suggests-closest", "optimize --study digts",
-         "unknown study 'digts' (did you mean 'digits'?); known: cifar, cocktail, cocktail-tabular, digits, tabular"),
+         "unknown study 'digts' (did you mean 'digits'?); known: cifar, cocktail, cocktail-tabular, digits, images, "
+         "tabular"),
     case("cli-missing-study-file", "optimize --study {tmp}/nope.yaml", "study file {tmp}/nope.yaml does not exist"),
     case("cli-n-trials-zero", "optimize --study digits --n-trials 0",
          "Invalid value for '--n-trials': must be positive; got 0"),
@@ -348,7 +349,8 @@ CASES = [
          "model.hiden: unknown option (did you mean 'hidden'?)",
          files={"s.yaml": TINY_STUDY.replace("hidden:", "hiden:")}),
     case("study-unknown-dataset", "optimize --study {tmp}/s.yaml",
-         "s.yaml: data.name: unknown value 'mnist'; known: cifar10, digits, table", files={"s.yaml": "data: {name: mnist}\n"}),
+         "s.yaml: data.name: unknown value 'mnist'; known: cifar10, digits, images, table",
+         files={"s.yaml": "data: {name: mnist}\n"}),
     case("study-unknown-optimizer", "optimize --study {tmp}/s.yaml",
          "s.yaml: training.optimizer: unknown value 'adamm' (did you mean 'adamw'?)",
          files={"s.yaml": "training: {optimizer: adamm}\n"}),

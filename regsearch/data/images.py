@@ -244,7 +244,7 @@ def _decode_dataset(dataset: Any, decoding: Decoding, cache_key: str | None, par
 def _label(value: Any) -> int:
     value = value.item() if hasattr(value, "item") else value
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"the label must be a whole number (class id); got {value!r}")
+        raise TypeError(f"the label must be a whole number (class id); got {value!r}")
     return int(value)
 
 
