@@ -614,6 +614,8 @@ CASES = [
          files=photos()),
     case("images-size-with-digits", "optimize --study digits --set data.image_size=32",
          "data.image_size: only images have image_size (data.name is digits); set data.name=images"),
+    case("images-folder-given-to-the-cifar-study", "optimize --study cifar --data-dir {tmp}/photos",
+         "a folder of images in class subfolders is read by --study images --data-dir {tmp}/photos", files=photos()),
     case("images-unwritable-cache", IMAGES + "photos",
          "cannot write the image cache in {tmp}/cache/images: Permission denied (set REGSEARCH_CACHE to a writable "
          "folder)", files=photos(), setup=read_only_cache, process=True),

@@ -343,6 +343,19 @@ def test_non_image_files_are_skipped_and_counted(cifar_trees, tmp_path, caplog):
     assert len(data.y_train) + len(data.y_val) == N_TEST
 
 
+@pytest.mark.slow
+def test_data_dir_names_the_image_folder_of_a_study(cifar_trees, in_tmp, mlflow_store):
+    import shutil
+
+    import regsearch
+
+    shutil.copy(mlflow_store, in_tmp / "m.db")  # migrated once per module
+    study = regsearch.optimize("images", n_trials=1, storage="s.journal", tracking_uri=f"sqlite:///{in_tmp}/m.db",
+                               data_dir=str(cifar_trees["root"] / "png" / "test"), device="cpu",
+                               overrides=[("data.image_size", "16"), ("training.steps", "2")])
+    assert study.trials[0].state.name == "COMPLETE"
+
+
 def test_the_shipped_study_file_reads(tmp_path):
     from regsearch._study_file import load_study
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -81,9 +80,3 @@ class StreamedImages:
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_map": None}
 
-
-def as_tensor_view(array: np.ndarray) -> torch.Tensor:
-    """A read-only numpy array as a tensor without a copy (torch warns of writes that never happen here)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(array)
