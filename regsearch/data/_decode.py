@@ -8,6 +8,7 @@ cut out. EXIF orientation is applied first; greyscale, palette and RGBA images b
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -73,8 +74,6 @@ def decode_file(path: str, decoding: Decoding) -> tuple[np.ndarray, bytes]:
 
     try:
         raw = Path(path).read_bytes()
-        import io
-
         with Image.open(io.BytesIO(raw)) as image:
             _draft(image, decoding)
             image.load()  # a truncated file fails here, not halfway through the resize

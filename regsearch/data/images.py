@@ -51,10 +51,10 @@ def list_images(path: str | os.PathLike[str], *, path_column: str = "path", targ
     where = Path(path).expanduser()
     if not where.exists():
         raise DataError(f"no images at {where}: the folder (or CSV file) does not exist")
-    if where.is_dir():
-        paths, names = _folder(where)
-    else:
-        paths, names = _table(where, path_column, target)
+    try:
+        paths, names = _folder(where) if where.is_dir() else _table(where, path_column, target)
+    except OSError as exc:  # a folder we may not list, a file gone while we read
+        raise DataError(f"cannot read the images at {where}: {exc.strerror or exc} ({exc.filename})") from None
     found = tuple(sorted(set(names), key=_class_order))
     if classes is None:
         if len(found) < 2:
@@ -137,7 +137,10 @@ def _stat_key(listing: Listing, decoding: Decoding) -> str:
     """The cache key of a listing: each file's path, size and modification time, and the decoding."""
     digest = hashlib.blake2b(decoding.key.encode(), digest_size=20)
     for p in listing.paths:
-        st = os.stat(p)
+        try:
+            st = os.stat(p)
+        except OSError as exc:
+            raise DataError(f"{listing.where}: cannot read {p}: {exc.strerror or exc}") from None
         digest.update(json.dumps([p, st.st_size, st.st_mtime_ns]).encode())
     return f"files-{digest.hexdigest()}"
 
