@@ -344,7 +344,7 @@ def test_non_image_files_are_skipped_and_counted(cifar_trees, tmp_path, caplog):
 
 
 @pytest.mark.slow
-def test_data_dir_names_the_image_folder_of_a_study(cifar_trees, in_tmp, mlflow_store):
+def test_data_dir_names_the_image_folder_of_a_study_that_streams_it(cifar_trees, in_tmp, mlflow_store):
     import shutil
 
     import regsearch
@@ -352,8 +352,11 @@ def test_data_dir_names_the_image_folder_of_a_study(cifar_trees, in_tmp, mlflow_
     shutil.copy(mlflow_store, in_tmp / "m.db")  # migrated once per module
     study = regsearch.optimize("images", n_trials=1, storage="s.journal", tracking_uri=f"sqlite:///{in_tmp}/m.db",
                                data_dir=str(cifar_trees["root"] / "png" / "test"), device="cpu",
-                               overrides=[("data.image_size", "16"), ("training.steps", "2")])
-    assert study.trials[0].state.name == "COMPLETE"
+                               overrides=[("data.image_size", "16"), ("training.steps", "2"),
+                                          ("data.in_memory", "false"),
+                                          ("data.test_path", str(cifar_trees["root"] / "jpeg" / "test"))])
+    assert study.trials[0].state.name == "COMPLETE"  # the whole study on splits streamed from the cache file
+    assert "test_acc" in study.user_attrs["best_test"]
 
 
 def test_the_shipped_study_file_reads(tmp_path):
