@@ -83,10 +83,10 @@ def _load_images(spec: StudySpec, data_dir: str | None) -> TensorData:
     if path is None:
         raise ConfigError("data.name images needs the images: --set data.path=FOLDER (a subfolder of images per "
                           "class) or a CSV/TSV of paths and labels, or --data-dir FOLDER")
-    return load_images(path, test_path=d.test_path, image_size=d.image_size or 64, channels=d.channels or 3,
-                       val_fraction=d.val_fraction, seed=spec.seed, train_size=d.train_size,
-                       group_repeats=bool(d.group_repeats), path_column=d.path_column or "path",
-                       target=d.target or "label", in_memory=d.in_memory)
+    given = {"image_size": d.image_size, "channels": d.channels, "path_column": d.path_column, "target": d.target}
+    return load_images(path, test_path=d.test_path, val_fraction=d.val_fraction, seed=spec.seed,
+                       train_size=d.train_size, group_repeats=bool(d.group_repeats), in_memory=d.in_memory,
+                       **{key: value for key, value in given.items() if value is not None})  # else its defaults
 
 
 def _check_model(exp: Experiment) -> nn.Module:

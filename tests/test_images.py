@@ -319,6 +319,20 @@ def test_streamed_splits_train_exactly_as_in_memory_ones(cifar_trees):
     assert metrics[0] == metrics[1]
 
 
+def test_confirmation_folds_of_streamed_splits_hold_the_in_memory_folds_images(cifar_trees):
+    from regsearch.data._tensors import cv_folds, fold_split, pool_groups
+
+    folder = cifar_trees["root"] / "png" / "test"
+    held = load_images(folder, image_size=32, in_memory=True, group_repeats=True)
+    streamed = load_images(folder, image_size=32, in_memory=False, group_repeats=True)
+    a, b = pool_groups(streamed), pool_groups(held)  # the same grouping, perhaps numbered otherwise
+    assert len(np.unique(np.stack([a, b], 1), axis=0)) == len(np.unique(a)) == len(np.unique(b))
+    for train, val in cv_folds(streamed, 3, 0):
+        fold, same = fold_split(streamed, train, val), fold_split(held, train, val)
+        assert isinstance(fold.x_train, StreamedImages)
+        assert torch.equal(fold.x_train[:], same.x_train) and torch.equal(fold.x_val[:], same.x_val)
+
+
 def test_group_repeats_keeps_byte_identical_files_on_one_side(cifar_trees, tmp_path):
     folder = copy_tree(cifar_trees["root"] / "png" / "test", tmp_path / "photos")
     for i, original in enumerate(sorted((folder / "cat").iterdir())):
