@@ -280,7 +280,7 @@ class Pictures(torch.utils.data.Dataset):
         if self.kind == "array":
             image = np.asarray(image)
         elif self.kind == "tensor":
-            image = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)
+            image = torch.from_numpy(np.array(image)).permute(2, 0, 1)
         return image, torch.tensor(self.labels[i])
 
 
