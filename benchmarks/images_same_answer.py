@@ -20,6 +20,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as common  # noqa: E402
 
+DECODE = ("import json, os, sys; os.environ['REGSEARCH_CACHE'] = sys.argv[2]; "
+          "from regsearch.data.images import load_images; "
+          "load_images(sys.argv[1] + '/train', test_path=sys.argv[1] + '/test', image_size=32); print(json.dumps({}))")
+"""A child process that decodes a tree's train and test folders into the cache."""
 NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
@@ -72,10 +76,7 @@ def main() -> None:
         decode = {}
         for fmt in ("png", "jpeg"):
             start = time.perf_counter()
-            common.run_json([sys.executable, "-c", "import json, os, sys; os.environ['REGSEARCH_CACHE'] = sys.argv[2]; "
-                             "from regsearch.data.images import load_images; "
-                             "load_images(sys.argv[1] + '/train', test_path=sys.argv[1] + '/test', image_size=32); "
-                             "print(json.dumps({}))", str(root / fmt), cache])
+            common.run_json([sys.executable, "-c", DECODE, str(root / fmt), cache])
             decode[fmt] = time.perf_counter() - start
         sources = {"binary": a.data, "png": str(root / "png"), "jpeg": str(root / "jpeg")}
         runs: dict[str, list[dict]] = {kind: [] for kind in sources}
