@@ -29,6 +29,8 @@ _EXPORTS = {
     "load_study": "regsearch._study_file",
     "spec_from_dict": "regsearch._spec",
     "TensorData": "regsearch.data._tensors",
+    "load_images": "regsearch.data.images",
+    "images_from_dataset": "regsearch.data.images",
     "RegsearchError": "regsearch._errors",
     "ConfigError": "regsearch._errors",
     "PluginError": "regsearch._errors",
@@ -60,6 +62,7 @@ if TYPE_CHECKING:
     from regsearch._study import optimize
     from regsearch._study_file import load_study
     from regsearch.data._tensors import TensorData
+    from regsearch.data.images import images_from_dataset, load_images
 
 
 _SUBMODULES = ("testing", "surgery", "models", "data")

@@ -71,8 +71,25 @@ def _load_data(spec: StudySpec, data_dir: str | None) -> TensorData:
         return load_table(d.path, d.target, test_path=d.test_path, features=d.features, categorical=d.categorical,
                           id_columns=d.id_columns, val_fraction=d.val_fraction, seed=spec.seed,
                           train_size=d.train_size, group_repeats=bool(d.group_repeats))
+    if d.name == "images":
+        return _load_images(spec, data_dir)
     return load_dataset(d.name, val_fraction=d.val_fraction, seed=spec.seed, train_size=d.train_size,
                         data_dir=data_dir)
+
+
+def _load_images(spec: StudySpec, data_dir: str | None) -> TensorData:
+    """The user's images: `data.path`, else the `--data-dir` folder."""
+    from regsearch.data.images import load_images
+
+    d = spec.data
+    path = d.path or data_dir
+    if path is None:
+        raise ConfigError("data.name images needs the images: --set data.path=FOLDER (a subfolder of images per "
+                          "class) or a CSV/TSV of paths and labels, or --data-dir FOLDER")
+    given = {"image_size": d.image_size, "channels": d.channels, "path_column": d.path_column, "target": d.target}
+    return load_images(path, test_path=d.test_path, val_fraction=d.val_fraction, seed=spec.seed,
+                       train_size=d.train_size, group_repeats=bool(d.group_repeats), in_memory=d.in_memory,
+                       **{key: value for key, value in given.items() if value is not None})  # else its defaults
 
 
 def _check_model(exp: Experiment) -> nn.Module:

@@ -101,19 +101,22 @@ _Columns = Annotated[tuple[str, ...] | None, Field(strict=False), BeforeValidato
 class DataSpec(_Spec):
     """Which data, and how the training data is split into training and validation.
 
-    `table` is the user's own CSV/TSV/Parquet file (`regsearch.data.table.load_table`); its keys mean nothing
-    for the built-in datasets. Its paths are absolute once read (see `_data_paths`).
+    `table` is the user's own CSV/TSV/Parquet file (`regsearch.data.table.load_table`), `images` the user's own
+    images (`regsearch.data.images.load_images`: a folder of class subfolders, or a CSV/TSV of paths and labels);
+    their keys mean nothing for the built-in datasets. Their paths are absolute once read (see `_data_paths`).
     """
 
     table_keys: ClassVar[tuple[str, ...]] = ("path", "target", "test_path", "features", "categorical", "id_columns",
                                              "group_repeats")
-    name: Literal["digits", "cifar10", "table"] = "digits"
+    image_keys: ClassVar[tuple[str, ...]] = ("path", "target", "test_path", "group_repeats", "image_size", "channels",
+                                             "path_column", "in_memory")
+    name: Literal["digits", "cifar10", "table", "images"] = "digits"
     val_fraction: Annotated[float, Field(ge=0.01, le=0.9)] = 0.2
     train_size: Annotated[Whole | None, Field(ge=10)] = None
     path: Annotated[str | None, Field(min_length=1)] = None
-    """The table's file (training rows, split into training and validation)."""
+    """The table's file (training rows, split into training and validation); for images, their folder or CSV."""
     target: _Column = None
-    """The column holding the class labels."""
+    """The column holding the class labels (images in a CSV: default `label`)."""
     test_path: Annotated[str | None, Field(min_length=1)] = None
     """A second file with the same columns, the test split; without it the study reports validation accuracy."""
     features: _Columns = None
@@ -123,20 +126,35 @@ class DataSpec(_Spec):
     id_columns: _Columns = None
     """Columns left out of the inputs (row ids, names)."""
     group_repeats: bool | None = None
-    """Keep rows with the same inputs on one side of the validation split (and of confirmation folds)."""
+    """Keep rows with the same inputs (images: byte-identical files) on one side of the validation split (and of
+    confirmation folds)."""
+    image_size: Annotated[Whole | None, Field(ge=8, le=1024)] = None
+    """Images: the side of the square each is resized to (shorter side to this size, then the centre cut out)."""
+    channels: Literal[1, 3] | None = None
+    """Images: 3 (RGB, default) or 1 (greyscale)."""
+    path_column: _Column = None
+    """Images in a CSV/TSV: the column of file paths (relative to the CSV's folder; default `path`)."""
+    in_memory: bool | None = None
+    """Images: hold the pixels in memory (true) or read batches from the cache file (false); default: in memory
+    when they take at most a fifth of the memory available."""
 
     @model_validator(mode="after")
-    def _table_keys_go_with_a_table(self) -> Self:
+    def _keys_go_with_their_data(self) -> Self:
         if self.name == "table":
             lacking = [key for key in ("path", "target") if getattr(self, key) is None]
             if lacking:
                 raise Invalid("data.name table needs the table's file and its label column: give them in the study "
                                "file, or with --set data.path=FILE --set data.target=COLUMN", lacking[0])
-            return self
-        given = [key for key in self.table_keys if getattr(self, key) is not None]
+        own = {"table": self.table_keys, "images": self.image_keys}.get(self.name, ())
+        given = [key for key in (*self.table_keys, *self.image_keys) if getattr(self, key) is not None
+                 and key not in own]
         if given:
-            raise Invalid(f"only a table has {given[0]} (data.name is {self.name}); set data.name=table to read "
-                           f"your own file, or drop {given[0]}", given[0])
+            key = given[0]
+            if key in self.table_keys:
+                raise Invalid(f"only a table has {key} (data.name is {self.name}); set data.name=table to read your "
+                              f"own file, or drop {key}", key)
+            raise Invalid(f"only images have {key} (data.name is {self.name}); set data.name=images to read your own "
+                          f"images, or drop {key}", key)
         return self
 
 

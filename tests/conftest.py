@@ -18,6 +18,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_CIFAR = REPO.parent / "shared" / "datasets" / "cifar-10-sample-binary.tar.gz"
+SHARED_HYMENOPTERA = REPO.parent / "shared" / "datasets" / "hymenoptera-sample.tar"
 STRICT_ENV = "REGSEARCH_TEST_STRICT"
 """Set by .ci/run: a test that would skip for a missing resource (shared data, PostgreSQL) fails instead."""
 
@@ -92,6 +93,18 @@ def cifar_sample() -> Path:
     """The real CIFAR-10 sample (5,000 train, 1,000 test) in the official binary layout."""
     require(SHARED_CIFAR.is_file(), f"the shared CIFAR-10 sample is not at {SHARED_CIFAR}")
     return SHARED_CIFAR
+
+
+@pytest.fixture(scope="session")
+def hymenoptera(tmp_path_factory) -> Path:
+    """The shared sample of 100 real photographs of ants and bees (train/ and val/, a folder per class), extracted."""
+    import tarfile
+
+    require(SHARED_HYMENOPTERA.is_file(), f"the shared hymenoptera sample is not at {SHARED_HYMENOPTERA}")
+    root = tmp_path_factory.mktemp("hymenoptera")
+    with tarfile.open(SHARED_HYMENOPTERA) as tar:
+        tar.extractall(root, filter="data")
+    return root / "hymenoptera"
 
 
 def free_port() -> int:

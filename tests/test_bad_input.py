@@ -108,6 +108,36 @@ def uses(name: str) -> str:
     return TINY_STUDY + f"regularizers: {{{name}: {{enabled: true}}}}\nplugins: [plugin.py]\n"
 
 
+def png(shade: int = 0, size: int = 12) -> bytes:
+    """A small real PNG file's bytes."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), (shade, 255 - shade, 128)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def photos(**files: bytes) -> dict[str, bytes]:
+    """photos/<class>/<file>: two classes of six real PNGs each; keyword arguments add files (`dog__x_png`)."""
+    tree = {f"photos/{c}/{i}.png": png(40 * i + k) for k, c in enumerate(("cat", "dog")) for i in range(6)}
+    tree.update({"photos/" + name.replace("__", "/").replace("_png", ".png").replace("_txt", ".txt"): raw
+                 for name, raw in files.items()})
+    return tree
+
+
+def empty_photos(tmp: Path) -> None:
+    (tmp / "photos").mkdir()
+
+
+def read_only_cache(tmp: Path) -> None:
+    (tmp / "cache").mkdir()
+    (tmp / "cache").chmod(0o555)
+
+
+IMAGES = "optimize --study images --set data.image_size=8 --set training.steps=1 --set data.path="
+"""The shipped images study on a folder or CSV of the case's folder (the path follows)."""
+
+
 def symlink_loop(tmp: Path) -> None:
     (tmp / "loop.py").symlink_to(tmp / "loop.py")
 
@@ -164,7 +194,8 @@ def case(case_id: str, args: str | list[str], message: str, *, bounded: bool = T
 CASES = [
     # --- the command line ------------------------------------------------------------------------------------
     case("cli-unknown-study-suggests-closest", "optimize --study digts",
-         "unknown study 'digts' (did you mean 'digits'?); known: cifar, cocktail, cocktail-tabular, digits, tabular"),
+         "unknown study 'digts' (did you mean 'digits'?); known: cifar, cocktail, cocktail-tabular, digits, images, "
+         "tabular"),
     case("cli-missing-study-file", "optimize --study {tmp}/nope.yaml", "study file {tmp}/nope.yaml does not exist"),
     case("cli-n-trials-zero", "optimize --study digits --n-trials 0",
          "Invalid value for '--n-trials': 0 is not in the range x>=1."),
@@ -331,7 +362,8 @@ CASES = [
          "model.hiden: unknown option (did you mean 'hidden'?)",
          files={"s.yaml": TINY_STUDY.replace("hidden:", "hiden:")}),
     case("study-unknown-dataset", "optimize --study {tmp}/s.yaml",
-         "s.yaml: data.name: unknown value 'mnist'; known: cifar10, digits, table", files={"s.yaml": "data: {name: mnist}\n"}),
+         "s.yaml: data.name: unknown value 'mnist'; known: cifar10, digits, images, table",
+         files={"s.yaml": "data: {name: mnist}\n"}),
     case("study-unknown-optimizer", "optimize --study {tmp}/s.yaml",
          "s.yaml: training.optimizer: unknown value 'adamm' (did you mean 'adamw'?)",
          files={"s.yaml": "training: {optimizer: adamm}\n"}),
@@ -561,6 +593,45 @@ CASES = [
     case("data-test-batch-missing", "optimize --study cifar --data-dir {tmp}",
          f"{{tmp}}/{FOLDER}: CIFAR-10 files missing: test_batch.bin",
          files={f"{FOLDER}/data_batch_1.bin": cifar_batch()}),
+    # --- a user's images --------------------------------------------------------------------------------------
+    case("images-without-path", "optimize --study images",
+         "data.name images needs the images: --set data.path=FOLDER"),
+    case("images-missing-folder", IMAGES + "nope", "no images at {tmp}/nope: the folder (or CSV file) does not exist"),
+    case("images-empty-folder", IMAGES + "photos", "{tmp}/photos is empty: expected a subfolder of images per class",
+         setup=empty_photos),
+    case("images-files-but-no-class-folders", IMAGES + "photos", "{tmp}/photos holds files but no class folders",
+         files={"photos/a.png": png(), "photos/b.png": png(9)}),
+    case("images-one-class", IMAGES + "photos", "{tmp}/photos: one class ('cat'); nothing to learn",
+         files={f"photos/cat/{i}.png": png(i) for i in range(6)}),
+    case("images-class-folder-without-images", IMAGES + "photos",
+         "{tmp}/photos: the class folder 'bird' has no images", files=photos(bird__notes_txt=b"no pictures here")),
+    case("images-corrupt-image-is-named", IMAGES + "photos", "cannot decode image {tmp}/photos/dog/broken.png",
+         files=photos(dog__broken_png=png()[:40]), absent="regsearch.journal"),
+    case("images-text-file-named-like-an-image", IMAGES + "photos",
+         "cannot decode image {tmp}/photos/cat/x.png: not an image Pillow can read",
+         files=photos(cat__x_png=b"hello, not a picture")),
+    case("images-csv-row-naming-a-missing-file", IMAGES + "t.csv",
+         "{tmp}/t.csv: line 4 (the header is line 1): no image file at {tmp}/photos/cat/gone.png",
+         files={**photos(), "t.csv": "path,label\nphotos/cat/0.png,cat\nphotos/dog/0.png,dog\n"
+                                     "photos/cat/gone.png,cat\n"}, absent="regsearch.journal"),
+    case("images-csv-without-the-path-column", IMAGES + "t.csv",
+         "{tmp}/t.csv: unknown path column 'path'", files={**photos(), "t.csv": "file,label\nphotos/cat/0.png,cat\n"}),
+    case("images-test-class-unknown", IMAGES + "photos --set data.test_path=held",
+         "{tmp}/held: class 'bird' is not a class of the training images (cat, dog)",
+         files={**photos(), "held/bird/0.png": png()}),
+    case("images-size-zero", IMAGES + "photos --set data.image_size=0", "data.image_size: must be >= 8; got 0",
+         files=photos()),
+    case("images-size-absurd", IMAGES + "photos --set data.image_size=100000",
+         "data.image_size: must be <= 1024; got 100000", files=photos()),
+    case("images-channels-two", IMAGES + "photos --set data.channels=2", "data.channels: unknown value",
+         files=photos()),
+    case("images-size-with-digits", "optimize --study digits --set data.image_size=32",
+         "data.image_size: only images have image_size (data.name is digits); set data.name=images"),
+    case("images-folder-given-to-the-cifar-study", "optimize --study cifar --data-dir {tmp}/photos",
+         "a folder of images in class subfolders is read by --study images --data-dir {tmp}/photos", files=photos()),
+    case("images-unwritable-cache", IMAGES + "photos",
+         "cannot write the image cache in {tmp}/cache/images: Permission denied (set REGSEARCH_CACHE to a writable "
+         "folder)", files=photos(), setup=read_only_cache, process=True),
 ]
 
 # --- searched training and model keys (issue 14): kept apart from the table above to ease merging --------------

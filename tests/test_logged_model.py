@@ -59,6 +59,25 @@ def test_uint8_images_are_normalised_exactly_as_the_training_batches():
         predictor.predict(images[:2].permute(0, 2, 3, 1).numpy())
 
 
+def test_image_files_pil_images_and_arrays_become_the_studys_test_inputs(hymenoptera, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from regsearch.data.images import list_images, load_images
+
+    monkeypatch.setenv("REGSEARCH_CACHE", str(tmp_path / "cache"))
+    data = load_images(hymenoptera / "train", test_path=hymenoptera / "val", image_size=24)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 24 * 24, 2))
+    predictor = Predictor.of(model, data)
+    paths = list(list_images(hymenoptera / "val").paths)
+    expected = predictor.inputs(data.x_test.numpy())
+    assert torch.equal(predictor.inputs(paths), expected)  # the files, decoded and resized as the study did
+    assert torch.equal(predictor.inputs([Image.open(p) for p in paths[:3]]), expected[:3])
+    # an array is the photo decoded at full size (not at the JPEG's reduced scale a file or fresh PIL image allows)
+    assert (predictor.inputs(np.asarray(Image.open(paths[0]))) - expected[:1]).abs().mean() < 0.05
+    assert set(predictor.predict(paths)) <= {"ants", "bees"}
+
+
 def test_a_tables_rows_give_its_own_labels_and_proba_a_column_per_class(tmp_path):
     from regsearch.data.table import load_table
 
@@ -199,6 +218,35 @@ def test_adult_model_takes_the_tables_rows_and_returns_its_labels(mlflow_server,
     assert got["n"] == 16_281
     assert got["right"] == round(test["test_acc"] * 16_281), got
     assert got["labels"] == ["<=50K", ">50K"] and got["proba_columns"] == ["<=50K", ">50K"]
+
+
+@pytest.mark.slow
+def test_image_folder_model_from_the_cli_takes_image_files_and_returns_class_names(mlflow_server, hymenoptera,
+                                                                                     in_tmp, monkeypatch):
+    """The hymenoptera photographs end to end from the command line, as a user's folder is used."""
+    import optuna
+    from click.testing import CliRunner
+
+    from regsearch.cli import cli
+    from regsearch.data.images import list_images
+
+    monkeypatch.setenv("REGSEARCH_CACHE", str(in_tmp / "cache"))
+    name = f"images_{uuid.uuid4().hex[:8]}"
+    result = CliRunner().invoke(cli, [
+        "optimize", "--study", "images", "--study-name", name, "--n-trials", "1", "--storage", "s.journal",
+        "--tracking-uri", mlflow_server, "--device", "cpu", "--set", f"data.path={hymenoptera / 'train'}",
+        "--set", f"data.test_path={hymenoptera / 'val'}", "--set", "data.image_size=32",
+        "--set", "training.steps=20"])
+    assert result.exit_code == 0, result.output
+    study = optuna.load_study(study_name=name, storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(in_tmp / "s.journal"))))
+    test = study.user_attrs["best_test"]
+    listing = list_images(hymenoptera / "val")
+    got = predict_elsewhere(in_tmp, mlflow_server, logged_model_uri(mlflow_server, name),
+                            f"x, y = {list(listing.paths)!r}, {[listing.classes[i] for i in listing.labels]!r}")
+    assert got["n"] == 40
+    assert got["right"] == round(test["test_acc"] * 40), got
+    assert set(got["labels"]) <= {"ants", "bees"} and got["proba_columns"] == ["ants", "bees"]
 
 
 USERS_MODEL = '''

@@ -44,7 +44,7 @@ def test_enabled_is_taken_out_of_the_plugin_options():
     ({"training": {"lr": [0, 0.1]}}, r"^training\.lr: a log-scale range must be above 0"),
     ({"training": {"lr": [0.1, 0.2, 0.3]}}, r"^training\.lr: a range is \[low, high\]"),
     ({"training": {"augment": True}}, r"^training\.augment: augmentation is the regularizer 'augment' now; write "),
-    ({"data": {"name": "mnist"}}, r"^data\.name: unknown value 'mnist'; known: cifar10, digits, table"),
+    ({"data": {"name": "mnist"}}, r"^data\.name: unknown value 'mnist'; known: cifar10, digits, images, table"),
     ({"data": {"val_fraction": 1.5}}, r"^data\.val_fraction: must be <= 0\.9"),
     ({"search": {"sampler": {"name": "cmaes"}}}, r"^search\.sampler\.name: unknown value 'cmaes'"),
     ({"search": {"pruner": {"name": "medain"}}}, r"^search\.pruner\.name: unknown value 'medain' \(did you mean 'median'\?\)"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ import numpy as np
 import torch
 
 from regsearch._errors import ConfigError, DataError
+from regsearch.data._streamed import StreamedImages
 
 
 def _as_tensor(value: Any, what: str) -> torch.Tensor:
@@ -31,6 +33,8 @@ class TensorData:
     `scale`, where set, is what raw inputs were multiplied by to give these (digits: 1/16 of sklearn's 0..16 pixels);
     the logged model applies it to the raw inputs a user has. `group_repeats`: rows with the same inputs were kept
     on one side of the training/validation split, and cross-validation folds keep them together too.
+    Images read from files keep their `decoding` (size, channels): the logged model decodes a user's files alike.
+    Their splits may be `StreamedImages` (read from the cache file as indexed) instead of tensors.
     """
 
     x_train: torch.Tensor
@@ -48,6 +52,7 @@ class TensorData:
     columns: tuple | None = None
     scale: float | None = None
     group_repeats: bool = False
+    decoding: Any | None = None
 
     @property
     def is_image(self) -> bool:
@@ -108,7 +113,8 @@ class TensorData:
         return cls(x[train], y[train], x[val], y[val], xt, yt, num_classes, name, mean, std)
 
     def to(self, device: torch.device) -> TensorData:
-        move = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
+        move = {k: (v.to(device) if isinstance(v, (torch.Tensor, StreamedImages)) else v)
+                for k, v in vars(self).items()}
         return replace(self, **move)
 
 
@@ -124,6 +130,11 @@ def check_folds(data: TensorData, k: int) -> None:
 
 def pool_groups(data: TensorData) -> np.ndarray:
     """One id per distinct input row of the pooled training and validation splits."""
+    if isinstance(data.x_train, StreamedImages):  # hashed a chunk at a time: the pool need not fit in memory
+        joined = data.x_train.join(data.x_val)
+        digests = [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for chunk in joined.chunks()
+                   for row in chunk.flatten(1).numpy()]
+        return np.unique(np.array(digests), return_inverse=True)[1].ravel()
     pool = torch.cat([data.x_train, data.x_val]).cpu().flatten(1).contiguous().numpy()
     rows = pool.view(np.dtype((np.void, pool.dtype.itemsize * pool.shape[1]))).ravel()
     return np.unique(rows, return_inverse=True)[1].ravel()
@@ -152,12 +163,16 @@ def cv_folds(data: TensorData, k: int, seed: int) -> list[tuple[torch.Tensor, to
 def fold_split(data: TensorData, train: torch.Tensor, val: torch.Tensor) -> TensorData:
     """`data` with one fold's rows of the pool as its training and validation splits (test split, statistics and
     preprocessor kept: they were fitted on the original training split)."""
-    x, y = torch.cat([data.x_train, data.x_val]), torch.cat([data.y_train, data.y_val])
+    y = torch.cat([data.y_train, data.y_val])
     train, val = train.to(y.device), val.to(y.device)
+    if isinstance(data.x_train, StreamedImages):
+        x = data.x_train.join(data.x_val)
+        return replace(data, x_train=x.select(train), y_train=y[train], x_val=x.select(val), y_val=y[val])
+    x = torch.cat([data.x_train, data.x_val])
     return replace(data, x_train=x[train], y_train=y[train], x_val=x[val], y_val=y[val])
 
 
-FOLDER_DATASETS = frozenset({"cifar10"})
+FOLDER_DATASETS = frozenset({"cifar10", "images"})
 """The datasets read from a local folder or archive (`--data-dir`); the others need none."""
 
 

@@ -32,9 +32,9 @@ OFFLINE_ENV = "REGSEARCH_OFFLINE"
 
 def cache_dir() -> Path:
     """Where a downloaded archive is kept: $REGSEARCH_CACHE, else the user's cache folder."""
-    root = os.environ.get("REGSEARCH_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "regsearch")
-    return Path(root) / "cifar10"
+    from regsearch.data._image_cache import cache_root
+
+    return cache_root() / "cifar10"
 
 
 def parse_batch(raw: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -97,6 +97,9 @@ def _locate(data_dir: Path) -> tuple[str, Path]:
             return "folder", folder
     if (data_dir / ARCHIVE).is_file():
         return "archive", data_dir / ARCHIVE
+    if data_dir.is_dir() and any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(data_dir)):
+        raise DataError(f"no CIFAR-10 data in {data_dir}: expected {ARCHIVE} or the {FOLDER}/ folder; a folder of "
+                        f"images in class subfolders is read by --study images --data-dir {data_dir}")
     raise DataError(f"no CIFAR-10 data in {data_dir}: expected {ARCHIVE}, or the {FOLDER}/ folder extracted "
                     f"from it (get it from {URL})")
 

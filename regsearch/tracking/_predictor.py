@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from regsearch.data._decode import as_pixels
+
 OUTPUTS = ("label", "proba")
 """What `Predictor.predict` returns: class labels, or a probability per class (a column per class)."""
 
@@ -28,13 +30,14 @@ class Predictor:
     preprocessor), "image" (uint8 N×C×H×W, normalised with the training split's per-channel mean/std exactly as the
     training batches were) or "array" (rows of numbers, times `scale`: digits' raw pixels 0..16 times 1/16). It
     predicts in `batch_size` chunks under `autocast` (the precision the trial was trained and tested in), so that
-    the study's test split, raw, gets the study's test accuracy.
+    the study's test split, raw, gets the study's test accuracy. Images read from files (`decoding` set) are also
+    taken as file paths, PIL images or uint8 arrays, decoded and resized as the study's were.
     """
 
     def __init__(self, model: torch.nn.Module, kind: str, shape: tuple[int, ...], labels: tuple, *,
                  scale: float | None = None, image_scale: torch.Tensor | None = None,
                  image_shift: torch.Tensor | None = None, preprocessor: Any = None, columns: tuple | None = None,
-                 autocast: torch.dtype | None = None, batch_size: int = 1024) -> None:
+                 autocast: torch.dtype | None = None, batch_size: int = 1024, decoding: Any = None) -> None:
         self.model = model
         self.kind = kind
         self.shape = shape
@@ -46,6 +49,7 @@ class Predictor:
         self.columns = columns
         self.autocast = autocast
         self.batch_size = batch_size
+        self.decoding = decoding
 
     @classmethod
     def of(cls, model: torch.nn.Module, data: Any, *, autocast: torch.dtype | None = None,
@@ -60,7 +64,7 @@ class Predictor:
         if data.is_image:  # the same arithmetic as `Batcher`, so that the inputs are the same floats
             std, mean = data.std.cpu(), data.mean.cpu()
             return cls(model, "image", data.input_shape, labels, image_scale=(1.0 / (255.0 * std)).view(1, -1, 1, 1),
-                       image_shift=(mean / std).view(1, -1, 1, 1), **common)
+                       image_shift=(mean / std).view(1, -1, 1, 1), decoding=data.decoding, **common)
         return cls(model, "array", data.input_shape, labels, scale=data.scale, **common)
 
     def inputs(self, raw: Any) -> torch.Tensor:
@@ -70,6 +74,8 @@ class Predictor:
 
             frame = raw if isinstance(raw, pd.DataFrame) else pd.DataFrame(raw)
             return torch.from_numpy(np.asarray(self.preprocessor.transform(frame), dtype=np.float32))
+        if self.kind == "image" and getattr(self, "decoding", None) is not None:
+            raw = as_pixels(raw, self.decoding)
         array = np.asarray(raw.cpu() if isinstance(raw, torch.Tensor) else raw)
         if array.ndim != len(self.shape) + 1 or tuple(array.shape[1:]) != tuple(self.shape):
             raise ValueError(f"expected inputs of shape (N, {', '.join(map(str, self.shape))}); "

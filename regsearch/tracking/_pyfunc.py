@@ -43,6 +43,10 @@ def pyfunc_options(predictor: Predictor, example: Any) -> dict[str, Any]:
         import sklearn
 
         requirements.append(f"scikit-learn=={sklearn.__version__}")
+    if getattr(predictor, "decoding", None) is not None:
+        import PIL
+
+        requirements.append(f"Pillow=={PIL.__version__}")
     signature = ModelSignature(params=ParamSchema([ParamSpec("output", "string", OUTPUTS[0])]))
     return {"python_model": RawInputModel(predictor), "signature": signature, "input_example": example,
             "pip_requirements": requirements}
