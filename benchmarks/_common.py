@@ -150,6 +150,39 @@ def cifar_folder(archive: str | Path, tmp: Path, quick: bool) -> tuple[Path, str
     return write_synthetic_cifar(tmp / "cifar", n, 200), f"synthetic uint8 images of CIFAR's shape ({n} train)"
 
 
+def train_cifar_timed(folder: str, overrides: list[tuple[str, str]]) -> tuple[Any, Any, list[float]]:
+    """Train one `cifar` study trial (the study with `overrides`) through regsearch's own trainer; returns (the
+    prepared experiment, the model, each epoch's training seconds with its evaluation taken out)."""
+    import optuna
+
+    import regsearch._trainer as trainer
+    from regsearch._experiment import prepare
+    from regsearch._study_file import load_study
+    from regsearch._trial import build_trial
+
+    spec = load_study("cifar", overrides)
+    exp = prepare(spec, device="cpu", data_dir=folder)
+    model, applied, lr = build_trial(exp, optuna.trial.FixedTrial({"lr": 0.05}), 1)
+    eval_s = [0.0]
+    evaluate = trainer.evaluate
+
+    def timed_evaluate(*a: Any, **k: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return evaluate(*a, **k)
+        finally:
+            eval_s[0] += time.perf_counter() - start
+
+    trainer.evaluate = timed_evaluate
+    marks = [(time.perf_counter(), 0.0)]
+    try:
+        trainer.fit(model, exp.data, applied, spec.training, lr=lr, device=exp.device, seed=1,
+                    on_epoch=lambda epoch, metrics: marks.append((time.perf_counter(), eval_s[0])))
+    finally:
+        trainer.evaluate = evaluate
+    return exp, model, [(t1 - t0) - (e1 - e0) for (t0, e0), (t1, e1) in zip(marks, marks[1:])]
+
+
 def temp_dir() -> tempfile.TemporaryDirectory:
     return tempfile.TemporaryDirectory(prefix="regsearch-bench-")
 

@@ -27,44 +27,19 @@ BATCH = 128
 
 
 def child_regsearch(folder: str, epochs: int, train_size: int, precision: str) -> dict:
-    import optuna
-
-    import regsearch._trainer as trainer
     from regsearch._device import precision_name, training_autocast
-    from regsearch._experiment import prepare
-    from regsearch._study_file import load_study
-    from regsearch._trial import build_trial
 
     overrides = [("training.epochs", str(epochs)), ("regularizers", "{augment: {enabled: true}}"),
                  ("model.name", "cnn"), ("model.channels", "[32, 64, 128]"), ("model.hidden", "256"),
                  ("training.batch_size", str(BATCH)), ("training.precision", precision),
                  ("data.train_size", str(train_size) if train_size else "null")]
-    spec = load_study("cifar", overrides)
-    exp = prepare(spec, device="cpu", data_dir=folder)
-    model, applied, lr = build_trial(exp, optuna.trial.FixedTrial({"lr": 0.05}), 1)
-    eval_s = [0.0]
-    evaluate = trainer.evaluate
-
-    def timed_evaluate(*a, **k):
-        start = time.perf_counter()
-        try:
-            return evaluate(*a, **k)
-        finally:
-            eval_s[0] += time.perf_counter() - start
-
-    trainer.evaluate = timed_evaluate
-    marks = [(time.perf_counter(), 0.0)]
-
-    def on_epoch(epoch, metrics):
-        marks.append((time.perf_counter(), eval_s[0]))
-
-    trainer.fit(model, exp.data, applied, spec.training, lr=lr, device=exp.device, seed=1, on_epoch=on_epoch)
+    exp, model, seconds = common.train_cifar_timed(folder, overrides)
     n = len(exp.data.y_train)
-    per_epoch = [n / ((t1 - t0) - (e1 - e0)) for (t0, e0), (t1, e1) in zip(marks, marks[1:])]
+    per_epoch = [n / s for s in seconds]
     import torch
 
     return {"img_per_s": per_epoch, "threads": torch.get_num_threads(), "images": n,
-            "precision": precision_name(training_autocast(spec.training, exp.device, model, exp.data))}
+            "precision": precision_name(training_autocast(exp.spec.training, exp.device, model, exp.data))}
 
 
 def child_peer(peer: str, folder: str, epochs: int, train_size: int) -> dict:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -28,37 +27,17 @@ SIDES = {"resnet18": (64, None), "resnet18+drop_path": (64, 0.2), "resnet18 widt
 
 
 def child_step(folder: str, width: int, drop_path: float | None, steps: int) -> dict:
-    import optuna
     import torch
 
     import regsearch._trainer as trainer
-    from regsearch._experiment import prepare
-    from regsearch._study_file import load_study
-    from regsearch._trial import build_trial
 
     regularizers = f"{{drop_path: {{enabled: true, rate: {drop_path}}}}}" if drop_path else "{}"
     overrides = [("training.epochs", "2"), ("regularizers", regularizers), ("model", f"{{name: resnet18, width: "
                  f"{width}}}"), ("training.batch_size", str(BATCH)), ("training.precision", "float32"),
                  ("data.train_size", str(BATCH * steps)), ("data.val_fraction", "0.05")]
-    spec = load_study("cifar", overrides)
-    exp = prepare(spec, device="cpu", data_dir=folder)
-    model, applied, lr = build_trial(exp, optuna.trial.FixedTrial({"lr": 0.05}), 1)
-    eval_s = [0.0]
-    evaluate = trainer.evaluate
-
-    def timed_evaluate(*a, **k):
-        start = time.perf_counter()
-        try:
-            return evaluate(*a, **k)
-        finally:
-            eval_s[0] += time.perf_counter() - start
-
-    trainer.evaluate = timed_evaluate
-    marks = [(time.perf_counter(), 0.0)]
-    trainer.fit(model, exp.data, applied, spec.training, lr=lr, device=exp.device, seed=1,
-                on_epoch=lambda epoch, metrics: marks.append((time.perf_counter(), eval_s[0])))
+    exp, model, seconds = common.train_cifar_timed(folder, overrides)
     n_steps = trainer.steps_per_epoch(len(exp.data.y_train), BATCH)
-    per_step = [((t1 - t0) - (e1 - e0)) / n_steps for (t0, e0), (t1, e1) in zip(marks, marks[1:])]
+    per_step = [s / n_steps for s in seconds]
     return {"s_per_step": per_step, "steps_per_epoch": n_steps, "threads": torch.get_num_threads(),
             "params": sum(p.numel() for p in model.parameters())}
 

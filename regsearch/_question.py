@@ -62,11 +62,14 @@ class Question:
 
     def remember(self, study: optuna.Study, data: Any, python_inputs: Sequence[str]) -> None:
         """Check a stored study's data against this run's, or store the record of a study that has none yet."""
-        if self.stored is not None:
-            refuse_other_data(self.name, self.stored, data)
-        elif stored_record(study) is None and not study.trials:
+        record = self.stored or stored_record(study)  # another machine may have made it since this run asked
+        if record is not None:
+            if self.stored is None:
+                refuse_other_question(self.name, record, self.spec)
+            refuse_other_data(self.name, record, data)
+        elif not study.trials:
             write_record(study, self.record(data, python_inputs))
-        elif stored_record(study) is None:
+        else:
             refuse_foreign_params(study, self.spec)  # stored before studies recorded themselves
 
 
