@@ -8,14 +8,25 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from regsearch._storage import mask_url
 from regsearch.tracking._batches import MAX_METRICS_PER_CALL, log_batches
 from regsearch.tracking._parent import agree_on_parent, experiment_id, stored_parent, study_key
-from regsearch.tracking._store import check_tracking_uri, error_gist, is_full, is_outage, open_client
+from regsearch.tracking._store import MODEL_ATTR, check_tracking_uri, error_gist, is_full, is_outage, open_client
 from regsearch.tracking._warmup import model_save_options
+
+if TYPE_CHECKING:
+    import optuna
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    from regsearch.tracking._port import Example, Registration
+    from regsearch.tracking._predictor import Predictor
+    from regsearch.tracking._sync import SyncReport
+
+_Deferred = tuple[str, Callable[..., object], tuple, dict]
 
 logger = logging.getLogger("regsearch")
 
@@ -39,11 +50,12 @@ class Tracker:
     run) and when the tracker closes after an outage.
     """
 
-    def __init__(self, tracking_uri: str, client: Any, experiment_id: str, flush_interval: float = 2.0) -> None:
+    def __init__(self, tracking_uri: str, client: MlflowClient, experiment_id: str, flush_interval: float = 2.0
+                 ) -> None:
         self.uri = tracking_uri
         self.client = client
         self.experiment_id = experiment_id
-        self._pending: list[tuple[str, Any]] = []
+        self._pending: list[tuple[str, Metric]] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closed = False
@@ -54,13 +66,15 @@ class Tracker:
         self._unsynced = False  # a call failed since the last sync: some trial may lack its run or its end
         self._outages = 0
         self._recovering = False  # a probe got an answer and sends what waited: a failure now is the same outage
-        self._study: Any = None  # set by parent_run(): the Optuna study whose runs this tracker can sync
+        self._study: optuna.Study | None = None  # set by parent_run(): the study whose runs this tracker syncs
+        self.storage: str | None = None  # that study's storage URL, as this process was given it
         self._parent: str | None = None
-        self.live: Mapping[int, Any] = {}
+        self.live: Mapping[int, str | None] = {}
         """Trials whose runs are being logged (by number): a sync leaves them alone, their end may be queued."""
         self._sync_lock = threading.Lock()
-        self._deferred: list[tuple[str, Any, tuple, dict]] = []
+        self._deferred: list[_Deferred] = []
         self._thread = threading.Thread(target=self._loop, name="regsearch-mlflow", daemon=True)
+        self._mlflow_async = os.environ.get("MLFLOW_ENABLE_ASYNC_LOGGING", "").strip().lower() in ("1", "true")
 
     @classmethod
     def open(cls, tracking_uri: str, experiment: str, flush_interval: float = 2.0) -> Tracker:
@@ -75,12 +89,12 @@ class Tracker:
         tracker._thread.start()
         return tracker
 
-    def _warn(self, what: str, exc: BaseException) -> None:
+    def warn(self, what: str, exc: BaseException) -> None:
         if what not in self._warned:
             self._warned.add(what)
             logger.warning("MLflow (%s): %s failed, training goes on: %s", mask_url(self.uri), what, error_gist(exc))
 
-    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    def _call(self, what: str, fn: Callable[..., object], *args: object, **kwargs: object) -> object:
         """`fn(*args, **kwargs)` on the store; None when it fails (a warning) or the store is down (skipped)."""
         if self._down:
             self._unsynced = True
@@ -94,7 +108,7 @@ class Tracker:
     def _failed(self, what: str, exc: BaseException) -> None:
         self._unsynced = True
         if not is_outage(exc):
-            self._warn(what, exc)
+            self.warn(what, exc)
             return
         if not self._down:
             self._down = True
@@ -139,8 +153,8 @@ class Tracker:
 
     # --- runs --------------------------------------------------------------------------------------------
 
-    def parent_run(self, study: Any, run_name: str, params: Mapping[str, Any], *, sync: bool = True,
-                   storage: str | None = None) -> str:
+    def parent_run(self, study: optuna.Study, run_name: str, params: Mapping[str, object], *, sync: bool = True,
+                   storage: str | None = None, reopen: bool = True) -> str:
         """The study's parent run, created once and remembered in the study's user attributes.
 
         Processes started at the same moment on several machines agree on one parent run (`agree_on_parent`);
@@ -154,19 +168,19 @@ class Tracker:
                                      lambda run_id: self._log_now(run_id, params=params))
         else:
             run_id = run.info.run_id
-            if run.info.status != "RUNNING":
+            if reopen and run.info.status != "RUNNING":
                 self.client.update_run(run_id, status="RUNNING")
-        self._study, self._parent = study, run_id
+        self._study, self._parent, self.storage = study, run_id, storage
         if sync:
             self.sync()
         return run_id
 
-    def find_parent(self, study: Any) -> str | None:
+    def find_parent(self, study: optuna.Study) -> str | None:
         """The id of the study's parent run in this experiment, if the study has one that is not deleted."""
         run = stored_parent(self.client, self.experiment_id, study)
         return run.info.run_id if run is not None else None
 
-    def sync(self) -> Any:
+    def sync(self) -> SyncReport | None:
         """Log the study's finished trials that lack a run, end their runs left RUNNING; a warning on failure.
 
         Returns the `SyncReport`, or None when there was nothing to sync with or the store did not answer.
@@ -196,7 +210,7 @@ class Tracker:
                              "regsearch.study": study_name, "regsearch.state": "RUNNING"})
         return run.info.run_id if run is not None else None
 
-    def log_params(self, run_id: str | None, params: Mapping[str, Any]) -> None:
+    def log_params(self, run_id: str | None, params: Mapping[str, object]) -> None:
         """Log a trial's parameters; if the store is down, once it is back (a run cut off keeps them)."""
         if run_id is not None:
             self._now_or_later("logging parameters", log_batches, self.client, run_id, params=params)
@@ -209,6 +223,10 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = at_ms if at_ms is not None else int(time.time() * 1000)
+        if self._mlflow_async:  # MLflow's own queue instead of this one (measured in benchmarks/tracking_overhead.py)
+            self._call("logging metrics", self.client.log_batch, run_id, synchronous=False,
+                       metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+            return
         with self._lock:
             self._pending.extend((run_id, Metric(k, float(v), now, step)) for k, v in metrics.items())
             if len(self._pending) > _MAX_PENDING_METRICS:  # the store has been down for a long time
@@ -249,15 +267,21 @@ class Tracker:
         self._now_or_later("logging the study's summary", log_batches, self.client, run_id,
                            metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()], tags=tags)
 
+    def name_run(self, run_id: str, name: str, tags: Mapping[str, str]) -> None:
+        """Rename a run and tag it (the best trial's, the baseline's)."""
+        self._now_or_later(f"naming run {name}", self.client.update_run, run_id, name=name)
+        self._now_or_later(f"naming run {name}", log_batches, self.client, run_id, tags=tags)
+
     def end_parent(self, run_id: str, status: str = "FINISHED") -> None:
         self._now_or_later("ending the study run", self.client.set_terminated, run_id, status=status)
 
-    def log_model(self, run_id: str, predictor: Any, example: Any, register: tuple[str, dict] | None = None) -> None:
+    def log_model(self, run_id: str, predictor: Predictor, example: Example, register: Registration | None = None
+                  ) -> None:
         """The best trial's model as a pyfunc taking raw inputs (a `Predictor`, with raw inputs `example`) on the
         study's parent run; with `register` (name, tags), also a new version of that registered model."""
         self._now_or_later("logging the best model", self._log_model, run_id, predictor, example, register)
 
-    def _log_model(self, run_id: str, predictor: Any, example: Any, register: tuple[str, dict] | None) -> None:
+    def _log_model(self, run_id: str, predictor: Predictor, example: Example, register: Registration | None) -> None:
         import mlflow
 
         from regsearch.tracking._pyfunc import saving
@@ -269,11 +293,14 @@ class Tracker:
                 info = mlflow.pyfunc.log_model(name="best_model", **model_save_options(predictor, example))
         finally:
             mlflow.set_tracking_uri(previous)
+        if self._study is not None:  # for the user, at the end of `optimize`
+            self._study.set_user_attr(MODEL_ATTR, {"uri": info.model_uri, "run_id": run_id,
+                                                   "experiment_id": self.experiment_id})
         if register is not None:
             self._now_or_later(f"registering the best model as {register[0]!r}", self._register, run_id,
                                info.model_id, *register)
 
-    def _register(self, run_id: str, model_id: str, name: str, tags: dict) -> None:
+    def _register(self, run_id: str, model_id: str, name: str, tags: Mapping[str, str]) -> None:
         """A new version of the registered model `name` (made if missing) for the logged model `model_id`; not
         `mlflow.register_model`, which prints."""
         from mlflow.exceptions import MlflowException
@@ -286,7 +313,7 @@ class Tracker:
                 raise
         self.client.create_model_version(name, f"models:/{model_id}", run_id=run_id, tags=tags, model_id=model_id)
 
-    def _now_or_later(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+    def _now_or_later(self, what: str, fn: Callable[..., object], *args: object, **kwargs: object) -> None:
         """Call now or, while the store is down, once it answers again.
 
         For records nothing else holds: the study run's (summary, best model, end state) and the parameters of a
@@ -313,7 +340,7 @@ class Tracker:
 
     # --- batching ----------------------------------------------------------------------------------------
 
-    def _log_now(self, run_id: str, params: Mapping[str, Any] | None = None, metrics: list | None = None,
+    def _log_now(self, run_id: str, params: Mapping[str, object] | None = None, metrics: list[Metric] | None = None,
                  tags: Mapping[str, str] | None = None) -> None:
         self._call("logging", log_batches, self.client, run_id, params=params, metrics=metrics, tags=tags)
 
@@ -348,6 +375,10 @@ class Tracker:
         self._closed = True
         self._wake.set()
         self._thread.join(timeout=30)
+        if self._mlflow_async:
+            import mlflow
+
+            self._call("logging metrics", mlflow.flush_async_logging)
         if self._down and not self._probe():
             logger.warning("MLflow (%s) still does not answer: the trials finished during the outage have no run "
                            "(%d metric values and %d other records not sent); `regsearch sync` logs them from "
@@ -398,7 +429,7 @@ class Tracker:
 
         self._now_or_later(f"logging {name}", log)
 
-    def log_pareto_front(self, run_id: str, front: list[Mapping[str, Any]]) -> None:
+    def log_pareto_front(self, run_id: str, front: Sequence[Mapping[str, object]]) -> None:
         """A pareto study's front on its study run: `pareto_front.json` (one row per trial) and its size."""
         from mlflow.entities import Metric
 
