@@ -5,25 +5,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from regsearch._storage import mask_url
 from regsearch.tracking._batches import MAX_METRICS_PER_CALL, log_batches
 from regsearch.tracking._parent import agree_on_parent, experiment_id, stored_parent, study_key
-from regsearch.tracking._store import MODEL_ATTR, check_tracking_uri, error_gist, is_full, is_outage, open_client
-from regsearch.tracking._warmup import model_save_options
+from regsearch.tracking._store import check_tracking_uri, error_gist, is_full, is_outage, open_client
 
 if TYPE_CHECKING:
     import optuna
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
-    from regsearch.tracking._port import Example, Registration
-    from regsearch.tracking._predictor import Predictor
     from regsearch.tracking._sync import SyncReport
 
 _Deferred = tuple[str, Callable[..., object], tuple, dict]
@@ -213,7 +209,7 @@ class Tracker:
     def log_params(self, run_id: str | None, params: Mapping[str, object]) -> None:
         """Log a trial's parameters; if the store is down, once it is back (a run cut off keeps them)."""
         if run_id is not None:
-            self._now_or_later("logging parameters", log_batches, self.client, run_id, params=params)
+            self.now_or_later("logging parameters", log_batches, self.client, run_id, params=params)
 
     def log_epoch(self, run_id: str | None, step: int, metrics: Mapping[str, float], *,
                   at_ms: int | None = None) -> None:
@@ -260,61 +256,8 @@ class Tracker:
                 status, tags.get("regsearch.state")):
             self.end_trial(run_id, status, tags)
 
-    def log_summary(self, run_id: str, metrics: Mapping[str, float], tags: Mapping[str, str]) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self._now_or_later("logging the study's summary", log_batches, self.client, run_id,
-                           metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()], tags=tags)
-
-    def name_run(self, run_id: str, name: str, tags: Mapping[str, str]) -> None:
-        """Rename a run and tag it (the best trial's, the baseline's)."""
-        self._now_or_later(f"naming run {name}", self.client.update_run, run_id, name=name)
-        self._now_or_later(f"naming run {name}", log_batches, self.client, run_id, tags=tags)
-
-    def end_parent(self, run_id: str, status: str = "FINISHED") -> None:
-        self._now_or_later("ending the study run", self.client.set_terminated, run_id, status=status)
-
-    def log_model(self, run_id: str, predictor: Predictor, example: Example, register: Registration | None = None
-                  ) -> None:
-        """The best trial's model as a pyfunc taking raw inputs (a `Predictor`, with raw inputs `example`) on the
-        study's parent run; with `register` (name, tags), also a new version of that registered model."""
-        self._now_or_later("logging the best model", self._log_model, run_id, predictor, example, register)
-
-    def _log_model(self, run_id: str, predictor: Predictor, example: Example, register: Registration | None) -> None:
-        import mlflow
-
-        from regsearch.tracking._pyfunc import saving
-
-        previous = mlflow.get_tracking_uri()
-        try:
-            mlflow.set_tracking_uri(self.uri)
-            with mlflow.start_run(run_id=run_id, nested=True), saving():
-                info = mlflow.pyfunc.log_model(name="best_model", **model_save_options(predictor, example))
-        finally:
-            mlflow.set_tracking_uri(previous)
-        if self._study is not None:  # for the user, at the end of `optimize`
-            self._study.set_user_attr(MODEL_ATTR, {"uri": info.model_uri, "run_id": run_id,
-                                                   "experiment_id": self.experiment_id})
-        if register is not None:
-            self._now_or_later(f"registering the best model as {register[0]!r}", self._register, run_id,
-                               info.model_id, *register)
-
-    def _register(self, run_id: str, model_id: str, name: str, tags: Mapping[str, str]) -> None:
-        """A new version of the registered model `name` (made if missing) for the logged model `model_id`; not
-        `mlflow.register_model`, which prints."""
-        from mlflow.exceptions import MlflowException
-        from mlflow.protos.databricks_pb2 import ALREADY_EXISTS, RESOURCE_ALREADY_EXISTS, ErrorCode
-
-        try:
-            self.client.create_registered_model(name)
-        except MlflowException as exc:  # an earlier study (or another) registered it: this is a new version
-            if exc.error_code not in (ErrorCode.Name(RESOURCE_ALREADY_EXISTS), ErrorCode.Name(ALREADY_EXISTS)):
-                raise
-        self.client.create_model_version(name, f"models:/{model_id}", run_id=run_id, tags=tags, model_id=model_id)
-
-    def _now_or_later(self, what: str, fn: Callable[..., object], *args: object, **kwargs: object) -> None:
-        """Call now or, while the store is down, once it answers again.
+    def now_or_later(self, what: str, fn: Callable[..., object], *args: object, **kwargs: object) -> None:
+        """Call `fn` on the store now or, while it is down, once it answers again.
 
         For records nothing else holds: the study run's (summary, best model, end state) and the parameters of a
         trial run that exists (a trial without a run gets one, parameters included, from the Optuna storage).
@@ -336,7 +279,7 @@ class Tracker:
                 if not self._deferred:
                     return
                 what, fn, args, kwargs = self._deferred.pop(0)
-            self._now_or_later(what, fn, *args, **kwargs)
+            self.now_or_later(what, fn, *args, **kwargs)
 
     # --- batching ----------------------------------------------------------------------------------------
 
@@ -416,25 +359,3 @@ class Tracker:
             return unlogged(self._study, self, self._parent, set(self.live))
         except Exception:
             return None
-
-    def log_artifact(self, run_id: str, name: str, data: bytes) -> None:
-        """A file `name` holding `data` on a run (the study run's report)."""
-
-        def log() -> None:
-            with tempfile.TemporaryDirectory(prefix="regsearch-artifact-") as folder:
-                path = os.path.join(folder, name)
-                with open(path, "wb") as f:
-                    f.write(data)
-                self.client.log_artifact(run_id, path)
-
-        self._now_or_later(f"logging {name}", log)
-
-    def log_pareto_front(self, run_id: str, front: Sequence[Mapping[str, object]]) -> None:
-        """A pareto study's front on its study run: `pareto_front.json` (one row per trial) and its size."""
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self._now_or_later("logging the Pareto front", log_batches, self.client, run_id,
-                           metrics=[Metric("pareto_front_size", float(len(front)), now, 0)])
-        self._now_or_later("logging the Pareto front", self.client.log_dict, run_id, {"trials": list(front)},
-                           "pareto_front.json")

@@ -173,7 +173,9 @@ class LogModel:
         if tracking.parent is None:
             return
         if tracking.warm_up is not None:
-            tracking.warm_up.wait()  # unpickling imports what the warm-up may be importing
+            # all of it: unpickling a table's fitted encoders imports scikit-learn, which the report's warm-up
+            # may be importing in its thread (a half-imported sklearn.base fails the model)
+            tracking.warm_up.wait()
         tracking.log_model(pickle.loads(self.predictor), self.example, self.register)
 
 
