@@ -7,7 +7,7 @@ import logging
 import os
 import socket
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import optuna
 import torch
@@ -61,7 +61,7 @@ class _TrialRun:
             if self.run_id:
                 self.trial.set_user_attr(RUN_ID_ATTR, self.run_id)
 
-    def params(self, params: Mapping[str, Any]) -> None:
+    def params(self, params: Mapping[str, object]) -> None:
         if self.tracker:
             self.tracker.log_params(self.run, params)
 
