@@ -374,3 +374,21 @@ def test_a_local_tracking_store_is_named_with_how_to_browse_it(tmp_path, capsys)
     assert capsys.readouterr().out == ("best model: models:/m-1 (mlflow.pyfunc.load_model)\n"
                                        f"study run: abc123 (to browse it: mlflow ui --backend-store-uri "
                                        f"sqlite:///{tmp_path}/mlflow.db)\n")
+
+
+def test_both_ways_of_tracking_take_every_call_of_the_port_with_its_parameters():
+    """`optimize` may get either implementation from `open_tracking`: a call one of them lacks, or a parameter
+    it names differently, would fail only on that path."""
+    import inspect
+
+    from regsearch.tracking import LocalTracking, TrackerProcess, Tracking
+
+    calls = {name: inspect.signature(member) for name, member in vars(Tracking).items()
+             if callable(member) and not name.startswith("_")}
+    assert {"parent_run", "start_trial", "log_epoch", "end_trial", "log_summary", "log_model", "log_report",
+            "close"} <= set(calls)
+    for impl in (LocalTracking, TrackerProcess):
+        for name, wanted in calls.items():
+            got = inspect.signature(getattr(impl, name)).parameters
+            for param in wanted.parameters.values():
+                assert param.name in got and got[param.name].kind == param.kind, f"{impl.__name__}.{name}: {param}"

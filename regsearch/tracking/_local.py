@@ -135,7 +135,7 @@ class LocalTracking:
         except MlflowException as exc:  # an earlier study (or another) registered it: this is a new version
             if exc.error_code not in (ErrorCode.Name(RESOURCE_ALREADY_EXISTS), ErrorCode.Name(ALREADY_EXISTS)):
                 raise
-        client.create_model_version(name, f"models:/{model_id}", run_id=run_id, tags=tags, model_id=model_id)
+        client.create_model_version(name, f"models:/{model_id}", run_id=run_id, tags=dict(tags), model_id=model_id)
 
     def log_pareto_front(self, front: Sequence[Mapping[str, object]]) -> None:
         """`pareto_front.json` (one row per trial) and its size on the study run."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Literal, Protocol, overload
+from typing import TYPE_CHECKING, Literal, Protocol, TypeAlias, overload
 
 if TYPE_CHECKING:
     import numpy
@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from regsearch.tracking._local import LocalTracking
     from regsearch.tracking._predictor import Predictor
 
-    Example = numpy.ndarray | pandas.DataFrame | None
+    Example: TypeAlias = numpy.ndarray | pandas.DataFrame | None
     """Raw inputs of the best model, the model's input example (None: none)."""
 
 Registration = tuple[str, Mapping[str, str]]
