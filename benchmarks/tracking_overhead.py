@@ -10,7 +10,13 @@ the first trial, from the first trial's start to the last one's end, and from th
 returns are kept apart. The overhead is median(on) / median(off) - 1; the per-pair ratios show the spread.
 The peer has no "off" switch, so it is not run here.
 
-usage: python benchmarks/tracking_overhead.py [--repeats 5] [--trials 20] [--quick]
+With `--ways`, tracking on is measured several ways, each against the same "off" runs (all alternating):
+`process` (the default: the tracking process), `inproc` (the same `LocalTracking` in the study's own process,
+its own batching thread), `inproc-async` (in-process, each epoch through MLflow's asynchronous `log_batch`,
+MLFLOW_ENABLE_ASYNC_LOGGING=true) and `inproc-async-buffered` (the same with
+MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS=2, MLflow merging the batches of 2 s into one call).
+
+usage: python benchmarks/tracking_overhead.py [--repeats 5] [--trials 20] [--quick] [--ways process,inproc,...]
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as common  # noqa: E402
+import _common as common
 
 
 def child(tracking: bool, trials: int, epochs: int | None) -> dict:
@@ -45,6 +51,37 @@ def child(tracking: bool, trials: int, epochs: int | None) -> dict:
             "trials_s": last - first, "after_s": ended - last}
 
 
+WAYS = {
+    "process": {},
+    "inproc": {"REGSEARCH_TRACKING_IN_PROCESS": "1"},
+    "inproc-async": {"REGSEARCH_TRACKING_IN_PROCESS": "1", "MLFLOW_ENABLE_ASYNC_LOGGING": "true"},
+    "inproc-async-buffered": {"REGSEARCH_TRACKING_IN_PROCESS": "1", "MLFLOW_ENABLE_ASYNC_LOGGING": "true",
+                              "MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS": "2"},
+}
+"""How tracking on is done, as the environment of the child that runs the study."""
+
+
+def compare_ways(me: list[str], ways: list[str], trials: int, epochs: int, repeats: int, a: object) -> None:
+    """Each way of tracking against tracking off, alternating off, way 1, way 2, ... `repeats` times."""
+    sides = {"off": (["off"], {})} | {way: (["on"], WAYS[way]) for way in ways}
+    runs = common.alternate({side: (lambda arg=arg, env=env: common.run_json([*me, *arg, str(trials), str(epochs)],
+                                                                            env=env))
+                             for side, (arg, env) in sides.items()}, repeats)
+    walls = {side: common.summary([r["process_wall_s"] for r in runs[side]]) for side in sides}
+    rows = [(f"{trials} trials, {side}: whole process", walls[side], "s") for side in sides]
+    overhead = {side: common.ratio(walls[side], walls["off"]) - 1 for side in ways}
+    rows += [(f"{side}: overhead of the medians", {"median": v, "min": v, "max": v}, "fraction")
+             for side, v in overhead.items()]
+    rows += [(f"{side}: overhead per alternating pair", common.summary(
+        [on["process_wall_s"] / off["process_wall_s"] - 1 for on, off in zip(runs[side], runs["off"])]), "fraction")
+        for side in ways]
+    rows += [(f"{side}: {part}", common.summary([r[part] for r in runs[side]]), "s") for side in sides
+             for part in ("before_s", "trials_s", "after_s")]
+    common.report("tracking_overhead", a, rows, {
+        "overhead_of_medians": overhead,
+        "trials": trials, "target": 0.03, "ways": {w: WAYS[w] for w in ways}, "runs": runs})
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         epochs = int(sys.argv[4]) or None
@@ -53,10 +90,15 @@ def main() -> None:
     ap = common.parser(__doc__, "tracking_overhead")
     ap.set_defaults(repeats=5)
     ap.add_argument("--trials", type=int, default=20)
+    ap.add_argument("--ways", default="process", help=f"comma-separated, of: {', '.join(WAYS)}")
     a = ap.parse_args()
     trials, epochs = (2, 2) if a.quick else (a.trials, 0)
     repeats = 1 if a.quick else a.repeats
     me = [sys.executable, __file__, "--child"]
+    ways = a.ways.split(",")
+    if ways != ["process"]:
+        compare_ways(me, ways, trials, epochs, repeats, a)
+        return
     runs = common.alternate({side: (lambda side=side: common.run_json([*me, side, str(trials), str(epochs)]))
                              for side in ("on", "off")}, repeats)
     on, off = ([r["process_wall_s"] for r in runs[side]] for side in ("on", "off"))

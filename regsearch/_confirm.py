@@ -224,13 +224,12 @@ def log_confirmation(study: optuna.Study, tracking_uri: str, rows: Sequence[Mapp
     """One MLflow run per configuration under the study's parent run (per-run metrics as steps, then the means);
     a tracking failure is one warning, never a lost confirmation (it is in the Optuna storage already)."""
     from regsearch._storage import mask_url
+    from regsearch.tracking import error_gist, open_tracking
     from regsearch.tracking._batches import log_batches
-    from regsearch.tracking._client import Tracker
-    from regsearch.tracking._store import error_gist
 
     where = f"MLflow ({mask_url(tracking_uri)})"
     try:
-        tracker = Tracker.open(tracking_uri, study.study_name)
+        tracker = open_tracking(tracking_uri, study.study_name, in_process=True).store
     except Exception as exc:
         logger.warning("%s: the confirmation was not logged: %s", where, error_gist(exc))
         return

@@ -8,7 +8,7 @@ import os
 import socket
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING
 
 import optuna
 import torch
@@ -37,6 +37,9 @@ from regsearch._records import (
 from regsearch._trainer import fit
 from regsearch._trial import Experiment, build_trial, test_score, training_for, trial_seed
 
+if TYPE_CHECKING:
+    from regsearch.tracking import Tracking
+
 logger = logging.getLogger("regsearch")
 
 
@@ -47,11 +50,12 @@ class Surplus(Exception):
 class _TrialRun:
     """A trial's MLflow run, through the tracker (None: no tracking); its id is stored on the trial once known."""
 
-    def __init__(self, tracker: Any, parent: str | None, trial: optuna.Trial, study_name: str) -> None:
-        self.tracker, self.trial, self.run_id = tracker, trial, None
+    def __init__(self, tracker: Tracking | None, trial: optuna.Trial, study_name: str) -> None:
+        self.tracker, self.trial, self.run_id, self.run = tracker, trial, None, trial.number
         # the run spans the trial as Optuna records it, however late the tracking process makes it
         start_ms = int(trial.datetime_start.timestamp() * 1000) if trial.datetime_start else None
-        self.run = tracker.start_trial(parent, trial.number, study_name, start_ms=start_ms) if tracker else None
+        if tracker:
+            tracker.start_trial(trial.number, study_name, start_ms=start_ms)
 
     def note_run_id(self, final: bool = False) -> None:
         if self.tracker and self.run_id is None:
@@ -59,7 +63,7 @@ class _TrialRun:
             if self.run_id:
                 self.trial.set_user_attr(RUN_ID_ATTR, self.run_id)
 
-    def params(self, params: Mapping[str, Any]) -> None:
+    def params(self, params: Mapping[str, object]) -> None:
         if self.tracker:
             self.tracker.log_params(self.run, params)
 
@@ -77,7 +81,7 @@ class _TrialRun:
 class Objective:
     """Optuna's objective: one call per trial, in this process, keeping this process's best model."""
 
-    def __init__(self, exp: Experiment, study_name: str, tracker: Any, parent_run_id: str | None,
+    def __init__(self, exp: Experiment, study_name: str, tracker: Tracking | None, parent_run_id: str | None,
                  total: float, keep_dir: str | None = None):
         self.exp, self.study_name, self.tracker, self.parent_run_id = exp, study_name, tracker, parent_run_id
         self.total, self.keep_dir = total, keep_dir
@@ -118,7 +122,7 @@ class Objective:
             raise Surplus(SURPLUS)
         seed = trial_seed(self.exp.spec.seed, trial.number)
         trial.set_user_attr("seed", seed)
-        run = _TrialRun(self.tracker, self.parent_run_id, trial, self.study_name)
+        run = _TrialRun(self.tracker, trial, self.study_name)
         state, reason = "FAIL", None
         try:
             metrics = self._train(trial, seed, run)

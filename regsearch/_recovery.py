@@ -8,13 +8,17 @@ import os
 import socket
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING
 
 import optuna
 import psutil
 from filelock import FileLock
 
+from regsearch import _thirdparty
 from regsearch._records import FAIL, FAIL_REASON_ATTR, RUN_ID_ATTR, RUNNING, WORKER_ATTR, run_status
+
+if TYPE_CHECKING:
+    from regsearch.tracking import Tracking
 
 logger = logging.getLogger("regsearch")
 
@@ -29,7 +33,7 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
-def recover_dead_trials(study: optuna.Study, tracker: Any, max_retry: int = 3) -> list[int]:
+def recover_dead_trials(study: optuna.Study, tracker: Tracking | None, max_retry: int = 3) -> list[int]:
     """Fail the RUNNING trials whose worker process on this host is gone, and queue each again once.
 
     Optuna's journal storage has no heartbeat, so a killed worker's trial would stay RUNNING forever; RDB
@@ -53,7 +57,7 @@ def _recovery_lock(study: optuna.Study) -> Iterator[None]:
     the log from its own view), so both would queue a retry; under this lock, with the view read afresh, only the
     first does. RDB storages refuse the second FAIL themselves.
     """
-    path = getattr(getattr(study._storage, "_backend", None), "_file_path", None)
+    path = _thirdparty.journal_file(_thirdparty.study_storage(study))
     if path is None:
         yield
         return
@@ -61,14 +65,15 @@ def _recovery_lock(study: optuna.Study) -> Iterator[None]:
         yield
 
 
-def _fail_and_retry(study: optuna.Study, tracker: Any, numbers: list[int], max_retry: int) -> list[int]:
+def _fail_and_retry(study: optuna.Study, tracker: Tracking | None, numbers: list[int], max_retry: int) -> list[int]:
     recovered = []
+    storage = _thirdparty.study_storage(study)
     for t in study.get_trials(deepcopy=False):  # read afresh: another process may have recovered them meanwhile
         if t.number not in numbers or t.state != RUNNING:
             continue
         worker = t.user_attrs.get(WORKER_ATTR) or {}
         try:
-            if not study._storage.set_trial_state_values(t._trial_id, state=FAIL):
+            if not storage.set_trial_state_values(_thirdparty.trial_id(t), state=FAIL):
                 continue
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another worker got there first
@@ -82,11 +87,11 @@ def _fail_and_retry(study: optuna.Study, tracker: Any, numbers: list[int], max_r
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
-        retry(study, study._storage.get_trial(t._trial_id))
+        retry(study, storage.get_trial(_thirdparty.trial_id(t)))
     return recovered
 
 
-def close_stale_runs(study: optuna.Study, tracker: Any, checked: set[int]) -> None:
+def close_stale_runs(study: optuna.Study, tracker: Tracking | None, checked: set[int]) -> None:
     """End the MLflow runs of trials that Optuna's heartbeat failed (they died without closing their run)."""
     if tracker is None:
         return

@@ -12,7 +12,7 @@ from regsearch._errors import ConfigError
 from regsearch._opening import fixed_settings, open_study, queue_first_trials
 from regsearch._spec import StudySpec
 from regsearch._storage import mask_url
-from regsearch.tracking import TrackerProcess, default_tracking_uri
+from regsearch.tracking import Tracking, default_tracking_uri, open_tracking
 
 
 @dataclass(frozen=True)
@@ -24,13 +24,13 @@ class Stores:
     tracking_uri: str | None = None
 
 
-def start_tracking(stores: Stores, name: str) -> TrackerProcess | None:
+def start_tracking(stores: Stores, name: str) -> Tracking | None:
     """The tracking process (it imports MLflow and opens the store while this process prepares), or None."""
     if not stores.tracking:
         return None
     uri = stores.tracking_uri or default_tracking_uri()
     try:
-        return TrackerProcess.start(uri, name)
+        return open_tracking(uri, name)
     except Exception as exc:
         raise tracking_error(uri, exc) from None
 
@@ -41,8 +41,8 @@ def tracking_error(uri: str, exc: BaseException) -> ConfigError:
 
 
 def attach(spec: StudySpec, name: str, stores: Stores, *, create: bool, salt: int = 0,
-           tracker: TrackerProcess | None = None, model_space: Mapping[str, Any] | None = None,
-           remember: Callable[[optuna.Study], None] | None = None) -> tuple[optuna.Study, TrackerProcess | None]:
+           tracker: Tracking | None = None, model_space: Mapping[str, Any] | None = None,
+           remember: Callable[[optuna.Study], None] | None = None) -> tuple[optuna.Study, Tracking | None]:
     """The Optuna study (created once, by the first process) and, when tracked, its MLflow parent run opened.
 
     `model_space`: what the model factory asks of a trial, fixed in the baseline trial (see `queue_first_trials`);

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import torch
@@ -46,6 +46,9 @@ from regsearch._trial import Experiment, rebuild, retrain, stored_autocast, test
 from regsearch._workers import Job, Progress, run_trials, run_workers
 from regsearch.data._tensors import TensorData
 from regsearch.tracking._predictor import Predictor
+
+if TYPE_CHECKING:
+    from regsearch.tracking import Tracking
 
 logger = logging.getLogger("regsearch")
 
@@ -286,14 +289,14 @@ def _best_model(exp: Experiment, objective: Objective, best: optuna.trial.Frozen
     return retrain(exp, best)
 
 
-def _final_report(study: optuna.Study, exp: Experiment, objective: Objective, tracker: Any) -> None:
+def _final_report(study: optuna.Study, exp: Experiment, objective: Objective, tracker: Tracking | None) -> None:
     """Evaluate the best trial on the test split once and log it, with its model, on the parent run.
 
     The best trial is `best_trial`'s: feasible under a gap constraint, the front's best val_acc for pareto
     (whose front is logged too). With no such trial, nothing is tested or logged.
     """
     if tracker is not None and is_pareto(study):
-        tracker.log_pareto_front(None, pareto_front(study))
+        tracker.log_pareto_front(pareto_front(study))
     best = best_trial(study)
     if best is None:
         return

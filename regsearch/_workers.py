@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import optuna
 import torch
@@ -23,6 +23,9 @@ from regsearch._recovery import close_stale_runs, fail_stale_trials, recover_dea
 from regsearch._session import Stores, attach
 from regsearch._spec import StudySpec
 from regsearch._threads import set_thread_budget
+
+if TYPE_CHECKING:
+    from regsearch.tracking import Tracking
 
 logger = logging.getLogger("regsearch")
 
@@ -48,7 +51,7 @@ class StopWhenDone:
     After each trial it also fails the trials of workers on this host that died, and queues them again.
     """
 
-    def __init__(self, total: float, max_failures: int, progress: Progress | None, tracker: Any):
+    def __init__(self, total: float, max_failures: int, progress: Progress | None, tracker: Tracking | None):
         self.total, self.max_failures, self.progress, self.tracker = total, max_failures, progress, tracker
         self.failures: list[str] = []
         self.gave_up = False

@@ -712,3 +712,53 @@ def test_a_tracking_disk_that_fills_costs_one_warning_and_the_count_of_missing_r
                             check=False)
     assert synced.returncode == 0, synced.stderr
     assert_every_trial_has_its_run(client, study)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# a sync killed midway
+
+from tests.test_workers import postgres_url  # noqa: E402,F401  (a fixture)
+
+HANGING_SYNC = '''\
+import sys, time
+
+import regsearch.tracking._sync as sync
+from regsearch._sync_study import sync_study
+
+storage, tracking, name = sys.argv[1:]
+log_trial = sync._log_trial
+
+
+def log_then_hang(*args):
+    log_trial(*args)
+    print("logged", flush=True)
+    time.sleep(600)
+
+
+sync._log_trial = log_then_hang
+sync_study(name, storage=storage, tracking_uri=tracking)
+'''
+
+
+@pytest.mark.parametrize("backend", ["journal", "postgres"])
+def test_a_sync_killed_midway_leaves_nothing_behind_and_the_next_one_proceeds(backend, tmp_path, mlflow_store,
+                                                                               request):
+    """The sync lock is the database's or the file system's, not a record in the study's storage: a sync killed
+    while it holds the lock leaves no trace there, and the next sync does not wait for it."""
+    storage = str(tmp_path / "s.journal") if backend == "journal" else request.getfixturevalue("postgres_url")
+    shutil.copy(mlflow_store, tmp_path / "mlflow.db")
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    study = optuna.create_study(study_name="killed", storage=open_storage(storage))
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
+    proc = subprocess.Popen([sys.executable, "-c", HANGING_SYNC, storage, tracking, "killed"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "logged\n", proc.stderr.read()[-2000:] if proc.poll() is not None else ""
+    finally:
+        proc.kill()
+        proc.wait()
+    assert optuna.get_all_study_names(open_storage(storage)) == ["killed"], "the sync left a record in the storage"
+    result = CliRunner().invoke(cli, ["sync", "--study", "killed", "--storage", storage, "--tracking-uri", tracking])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ("study killed: logged 2 runs from the Optuna storage (trials 1, 2), ended 0 runs left "
+                             "RUNNING, 1 already there\n")

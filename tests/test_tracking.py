@@ -7,6 +7,7 @@ session's server holds nothing else.
 
 from __future__ import annotations
 
+import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,7 +109,11 @@ def test_one_experiment_one_study_run_and_a_child_run_per_trial(pruned_study):
         run = runs[tr.number]
         where = f"trial {tr.number}"
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id, where
-        assert run.info.run_name == f"trial-{tr.number}", where
+        roles = [role for role, holds in (("baseline", tr.user_attrs.get("baseline")),
+                                          ("best", tr.number == study.best_trial.number)) if holds]
+        # the best trial's and the baseline's runs stand out in MLflow's list of runs
+        assert run.info.run_name == "-".join((f"trial-{tr.number}", *roles)), where
+        assert run.data.tags.get("regsearch.role") == ("+".join(roles) or None), where
         assert tr.user_attrs["mlflow_run_id"] == run.info.run_id, where
         assert tr.params, where
         for key, value in tr.params.items():
@@ -195,6 +200,12 @@ def test_study_run_has_best_metrics_and_a_loadable_best_model(pruned_study):
     assert [m.name for m in models] == ["best_model"]
     model = models[0]
     assert model.source_run_id == parent.info.run_id
+    # it says it was logged from the study's own main file (here pytest's), not from the tracking process's `-c`
+    assert model.tags["mlflow.source.name"] == sys.argv[0] != "-c"
+    assert study.user_attrs["mlflow_best_model"] == {"uri": model.model_uri, "run_id": parent.info.run_id,
+                                                     "experiment_id": t.experiment_id}
+    # MLflow 3 opens the experiment on its runs, not on its GenAI overview
+    assert t.client.get_experiment(t.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     assert model.status == LoggedModelStatus.READY
     assert [o.model_id for o in parent.outputs.model_outputs] == [model.model_id]
 
@@ -232,9 +243,13 @@ def test_resume_adds_only_the_missing_trials_under_the_same_study_run(mlflow_ser
     first = runner.invoke(cli, [*args, "--n-trials", "3"])
     assert first.exit_code == 0, first.output
     assert f"study {name}: 3 complete" in first.output
-    _, parent, children = experiment_runs(client, name)
+    experiment_id, parent, children = experiment_runs(client, name)
     first_parent = parent.info.run_id
     assert sorted(by_trial_number(children)) == [0, 1, 2]
+    # it ends by saying where the best model and the study run are
+    [model] = client.search_logged_models(experiment_ids=[experiment_id])
+    assert f"\nbest model: {model.model_uri} (mlflow.pyfunc.load_model)\n" in first.output
+    assert f"\nstudy run: {mlflow_server}/#/experiments/{experiment_id}/runs/{first_parent}\n" in first.output
 
     second = runner.invoke(cli, [*args, "--n-trials", "5"])
     assert second.exit_code == 0, second.output
@@ -344,3 +359,36 @@ def test_best_model_with_a_layer_from_a_plugin_file_is_logged_and_loads(mlflow_s
     x_raw, y_raw = raw_digits_test_split()
     accuracy = float((loaded.predict(x_raw) == y_raw).mean())
     assert accuracy == pytest.approx(parent.data.metrics["best_test_acc"], abs=1e-6)
+
+
+def test_a_local_tracking_store_is_named_with_how_to_browse_it(tmp_path, capsys):
+    """Without a server there is no page to link to: the study run's id, and the `mlflow ui` that shows it."""
+    import optuna
+
+    from regsearch.cli._display import print_mlflow_links
+
+    study = optuna.create_study()
+    study.set_user_attr("mlflow_parent_run_id", "abc123")
+    study.set_user_attr("mlflow_best_model", {"uri": "models:/m-1", "run_id": "abc123", "experiment_id": "7"})
+    print_mlflow_links(study, f"sqlite:///{tmp_path}/mlflow.db")
+    assert capsys.readouterr().out == ("best model: models:/m-1 (mlflow.pyfunc.load_model)\n"
+                                       f"study run: abc123 (to browse it: mlflow ui --backend-store-uri "
+                                       f"sqlite:///{tmp_path}/mlflow.db)\n")
+
+
+def test_both_ways_of_tracking_take_every_call_of_the_port_with_its_parameters():
+    """`optimize` may get either implementation from `open_tracking`: a call one of them lacks, or a parameter
+    it names differently, would fail only on that path."""
+    import inspect
+
+    from regsearch.tracking import LocalTracking, TrackerProcess, Tracking
+
+    calls = {name: inspect.signature(member) for name, member in vars(Tracking).items()
+             if callable(member) and not name.startswith("_")}
+    assert {"parent_run", "start_trial", "log_epoch", "end_trial", "log_summary", "log_model", "log_report",
+            "close"} <= set(calls)
+    for impl in (LocalTracking, TrackerProcess):
+        for name, wanted in calls.items():
+            got = inspect.signature(getattr(impl, name)).parameters
+            for param in wanted.parameters.values():
+                assert param.name in got and got[param.name].kind == param.kind, f"{impl.__name__}.{name}: {param}"

@@ -261,7 +261,7 @@ def optimize(study: str, n_trials: int | None, timeout: float | None, storage: s
     import optuna
 
     from regsearch._study import optimize as run
-    from regsearch.cli._display import TqdmProgress, print_leaderboard
+    from regsearch.cli._display import TqdmProgress, print_leaderboard, print_mlflow_links
 
     debug = click.get_current_context().meta.get("debug")
     optuna.logging.set_verbosity(optuna.logging.INFO if debug else optuna.logging.ERROR)
@@ -270,6 +270,7 @@ def optimize(study: str, n_trials: int | None, timeout: float | None, storage: s
                  plugins=plugins, progress=TqdmProgress(), workers=workers, objective=objective, max_gap=max_gap,
                  verbose=bool(debug), register_model=register_model)
     print_leaderboard(result)
+    print_mlflow_links(result, tracking_uri)
 
 
 @cli.command()
@@ -341,7 +342,7 @@ def sync(study: str, storage: str | None, tracking_uri: str | None, study_name: 
     """Log to MLflow the finished trials it lacks (the tracking store was down), from the Optuna storage."""
     import optuna
 
-    from regsearch.tracking import sync_study
+    from regsearch._sync_study import sync_study
 
     _check_locations(storage, tracking_uri)
     optuna.logging.set_verbosity(optuna.logging.ERROR)

@@ -99,6 +99,28 @@ def print_leaderboard(study: optuna.Study, top: int = 5, front_top: int | None =
     _print_test(study)
 
 
+
+def print_mlflow_links(study: optuna.Study, tracking_uri: str | None) -> None:
+    """Where MLflow holds the study: the best model's URI, the study run's page on a server (else its id and how to
+    see it with `mlflow ui`)."""
+    from regsearch._storage import mask_url
+    from regsearch.tracking._store import MODEL_ATTR, PARENT_RUN_ATTR, default_tracking_uri
+
+    run_id = study.user_attrs.get(PARENT_RUN_ATTR)
+    if not run_id:
+        return
+    model = study.user_attrs.get(MODEL_ATTR) or {}
+    if model.get("run_id") == run_id:
+        click.echo(f"best model: {model['uri']} (mlflow.pyfunc.load_model)")
+    uri = mask_url(tracking_uri or default_tracking_uri())
+    if uri.startswith(("http://", "https://")) and model.get("experiment_id"):
+        click.echo(f"study run: {uri.rstrip('/')}/#/experiments/{model['experiment_id']}/runs/{run_id}")
+    elif uri.startswith(("http://", "https://")):
+        click.echo(f"study run: {run_id} on {uri}")
+    else:
+        click.echo(f"study run: {run_id} (to browse it: mlflow ui --backend-store-uri {uri})")
+
+
 def _print_front(study: optuna.Study, top: int | None) -> None:
     front = pareto_front(study)
     if not front:

@@ -5,17 +5,24 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 import threading
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 from regsearch._storage import mask_url
 from regsearch.tracking._batches import MAX_METRICS_PER_CALL, log_batches
 from regsearch.tracking._parent import agree_on_parent, experiment_id, stored_parent, study_key
 from regsearch.tracking._store import check_tracking_uri, error_gist, is_full, is_outage, open_client
-from regsearch.tracking._warmup import model_save_options
+
+if TYPE_CHECKING:
+    import optuna
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    from regsearch.tracking._sync import SyncReport
+
+_Deferred = tuple[str, Callable[..., object], tuple, dict]
 
 logger = logging.getLogger("regsearch")
 
@@ -39,11 +46,12 @@ class Tracker:
     run) and when the tracker closes after an outage.
     """
 
-    def __init__(self, tracking_uri: str, client: Any, experiment_id: str, flush_interval: float = 2.0) -> None:
+    def __init__(self, tracking_uri: str, client: MlflowClient, experiment_id: str, flush_interval: float = 2.0
+                 ) -> None:
         self.uri = tracking_uri
         self.client = client
         self.experiment_id = experiment_id
-        self._pending: list[tuple[str, Any]] = []
+        self._pending: list[tuple[str, Metric]] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closed = False
@@ -54,13 +62,15 @@ class Tracker:
         self._unsynced = False  # a call failed since the last sync: some trial may lack its run or its end
         self._outages = 0
         self._recovering = False  # a probe got an answer and sends what waited: a failure now is the same outage
-        self._study: Any = None  # set by parent_run(): the Optuna study whose runs this tracker can sync
+        self._study: optuna.Study | None = None  # set by parent_run(): the study whose runs this tracker syncs
+        self.storage: str | None = None  # that study's storage URL, as this process was given it
         self._parent: str | None = None
-        self.live: Mapping[int, Any] = {}
+        self.live: Mapping[int, str | None] = {}
         """Trials whose runs are being logged (by number): a sync leaves them alone, their end may be queued."""
         self._sync_lock = threading.Lock()
-        self._deferred: list[tuple[str, Any, tuple, dict]] = []
+        self._deferred: list[_Deferred] = []
         self._thread = threading.Thread(target=self._loop, name="regsearch-mlflow", daemon=True)
+        self._mlflow_async = os.environ.get("MLFLOW_ENABLE_ASYNC_LOGGING", "").strip().lower() in ("1", "true")
 
     @classmethod
     def open(cls, tracking_uri: str, experiment: str, flush_interval: float = 2.0) -> Tracker:
@@ -75,12 +85,12 @@ class Tracker:
         tracker._thread.start()
         return tracker
 
-    def _warn(self, what: str, exc: BaseException) -> None:
+    def warn(self, what: str, exc: BaseException) -> None:
         if what not in self._warned:
             self._warned.add(what)
             logger.warning("MLflow (%s): %s failed, training goes on: %s", mask_url(self.uri), what, error_gist(exc))
 
-    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    def _call(self, what: str, fn: Callable[..., object], *args: object, **kwargs: object) -> object:
         """`fn(*args, **kwargs)` on the store; None when it fails (a warning) or the store is down (skipped)."""
         if self._down:
             self._unsynced = True
@@ -94,7 +104,7 @@ class Tracker:
     def _failed(self, what: str, exc: BaseException) -> None:
         self._unsynced = True
         if not is_outage(exc):
-            self._warn(what, exc)
+            self.warn(what, exc)
             return
         if not self._down:
             self._down = True
@@ -139,8 +149,8 @@ class Tracker:
 
     # --- runs --------------------------------------------------------------------------------------------
 
-    def parent_run(self, study: Any, run_name: str, params: Mapping[str, Any], *, sync: bool = True,
-                   storage: str | None = None) -> str:
+    def parent_run(self, study: optuna.Study, run_name: str, params: Mapping[str, object], *, sync: bool = True,
+                   storage: str | None = None, reopen: bool = True) -> str:
         """The study's parent run, created once and remembered in the study's user attributes.
 
         Processes started at the same moment on several machines agree on one parent run (`agree_on_parent`);
@@ -154,19 +164,19 @@ class Tracker:
                                      lambda run_id: self._log_now(run_id, params=params))
         else:
             run_id = run.info.run_id
-            if run.info.status != "RUNNING":
+            if reopen and run.info.status != "RUNNING":
                 self.client.update_run(run_id, status="RUNNING")
-        self._study, self._parent = study, run_id
+        self._study, self._parent, self.storage = study, run_id, storage
         if sync:
             self.sync()
         return run_id
 
-    def find_parent(self, study: Any) -> str | None:
+    def find_parent(self, study: optuna.Study) -> str | None:
         """The id of the study's parent run in this experiment, if the study has one that is not deleted."""
         run = stored_parent(self.client, self.experiment_id, study)
         return run.info.run_id if run is not None else None
 
-    def sync(self) -> Any:
+    def sync(self) -> SyncReport | None:
         """Log the study's finished trials that lack a run, end their runs left RUNNING; a warning on failure.
 
         Returns the `SyncReport`, or None when there was nothing to sync with or the store did not answer.
@@ -196,10 +206,10 @@ class Tracker:
                              "regsearch.study": study_name, "regsearch.state": "RUNNING"})
         return run.info.run_id if run is not None else None
 
-    def log_params(self, run_id: str | None, params: Mapping[str, Any]) -> None:
+    def log_params(self, run_id: str | None, params: Mapping[str, object]) -> None:
         """Log a trial's parameters; if the store is down, once it is back (a run cut off keeps them)."""
         if run_id is not None:
-            self._now_or_later("logging parameters", log_batches, self.client, run_id, params=params)
+            self.now_or_later("logging parameters", log_batches, self.client, run_id, params=params)
 
     def log_epoch(self, run_id: str | None, step: int, metrics: Mapping[str, float], *,
                   at_ms: int | None = None) -> None:
@@ -209,6 +219,10 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = at_ms if at_ms is not None else int(time.time() * 1000)
+        if self._mlflow_async:  # MLflow's own queue instead of this one (measured in benchmarks/tracking_overhead.py)
+            self._call("logging metrics", self.client.log_batch, run_id, synchronous=False,
+                       metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+            return
         with self._lock:
             self._pending.extend((run_id, Metric(k, float(v), now, step)) for k, v in metrics.items())
             if len(self._pending) > _MAX_PENDING_METRICS:  # the store has been down for a long time
@@ -242,52 +256,8 @@ class Tracker:
                 status, tags.get("regsearch.state")):
             self.end_trial(run_id, status, tags)
 
-    def log_summary(self, run_id: str, metrics: Mapping[str, float], tags: Mapping[str, str]) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self._now_or_later("logging the study's summary", log_batches, self.client, run_id,
-                           metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()], tags=tags)
-
-    def end_parent(self, run_id: str, status: str = "FINISHED") -> None:
-        self._now_or_later("ending the study run", self.client.set_terminated, run_id, status=status)
-
-    def log_model(self, run_id: str, predictor: Any, example: Any, register: tuple[str, dict] | None = None) -> None:
-        """The best trial's model as a pyfunc taking raw inputs (a `Predictor`, with raw inputs `example`) on the
-        study's parent run; with `register` (name, tags), also a new version of that registered model."""
-        self._now_or_later("logging the best model", self._log_model, run_id, predictor, example, register)
-
-    def _log_model(self, run_id: str, predictor: Any, example: Any, register: tuple[str, dict] | None) -> None:
-        import mlflow
-
-        from regsearch.tracking._pyfunc import saving
-
-        previous = mlflow.get_tracking_uri()
-        try:
-            mlflow.set_tracking_uri(self.uri)
-            with mlflow.start_run(run_id=run_id, nested=True), saving():
-                info = mlflow.pyfunc.log_model(name="best_model", **model_save_options(predictor, example))
-        finally:
-            mlflow.set_tracking_uri(previous)
-        if register is not None:
-            self._now_or_later(f"registering the best model as {register[0]!r}", self._register, run_id,
-                               info.model_id, *register)
-
-    def _register(self, run_id: str, model_id: str, name: str, tags: dict) -> None:
-        """A new version of the registered model `name` (made if missing) for the logged model `model_id`; not
-        `mlflow.register_model`, which prints."""
-        from mlflow.exceptions import MlflowException
-        from mlflow.protos.databricks_pb2 import ALREADY_EXISTS, RESOURCE_ALREADY_EXISTS, ErrorCode
-
-        try:
-            self.client.create_registered_model(name)
-        except MlflowException as exc:  # an earlier study (or another) registered it: this is a new version
-            if exc.error_code not in (ErrorCode.Name(RESOURCE_ALREADY_EXISTS), ErrorCode.Name(ALREADY_EXISTS)):
-                raise
-        self.client.create_model_version(name, f"models:/{model_id}", run_id=run_id, tags=tags, model_id=model_id)
-
-    def _now_or_later(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
-        """Call now or, while the store is down, once it answers again.
+    def now_or_later(self, what: str, fn: Callable[..., object], *args: object, **kwargs: object) -> None:
+        """Call `fn` on the store now or, while it is down, once it answers again.
 
         For records nothing else holds: the study run's (summary, best model, end state) and the parameters of a
         trial run that exists (a trial without a run gets one, parameters included, from the Optuna storage).
@@ -309,11 +279,11 @@ class Tracker:
                 if not self._deferred:
                     return
                 what, fn, args, kwargs = self._deferred.pop(0)
-            self._now_or_later(what, fn, *args, **kwargs)
+            self.now_or_later(what, fn, *args, **kwargs)
 
     # --- batching ----------------------------------------------------------------------------------------
 
-    def _log_now(self, run_id: str, params: Mapping[str, Any] | None = None, metrics: list | None = None,
+    def _log_now(self, run_id: str, params: Mapping[str, object] | None = None, metrics: list[Metric] | None = None,
                  tags: Mapping[str, str] | None = None) -> None:
         self._call("logging", log_batches, self.client, run_id, params=params, metrics=metrics, tags=tags)
 
@@ -348,6 +318,10 @@ class Tracker:
         self._closed = True
         self._wake.set()
         self._thread.join(timeout=30)
+        if self._mlflow_async:
+            import mlflow
+
+            self._call("logging metrics", mlflow.flush_async_logging)
         if self._down and not self._probe():
             logger.warning("MLflow (%s) still does not answer: the trials finished during the outage have no run "
                            "(%d metric values and %d other records not sent); `regsearch sync` logs them from "
@@ -385,25 +359,3 @@ class Tracker:
             return unlogged(self._study, self, self._parent, set(self.live))
         except Exception:
             return None
-
-    def log_artifact(self, run_id: str, name: str, data: bytes) -> None:
-        """A file `name` holding `data` on a run (the study run's report)."""
-
-        def log() -> None:
-            with tempfile.TemporaryDirectory(prefix="regsearch-artifact-") as folder:
-                path = os.path.join(folder, name)
-                with open(path, "wb") as f:
-                    f.write(data)
-                self.client.log_artifact(run_id, path)
-
-        self._now_or_later(f"logging {name}", log)
-
-    def log_pareto_front(self, run_id: str, front: list[Mapping[str, Any]]) -> None:
-        """A pareto study's front on its study run: `pareto_front.json` (one row per trial) and its size."""
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self._now_or_later("logging the Pareto front", log_batches, self.client, run_id,
-                           metrics=[Metric("pareto_front_size", float(len(front)), now, 0)])
-        self._now_or_later("logging the Pareto front", self.client.log_dict, run_id, {"trials": list(front)},
-                           "pareto_front.json")

@@ -5,20 +5,21 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING
 
-from mlflow.pyfunc import PythonModel
-
+from regsearch import _thirdparty
 from regsearch.tracking._predictor import OUTPUTS, Predictor, by_value
 
+if TYPE_CHECKING:
+    from regsearch.tracking._port import Example
 
-class RawInputModel(PythonModel):
+
+class RawInputModel(_thirdparty.unchecked_python_model()):  # it checks its inputs itself
     """`mlflow.pyfunc.load_model(uri).predict(raw)`: the best trial's predictions on raw inputs (see `Predictor`).
 
     `params={"output": "proba"}` returns a DataFrame with a probability column per class instead of labels.
     """
 
-    _skip_type_hint_validation = True  # the predictor checks its inputs; MLflow would only warn of missing hints
 
     def __init__(self, predictor: Predictor) -> None:
         self.predictor = predictor
@@ -27,7 +28,7 @@ class RawInputModel(PythonModel):
         return self.predictor.predict(model_input, **(params or {}))
 
 
-def pyfunc_options(predictor: Predictor, example: Any) -> dict[str, Any]:
+def pyfunc_options(predictor: Predictor, example: Example) -> dict[str, object]:
     """`mlflow.pyfunc.log_model`'s arguments for `predictor` (its input example `example`: raw inputs, or None).
 
     The signature holds only the `output` parameter: the inputs are checked by the predictor, which takes what a

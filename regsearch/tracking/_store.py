@@ -9,15 +9,23 @@ import re
 import shutil
 import urllib.parse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
+from regsearch import _thirdparty
 from regsearch._errors import StorageError
 from regsearch._storage import mask_url, sqlite_path
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 logger = logging.getLogger("regsearch")
 
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
+
+
+MODEL_ATTR = "mlflow_best_model"
+"""A study attribute: {"uri", "run_id", "experiment_id"} of the best model logged on the study run."""
 
 
 MIN_FREE_BYTES = 1 << 20
@@ -32,7 +40,7 @@ _MIGRATION_COPY = "_alembic_tmp_"
 """Alembic alters a SQLite table by copying it into `_alembic_tmp_<table>`; a migration stopped midway leaves it."""
 
 
-def open_client(uri: str) -> Any:
+def open_client(uri: str) -> MlflowClient:
     """An `MlflowClient` on `uri`; a sqlite store is created, migrated or repaired by one process at a time.
 
     MLflow migrates a new store without a lock: processes that start together on a fresh file race, and can leave
@@ -79,11 +87,11 @@ def _finish_interrupted_migration(uri: str, path: Path) -> None:
         db.commit()
     logger.warning("MLflow (%s): a migration of the store had stopped midway; dropped the leftover table%s %s and "
                    "migrated it again", mask_url(uri), "s" if len(copies) > 1 else "", ", ".join(copies))
-    from mlflow.store.db.utils import _upgrade_db, create_sqlalchemy_engine
+    from mlflow.store.db.utils import create_sqlalchemy_engine
 
     engine = create_sqlalchemy_engine(uri)
     try:
-        _upgrade_db(engine)
+        _thirdparty.upgrade_mlflow_db(engine)
     finally:
         engine.dispose()
 

@@ -12,19 +12,28 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import tempfile
 import time
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import optuna
+from filelock import FileLock, Timeout
+from sqlalchemy.engine import make_url
 
 from regsearch._records import METRIC_ATTR, PRECISION_ATTR, is_surplus, run_outcome, trial_curve
+from regsearch._storage import DEFAULT_STORAGE, sqlite_path, storage_identity
 from regsearch.tracking._batches import log_batches
 
+if TYPE_CHECKING:
+    from mlflow.entities import Metric, Run
+
+    from regsearch.tracking._client import Tracker
+
 SYNCED_TAG = "regsearch.synced"
-_LOCK_STALE_SECONDS = 600.0
-"""A sync lock older than this belongs to a process that died while syncing; it is taken over."""
 
 
 @dataclass
@@ -55,11 +64,11 @@ def _numbers(numbers: list[int]) -> str:
     return f" (trial{'' if len(numbers) == 1 else 's'} {shown}{', ...' if len(numbers) > 10 else ''})"
 
 
-def _ms(when: Any) -> int | None:
+def _ms(when: datetime | None) -> int | None:
     return int(when.timestamp() * 1000) if when is not None else None
 
 
-def _trial_metrics(trial: optuna.trial.FrozenTrial) -> list:
+def _trial_metrics(trial: optuna.trial.FrozenTrial) -> list[Metric]:
     """Per-epoch `val_acc` (Optuna's intermediate values) and the final metrics at the last epoch reached."""
     from mlflow.entities import Metric
 
@@ -81,11 +90,11 @@ def _trial_metrics(trial: optuna.trial.FrozenTrial) -> list:
     return metrics
 
 
-def _trial_runs(tracker: Any, parent_run_id: str) -> dict[int, list]:
+def _trial_runs(tracker: Tracker, parent_run_id: str) -> dict[int, list[Run]]:
     """The parent run's child runs by trial number (deleted ones too: a user's deletion is respected)."""
     from mlflow.entities import ViewType
 
-    runs: dict[int, list] = {}
+    runs: dict[int, list[Run]] = {}
     token = None
     while True:
         page = tracker.client.search_runs([tracker.experiment_id],
@@ -100,9 +109,12 @@ def _trial_runs(tracker: Any, parent_run_id: str) -> dict[int, list]:
             return runs
 
 
-def _plan(study: optuna.Study, runs: dict[int, list], skip: Collection[int] = ()) -> tuple[list, list, int]:
+def _plan(study: optuna.Study, runs: dict[int, list[Run]], skip: Collection[int] = ()
+          ) -> tuple[list[optuna.trial.FrozenTrial], list[tuple[optuna.trial.FrozenTrial, list[Run]]], int]:
     """(trials without a run, (trial, its RUNNING runs) to end, trials already logged)."""
-    missing, dangling, present = [], [], 0
+    missing: list[optuna.trial.FrozenTrial] = []
+    dangling: list[tuple[optuna.trial.FrozenTrial, list[Run]]] = []
+    present = 0
     for trial in study.get_trials(deepcopy=False):
         if not trial.state.is_finished() or trial.number in skip:
             continue
@@ -121,48 +133,54 @@ def _plan(study: optuna.Study, runs: dict[int, list], skip: Collection[int] = ()
 
 
 @contextlib.contextmanager
-def _sync_lock(study: optuna.Study, tracker: Any) -> Iterator[bool]:
-    """True when this process may sync the study to this store now (creating an Optuna study is atomic)."""
-    digest = hashlib.sha1(f"{tracker.uri}|{tracker.experiment_id}".encode()).hexdigest()[:10]
-    name = f"{study.study_name}.regsearch-sync.{digest}"
-    storage = study._storage
-    direction = [optuna.study.StudyDirection.MINIMIZE]
+def sync_lock(storage: str | None, key: str) -> Iterator[bool]:
+    """True when this process may sync the study `key` now, False while another one does; nothing is written to
+    the storage, and a process killed while it holds the lock holds it no more.
+
+    PostgreSQL: an advisory lock on a connection of its own (the server releases it when the connection dies). A
+    journal or SQLite file: a file lock beside it. Another database: a file lock in this machine's temporary folder.
+    """
+    url = storage or DEFAULT_STORAGE
+    digest = hashlib.sha1(key.encode()).digest()
+    if "://" in url and make_url(url).get_backend_name() in ("postgresql", "postgres"):
+        with _advisory_lock(url, int.from_bytes(digest[:8], "big", signed=True)) as mine:
+            yield mine
+        return
+    path = (Path(url) if "://" not in url else sqlite_path(url) if make_url(url).get_backend_name() == "sqlite"
+            else None)
+    if path is None:
+        path = Path(tempfile.gettempdir()) / hashlib.sha1(storage_identity(url).encode()).hexdigest()[:16]
+    lock = FileLock(f"{path}.sync-{digest.hex()[:10]}.lock")
     try:
-        marker = storage.create_new_study(direction, name)
-    except optuna.exceptions.DuplicatedStudyError:
-        if not _stale(storage, name):
-            yield False
-            return
-        with contextlib.suppress(KeyError):
-            storage.delete_study(storage.get_study_id_from_name(name))
-        try:
-            marker = storage.create_new_study(direction, name)
-        except optuna.exceptions.DuplicatedStudyError:
-            yield False
-            return
-    storage.set_study_user_attr(marker, "since", time.time())
+        lock.acquire(timeout=0)
+    except Timeout:
+        yield False
+        return
     try:
         yield True
     finally:
-        with contextlib.suppress(Exception):
-            storage.delete_study(marker)
+        lock.release()
 
 
-def _stale(storage: Any, name: str) -> bool:
-    """Whether the sync lock `name` was left by a process that died (it is held longer than any sync takes)."""
-    for attempt in range(2):
-        try:
-            since = storage.get_study_user_attrs(storage.get_study_id_from_name(name)).get("since")
-        except KeyError:
-            return True  # released meanwhile
-        if since is not None:
-            return time.time() - since > _LOCK_STALE_SECONDS
-        if attempt == 0:
-            time.sleep(2.0)  # just created: its owner writes the time next
-    return True  # its owner died between creating it and writing the time
+@contextlib.contextmanager
+def _advisory_lock(url: str, key: int) -> Iterator[bool]:
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.pool import NullPool
+
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            mine = bool(conn.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": key}).scalar())
+            try:
+                yield mine
+            finally:
+                if mine:
+                    conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+    finally:
+        engine.dispose()
 
 
-def sync_runs(study: optuna.Study, tracker: Any, parent_run_id: str, skip: Collection[int] = (), *,
+def sync_runs(study: optuna.Study, tracker: Tracker, parent_run_id: str, skip: Collection[int] = (), *,
               log_missing: bool = True) -> SyncReport:
     """Give every finished trial of `study` its child run under `parent_run_id`; raises when the store fails.
 
@@ -177,7 +195,8 @@ def sync_runs(study: optuna.Study, tracker: Any, parent_run_id: str, skip: Colle
     missing, dangling, present = _plan(study, _trial_runs(tracker, parent_run_id), skip)
     if not dangling and not (missing and log_missing):
         return SyncReport(present=present)
-    with _sync_lock(study, tracker) as mine:
+    key = f"{storage_identity(tracker.storage)}|{study.study_name}|{tracker.uri}|{tracker.experiment_id}"
+    with sync_lock(tracker.storage, key) as mine:
         if not mine:
             return SyncReport(present=present, busy=True)
         # what another process synced while this one waited for the lock is not done twice
@@ -196,7 +215,7 @@ def sync_runs(study: optuna.Study, tracker: Any, parent_run_id: str, skip: Colle
         return report
 
 
-def _log_trial(tracker: Any, trial: optuna.trial.FrozenTrial, parent_run_id: str, study_name: str) -> None:
+def _log_trial(tracker: Tracker, trial: optuna.trial.FrozenTrial, parent_run_id: str, study_name: str) -> None:
     status, tags = run_outcome(trial)
     run = tracker.client.create_run(
         tracker.experiment_id, start_time=_ms(trial.datetime_start) or _ms(trial.datetime_complete),
@@ -210,7 +229,7 @@ def _log_trial(tracker: Any, trial: optuna.trial.FrozenTrial, parent_run_id: str
     tracker.client.set_terminated(run_id, status=status, end_time=_ms(trial.datetime_complete))
 
 
-def unlogged(study: optuna.Study, tracker: Any, parent_run_id: str, skip: Collection[int] = ()) -> int:
+def unlogged(study: optuna.Study, tracker: Tracker, parent_run_id: str, skip: Collection[int] = ()) -> int:
     """How many finished trials have no run, or one left RUNNING; raises when the store fails."""
     missing, dangling, _ = _plan(study, _trial_runs(tracker, parent_run_id), skip)
     return len(missing) + len(dangling)

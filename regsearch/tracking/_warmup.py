@@ -9,7 +9,11 @@ import os
 import shutil
 import tempfile
 import threading
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from regsearch.tracking._port import Example
+    from regsearch.tracking._predictor import Predictor
 
 logger = logging.getLogger("regsearch")
 
@@ -80,7 +84,7 @@ def no_gc():
             gc.enable()
 
 
-def model_save_options(predictor: Any, example: Any) -> dict[str, Any]:
+def model_save_options(predictor: Predictor, example: Example) -> dict[str, object]:
     """How the best model is saved (and the warm-up's throwaway one, so that it rehearses the same path): a pyfunc
     around `predictor` (a `Predictor`), `example` its raw input example."""
     from regsearch.tracking._pyfunc import pyfunc_options
@@ -96,12 +100,12 @@ def warm_up_model(scratch: str) -> None:
         import mlflow.pyfunc
         import numpy
         import torch
-        from mlflow.utils import requirements_utils
 
+        from regsearch import _thirdparty
         from regsearch.tracking._predictor import Predictor
         from regsearch.tracking._pyfunc import saving
 
-        requirements_utils._init_packages_to_modules_map()  # a scan of every installed package, cached
+        _thirdparty.scan_installed_packages()
         predictor = Predictor(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU()).eval(), "array", (2,),
                               (0, 1))
         with saving():
