@@ -78,12 +78,13 @@ def journal_child(trials: int, quick: bool) -> dict:
             raise RuntimeError(shown.stderr)
         study = optuna.load_study(study_name="small", storage=open_storage(str(journal)))
         finished = [t for t in study.trials if t.datetime_complete and t.user_attrs.get("train_s")]
-        ratios = [(t.datetime_complete - t.datetime_start).total_seconds() / t.user_attrs["train_s"]
-                  for t in finished]
+        walls = [(t.datetime_complete - t.datetime_start).total_seconds() for t in finished]
+        trains = [t.user_attrs["train_s"] for t in finished]
         epochs = [t.user_attrs.get("epochs") for t in finished]
         os.chdir("/")
         return {"journal_bytes": journal.stat().st_size, "show_s": show_s, "optimize_s": optimize_s,
-                "wall_over_train": ratios, "epochs": epochs, "trials": len(study.trials)}
+                "wall_over_train": [w / t for w, t in zip(walls, trains)], "wall_s": walls, "train_s": trains,
+                "epochs": epochs, "states": [t.state.name for t in finished], "trials": len(study.trials)}
 
 
 def _pg(url: str, sql: str) -> list[tuple]:
@@ -154,6 +155,8 @@ def main() -> None:
     rows = [("journal file after the study", common.summary([journal["journal_bytes"] / 1e6]), "MB"),
             ("`regsearch show` (whole process)", common.summary([journal["show_s"]]), "s"),
             ("trial wall time / its training time", common.summary(journal["wall_over_train"]), "ratio"),
+            ("trial wall time less its training time", common.summary(
+                [w - t for w, t in zip(journal["wall_s"], journal["train_s"])]), "s"),
             ("epochs per trial", common.summary([e for e in journal["epochs"] if e]), "epochs")]
     extra: dict = {"journal": journal}
     if a.pg:

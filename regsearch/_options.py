@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from pydantic import BeforeValidator, ConfigDict, Field, ValidationError, create_model
 
 from regsearch._errors import ConfigError, did_you_mean
+from regsearch._validation_errors import error_line
 
 
 def _own_text(value: Any) -> Any:
@@ -38,24 +39,8 @@ def checked_options(factory: Any, options: Mapping[str, Any], where: str) -> dic
     try:
         checked = model(**{key: options[key] for key in fields})
     except ValidationError as exc:
-        error = exc.errors(include_url=False)[0]
-        raise ConfigError(f"{where}.{'.'.join(map(str, error['loc']))}: {_expected(error)}") from None
+        raise ConfigError(error_line(exc, model, where)) from None
     return {**options, **{key: getattr(checked, key) for key in fields}}
-
-
-def _expected(error: Mapping[str, Any]) -> str:
-    """A pydantic error in a study file's words: what was expected, what was got."""
-    from regsearch._spec import _EXPECTED
-
-    kind, value, ctx = error["type"], error.get("input"), error.get("ctx") or {}
-    if kind == "literal_error":
-        return f"expected one of {ctx.get('expected', '').replace(chr(39), '')}; got {value!r}"
-    for name, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
-        if name in ctx:
-            return f"must be {sign} {ctx[name]}; got {value!r}"
-    if kind in _EXPECTED:
-        return f"expected {_EXPECTED[kind]}; got {value!r}"
-    return f"{error['msg'][:1].lower()}{error['msg'][1:]}; got {value!r}"
 
 
 def call_with_options(factory: Any, options: Mapping[str, Any], where: str, what: str) -> Any:
@@ -70,7 +55,6 @@ def call_with_options(factory: Any, options: Mapping[str, Any], where: str, what
         if key not in known and not takes_any:
             raise ConfigError(f"{where}.{key}: unknown option{did_you_mean(str(key), known)}; "
                               f"{what} takes: {', '.join(known) or 'none'}")
-    options = checked_options(factory, options, where)
     try:
         return factory(**options)
     except ConfigError as exc:

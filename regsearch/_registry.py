@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from regsearch._errors import ConfigError, PluginError, unknown_name
-from regsearch._options import call_with_options
+from regsearch._options import call_with_options, checked_options
 from regsearch._regularizer import HOOKS, Regularizer
 
 ENTRY_POINT_GROUP = "regsearch.regularizers"
@@ -103,7 +103,7 @@ class RegularizerRegistry:
         """An instance of `name` built from a study file's options; bad options name the key."""
         where = where or f"regularizers.{name}"
         info = self.get(name)
-        return call_with_options(info.cls, options, where, name)
+        return call_with_options(info.cls, checked_options(info.cls, options, where), where, name)
 
     # --- loading -----------------------------------------------------------------------------------------
 

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import os
 import re
-import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, ValidationError, model_validator
 
-from regsearch._errors import ConfigError, did_you_mean, unknown_name
+from regsearch._errors import ConfigError, did_you_mean
 from regsearch._ranges import Invalid, Range, read_range
 from regsearch._searched_keys import MODEL_OWN_KEYS, search_spaces
+from regsearch._validation_errors import error_line, error_parts, known_keys
 
 
 def _searched(**checks: Any) -> PlainValidator:
@@ -68,7 +68,7 @@ class _Spec(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            raise ConfigError(_error_line(exc, type(self), "")) from None
+            raise ConfigError(error_line(exc, type(self), "")) from None
 
     # Marks this __init__ as one that only validates (as pydantic's RootModel does), so that a nested part is built
     # without it and its error keeps its full path (`training.epochs`) instead of becoming the parent's one line.
@@ -80,7 +80,7 @@ class _Spec(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise ConfigError(_error_line(exc, cls, where)) from None
+            raise ConfigError(error_line(exc, cls, where)) from None
 
     def replace(self, **changes: Any) -> Self:
         """A copy with `changes`, checked like the original (`model_copy` would take any value unchecked)."""
@@ -304,69 +304,6 @@ class StudySpec(_Spec):
     baseline value (mid-range, or the first choice)."""
 
 
-_UNKNOWN_KEY = ("extra_forbidden", "invalid_key")  # invalid_key: a key that is no string (YAML's `1:`)
-
-# What a pydantic error type expects, in the words of a study file.
-_EXPECTED = {"int_type": "a whole number", "float_type": "a number", "finite_number": "a number",
-             "bool_type": "true or false", "string_type": "a string", "dict_type": "a mapping",
-             "mapping_type": "a mapping", "model_type": "a mapping of keys", "tuple_type": "a list"}
-
-
-def _model_at(cls: type[_Spec], keys: list[str]) -> type[_Spec] | None:
-    """The model holding the last of `keys` (a path of fields from `cls`), None when it is no model's field."""
-    for key in keys:
-        field = cls.model_fields.get(key)
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, _Spec)):
-            return None
-        cls = field.annotation
-    return cls
-
-
-def _known_keys(cls: type[_Spec]) -> list[str]:
-    return sorted(k for k in cls.model_fields if k not in cls.not_from_file)
-
-
-def _error_parts(exc: ValidationError, cls: type[_Spec]) -> tuple[list[str] | None, str]:
-    """The first of pydantic's errors in this project's words: (the key's path, what is wrong and what was got).
-
-    The path is None where the message already says what it is about.
-    """
-    errors = sorted(exc.errors(include_url=False), key=lambda e: e["type"] not in _UNKNOWN_KEY)  # typos first
-    error = errors[0]
-    kind, value, ctx = error["type"], error.get("input"), error.get("ctx") or {}
-    keys = [str(k) for k in error["loc"] if k != "[key]"]
-    cause = ctx.get("error")
-    if isinstance(cause, ConfigError):
-        return None, str(cause)
-    if isinstance(cause, Invalid):
-        return keys + ([cause.key] if cause.key else []), str(cause)
-    owner = _model_at(cls, keys[:-1])
-    if kind in _UNKNOWN_KEY and owner is not None:
-        known = _known_keys(owner)
-        return keys, f"unknown key{did_you_mean(keys[-1], known)}; known: {', '.join(known)}"
-    if kind == "literal_error" and owner is not None:
-        shown = value if isinstance(value, str) else repr(value)
-        choices = typing.get_args(owner.model_fields[keys[-1]].annotation)
-        return keys, unknown_name("value", str(shown), [str(c) for c in choices])
-    for name, sign in (("ge", ">="), ("le", "<=")):
-        if name in ctx:  # a float field shows the number as read (2 -> 2.0)
-            got = float(value) if isinstance(ctx[name], float) and isinstance(value, int) else value
-            return keys, f"must be {sign} {ctx[name]}; got {got!r}"
-    expected = _EXPECTED.get(kind)
-    if expected:
-        return keys, f"expected {expected}; got {value!r}"
-    return keys, f"{error['msg'][:1].lower()}{error['msg'][1:]}; got {value!r}"
-
-
-def _error_line(exc: ValidationError, cls: type[_Spec], where: str) -> str:
-    """One line for a failed validation of `cls`: `where.key.path: what is wrong; got value`."""
-    keys, text = _error_parts(exc, cls)
-    if keys is None:
-        return text
-    path = ".".join([where, *keys] if where else keys)
-    return f"{path}: {text}" if path else text
-
-
 def search_value(key: str, value: Any, where: str) -> Any:
     """`value` for the study-file key `search.<key>`, checked as the file's would be (for options given elsewhere).
 
@@ -375,7 +312,7 @@ def search_value(key: str, value: Any, where: str) -> Any:
     try:
         return getattr(SearchSpec.model_validate({key: value}), key)
     except ValidationError as exc:
-        raise ConfigError(f"{where}: {_error_parts(exc, SearchSpec)[1]}") from None
+        raise ConfigError(f"{where}: {error_parts(exc, SearchSpec)[1]}") from None
 
 
 def _model(raw: Any, source: str) -> ModelSpec:
@@ -459,7 +396,7 @@ def spec_from_dict(raw: Any, *, name: str, source: str = "<python>") -> StudySpe
                           "`augment: {enabled: true}` under regularizers (or leave out `enabled` to search it)")
     for key in StudySpec.not_from_file:
         if key in raw:
-            known = _known_keys(StudySpec)
+            known = known_keys(StudySpec)
             raise ConfigError(f"{key}: unknown key{did_you_mean(key, known)}; known: {', '.join(known)}")
     training = raw.get("training")
     if isinstance(training, Mapping) and training.get("steps") is not None and "epochs" in training:

@@ -717,7 +717,7 @@ CASES += [
          "regularizers.dropout.per_site: expected true or false; got 'often'"),
     case("plugin-option-not-a-choice", ["optimize", "--study", "digits", "--set",
                                         "regularizers.batchnorm.position=middle"],
-         "regularizers.batchnorm.position: expected one of before_activation or after_activation; got 'middle'"),
+         "regularizers.batchnorm.position: unknown value 'middle'; known: after_activation, before_activation"),
     case("plugin-option-not-names", ["optimize", "--study", "digits", "--set", "regularizers.dropout.types=[ReLU, 3]"],
          "regularizers.dropout.types.1: expected a string; got 3"),
     case("record-data-dir-for-a-study-without-a-folder", "optimize --study digits --data-dir {tmp}",

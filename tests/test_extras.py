@@ -80,7 +80,7 @@ def test_every_plugin_passes_the_contract_kit(registry, name, options):
     ("mixup", {"alpha": [0, 1]}, r"regularizers\.mixup\.alpha: a log-scale range must be above 0"),
     ("cutout", {"size": 1.5}, r"regularizers\.cutout\.size: must be in \[0\.0, 1\.0\]"),
     ("label_smoothing", {"smoothing": 1}, r"regularizers\.label_smoothing\.smoothing: must be in \[0\.0, 1\.0\)"),
-    ("early_stopping", {"monitor": "gap_acc"}, r"regularizers\.early_stopping\.monitor: expected one of val_acc or val_loss; got 'gap_acc'"),
+    ("early_stopping", {"monitor": "gap_acc"}, r"regularizers\.early_stopping\.monitor: unknown value 'gap_acc'; known: val_acc, val_loss"),
     ("early_stopping", {"restore_best": "yes"},
      r"regularizers\.early_stopping\.restore_best: expected true or false; got 'yes'"),
     ("early_stopping", {"min_delta": -0.1}, r"regularizers\.early_stopping\.min_delta: must be >= 0\.0; got -0\.1"),
