@@ -201,6 +201,8 @@ class ConfirmSpec(_Spec):
     times the cross-validation is repeated (default once)."""
     folds: Annotated[Whole | None, Field(ge=2)] = None
     """k-fold cross-validation of the finalists on the pooled training and validation rows (small data)."""
+    ablate: bool = False
+    """Retrain the winner without each of its regularizers, and the baseline with each alone (`regsearch.ablate`)."""
 
     @model_validator(mode="after")
     def _two_runs(self) -> Self:
@@ -241,6 +243,8 @@ class SearchSpec(_Spec):
     """Register the logged best model under this name in the MLflow Model Registry (a new version per study run)."""
     confirm: ConfirmSpec | None = None
     """Retrain the finalists with fresh seeds after the final report and choose on mean val_acc (None: off)."""
+    reference: bool = True
+    """On a table, fit HistGradientBoosting on the same training split and show it beside the winner."""
 
     @model_validator(mode="after")
     def _one_objective(self) -> Self:
