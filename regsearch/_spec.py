@@ -247,6 +247,14 @@ class SearchSpec(_Spec):
     """On a table, fit HistGradientBoosting on the same training split and show it beside the winner."""
 
     @model_validator(mode="after")
+    def _ablation_has_a_winner_and_a_baseline(self) -> Self:
+        if self.confirm is not None and self.confirm.ablate and (self.objective == "pareto" or not self.baseline):
+            raise ConfigError("search.confirm.ablate needs " + ("a single objective: a pareto study's confirmed winner "
+                              "is not what it chose" if self.objective == "pareto" else "search.baseline: true (each "
+                              "regularizer is also added to the unregularized baseline alone)"))
+        return self
+
+    @model_validator(mode="after")
     def _one_objective(self) -> Self:
         if self.objective == "pareto" and self.max_gap is not None:
             raise ConfigError(f"max_gap {self.max_gap:g} and objective pareto do not combine: the Pareto front already "
