@@ -70,7 +70,8 @@ def ablate(study: optuna.Study, spec: StudySpec, train: Callable[..., dict[str, 
         own = {k: v for k, v in won.params.items() if k.startswith(f"{name}.")}
         removed = train(won, on=[n for n in names if n != name], params=dict(won.params))
         added = train(baseline, on=[name], params={**baseline.params, **own})
-        out.append(_ablated(name, "removed", won, removed, winner, removed, dict(won.params)))
+        rest = {k: v for k, v in won.params.items() if not k.startswith(f"{name}.")}  # what it trained with
+        out.append(_ablated(name, "removed", won, removed, winner, removed, rest))
         out.append(_ablated(name, "added", baseline, added, added, base, {**baseline.params, **own}))
     for r in out:
         r["verdict"] = verdict(r, n_val)

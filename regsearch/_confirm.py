@@ -118,7 +118,12 @@ def confirm_at_end(study: optuna.Study, exp: Experiment, stores: Any) -> None:
         confirm_study(study, exp, settings.top, seeds, uri, settings.folds)
     if settings.ablate:
         done, ablated = study.user_attrs[CONFIRM_ATTR], study.user_attrs.get(ABLATION_ATTR) or {}
-        winner = next(r["trial"] for r in done["rows"] if r["winner"])
+        winner = next(r for r in done["rows"] if r["winner"])
+        if winner["role"] == "baseline":  # the study's answer is "no regularizer": said, not an error at its end
+            logger.warning("search.confirm.ablate: the confirmed winner is the unregularized baseline (trial %d); "
+                           "there is no regularizer to ablate", winner["trial"])
+            return
+        winner = winner["trial"]
         if (ablated.get("seeds"), ablated.get("folds"), ablated.get("winner")) != (done["seeds"], done.get("folds"),
                                                                                      winner):
             ablate_confirmed(study, exp, uri)

@@ -319,7 +319,8 @@ def _final_report(study: optuna.Study, exp: Experiment, objective: Objective, tr
         return
     gaps = {f"best_{k}": v for k, v in best.user_attrs.get(METRIC_ATTR, {}).items() if k.startswith("gap")}
     tracker.log_summary({"best_val_acc": trial_val_acc(best), "best_test_acc": test_acc, "best_test_loss": test_loss,
-                         **gaps, **reference_metrics(reference)}, {"best_trial": str(best.number), "regsearch.summary": sentence})
+                         **gaps, **reference_metrics(reference)},
+                        {"best_trial": str(best.number), "regsearch.summary": sentence})
     predictor = Predictor.of(model, exp.data, autocast=autocast, batch_size=exp.spec.training.eval_batch_size)
     tracker.log_model(predictor, predictor.example(exp.data), _registration(exp.spec, study, best, test_acc))
 
