@@ -126,7 +126,10 @@ def confirm_at_end(study: optuna.Study, exp: Experiment, stores: Any) -> None:
         winner = winner["trial"]
         if (ablated.get("seeds"), ablated.get("folds"), ablated.get("winner")) != (done["seeds"], done.get("folds"),
                                                                                      winner):
-            ablate_confirmed(study, exp, uri)
+            try:
+                ablate_confirmed(study, exp, uri)
+            except ConfigError as exc:  # a winner with every regularizer switched off: nothing to ablate, said
+                logger.warning("search.confirm.ablate: %s", exc)
 
 
 def confirm_study(study: optuna.Study, exp: Experiment, top: int, seeds: int, tracking_uri: str | None,
