@@ -111,9 +111,13 @@ def test_confirm_show_and_mlflow_carry_the_ablation(ablated, restore_logging):
 def test_the_report_draws_the_ablation(ablated, restore_logging):
     from regsearch.report._figures import build_sections
 
-    _, found = build_sections(ablated["study"])
+    from regsearch.report import summary_lines, trial_views
+
+    views, found = build_sections(ablated["study"])
     section = next(s for s in found if s.key == "ablation")
-    assert section.png and ablated["study"].user_attrs[ABLATION_ATTR]["sentence"] in section.note
+    sentence = ablated["study"].user_attrs[ABLATION_ATTR]["sentence"]
+    assert section.png and sentence in section.note
+    assert sentence in summary_lines(ablated["study"], views)
 
 
 def effect(name: str, direction: str, runs: list[float]) -> dict:

@@ -12,6 +12,7 @@ from typing import Any
 
 import optuna
 
+from regsearch._ablate import ABLATION_ATTR
 from regsearch._records import (
     CONFIRM_ATTR,
     MAX_GAP_ATTR,
@@ -151,6 +152,9 @@ def summary_lines(study: optuna.Study, views: list[TrialView], top: int = 5) -> 
     confirmed = study.user_attrs.get(CONFIRM_ATTR) or {}
     if confirmed.get("sentence"):
         lines.append(confirmed["sentence"])
+    ablated = study.user_attrs.get(ABLATION_ATTR) or {}
+    if ablated.get("sentence"):
+        lines.append(ablated["sentence"])
     return lines
 
 
