@@ -11,7 +11,6 @@ usage: python benchmarks/ablation_agreement.py [--seeds 3]
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -27,25 +26,30 @@ def main() -> None:
     ap = common.parser(__doc__, "ablation_agreement")
     ap.add_argument("--seeds", type=int, default=3)
     args = ap.parse_args()
+    seeds = 2 if args.quick else args.seeds
+    budget = ["--n-trials", "3", "--set", "training.epochs=3", "--set", "data.train_size=300"] if args.quick else [
+        "--n-trials", "8", "--set", "training.epochs=15"]
     exe = common.regsearch_exe()
     with tempfile.TemporaryDirectory() as folder:
         folder = os.path.realpath(folder)
         started = time.perf_counter()
-        subprocess.run([exe, "optimize", "--study", "digits", "--n-trials", "8", "--set", "training.epochs=15"],
-                       cwd=folder, check=True, capture_output=True)
+        subprocess.run([exe, "optimize", "--study", "digits", *budget], cwd=folder, check=True, capture_output=True)
         searched = time.perf_counter() - started
         started = time.perf_counter()
-        subprocess.run([exe, "confirm", "--study", "digits", "--top", "2", "--seeds", str(args.seeds), "--ablate"],
+        subprocess.run([exe, "confirm", "--study", "digits", "--top", "2", "--seeds", str(seeds), "--ablate"],
                        cwd=folder, check=True, capture_output=True)
         ablated = time.perf_counter() - started
         os.chdir(folder)
-        rows = separate_run(args.seeds)
+        rows = separate_run(seeds)
         os.chdir(common.REPO)
-    result = {"data": "digits", "study": "digits --n-trials 8 --set training.epochs=15", "seeds": args.seeds,
-              "search_s": round(searched, 1), "confirm_and_ablate_s": round(ablated, 1), "rows": rows,
-              "all_agree": all(r["agrees"] for r in rows), "machine": common.machine()}
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    measures = [("search", common.summary([searched]), "s"), ("confirm + ablate", common.summary([ablated]), "s")]
+    for r in rows:
+        measures += [(f"{r['regularizer']} added to the baseline (ablation)", common.summary(r["added_runs"]),
+                      "val_acc points"),
+                     (f"{r['regularizer']} alone, other seeds", common.summary(r["separate_runs"]), "val_acc points")]
+    common.report("ablation_agreement", args, measures, {
+        "study": "digits " + " ".join(budget), "seeds": seeds, "rows": rows,
+        "all_agree": all(r["agrees"] for r in rows)})
 
 
 def separate_run(n: int) -> list[dict]:
@@ -58,7 +62,7 @@ def separate_run(n: int) -> list[dict]:
     from regsearch._opening import load_stored_study
     from regsearch._question import ask
 
-    question = ask("digits")
+    question = ask("digits")  # the stored study, by its name alone
     study = load_stored_study("digits", None)
     exp = prepare(question.spec)
     done = study.user_attrs[ABLATION_ATTR]
@@ -78,6 +82,7 @@ def separate_run(n: int) -> list[dict]:
         removed = next(r for r in done["rows"] if r["regularizer"] == name and r["direction"] == "removed")
         widest = added["val_acc_effect_sd"] + sd + one
         out.append({"regularizer": name, "separate_mean": mean, "separate_sd": sd,
+                    "separate_runs": [100 * d for d in diffs], "added_runs": [100 * d for d in added["val_acc_effect"]],
                     "added_mean": added["val_acc_effect_mean"], "added_sd": added["val_acc_effect_sd"],
                     "removed_mean": removed["val_acc_effect_mean"], "removed_sd": removed["val_acc_effect_sd"],
                     "agrees": abs(mean - added["val_acc_effect_mean"]) <= widest})
