@@ -170,3 +170,22 @@ def test_a_pareto_study_is_refused_before_any_training():
     study = optuna.create_study(study_name="front", directions=["maximize", "minimize"])
     with pytest.raises(ConfigError, match=r"^--ablate: study 'front' is a pareto study; its confirmation's winner"):
         refuse_ablation(study, True)
+
+
+@pytest.mark.slow  # about twenty seconds of real training
+def test_with_folds_each_ablated_configuration_trains_on_the_confirmations_folds(ablated, tmp_path, restore_logging):
+    shutil.copy(ablated["storage"], tmp_path / "abl.journal")
+    shutil.copy(ablated["folder"] / "mlflow.db", tmp_path / "mlflow.db")
+    result = CliRunner().invoke(cli, ["confirm", "--study", "abl", "--storage", str(tmp_path / "abl.journal"),
+                                      "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--top", "1",
+                                      "--folds", "2", "--ablate"])
+    assert result.exit_code == 0, result.output
+    study = optuna.load_study(study_name="abl", storage=regsearch._storage.open_storage(str(tmp_path / "abl.journal")))
+    done, confirmed = study.user_attrs[ABLATION_ATTR], study.user_attrs[CONFIRM_ATTR]
+    assert done["folds"] == confirmed["folds"] == 2 and done["seeds"] == confirmed["seeds"]
+    winner = next(r for r in confirmed["rows"] if r["winner"])
+    for r in done["rows"]:
+        assert len(r["val_acc"]) == 2  # one run per fold, paired fold by fold with the winner's or the baseline's
+        if r["direction"] == "removed":
+            assert r["val_acc_effect"] == [w - x for w, x in zip(winner["val_acc"], r["val_acc"], strict=True)]
+    assert "paired over 2 folds" in done["sentence"] and done["sentence"] in result.output
