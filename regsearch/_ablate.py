@@ -26,7 +26,6 @@ ABLATION_ATTR = "ablation"
 """A study user attr: the ablation of its confirmed winner (seeds, folds, winner, baseline, rows, sentence)."""
 
 EFFECTS = ("val_acc", "test_acc", "gap_acc")
-DIRECTIONS = ("removed", "added")
 
 
 def refuse_ablation(study: optuna.Study, spec_has_baseline: bool) -> None:

@@ -111,7 +111,7 @@ def test_confirm_show_and_mlflow_carry_the_ablation(ablated, restore_logging):
 def test_the_report_draws_the_ablation(ablated, restore_logging):
     from regsearch.report._figures import build_sections
 
-    from regsearch.report import summary_lines, trial_views
+    from regsearch.report import summary_lines
 
     views, found = build_sections(ablated["study"])
     section = next(s for s in found if s.key == "ablation")
