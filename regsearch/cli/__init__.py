@@ -303,12 +303,15 @@ def show(study: str, storage: str | None, study_name: str | None, top: int) -> N
 @click.option("--folds", type=_Count(min=2), default=None, metavar="F",
               help="F-fold cross-validation on the pooled training and validation rows, for data whose validation "
                    "split is too small to choose with.")
+@click.option("--ablate", is_flag=True,
+              help="Then retrain the winner without each of its regularizers, and the baseline with each alone, "
+                   "with the same seeds (or folds): what each regularizer is worth, paired.")
 @set_option
 @data_dir_option
 @plugin_option
 def confirm(study: str, storage: str | None, study_name: str | None, tracking_uri: str | None, top: int,
-            seeds: int | None, folds: int | None, overrides: list[tuple[str, str]], data_dir: str | None,
-            plugins: tuple[str, ...]) -> None:
+            seeds: int | None, folds: int | None, ablate: bool, overrides: list[tuple[str, str]],
+            data_dir: str | None, plugins: tuple[str, ...]) -> None:
     """Retrain the top configurations, the recipe and the baseline with fresh seeds (or in k-fold
     cross-validation); choose on mean val_acc.
 
@@ -327,7 +330,7 @@ def confirm(study: str, storage: str | None, study_name: str | None, tracking_ur
     if problem:
         raise click.BadParameter(problem, param_hint="'--seeds'")
     run(study, top=top, seeds=seeds, folds=folds, storage=storage, study_name=study_name, tracking_uri=tracking_uri,
-        overrides=overrides, data_dir=data_dir, plugins=plugins)
+        overrides=overrides, data_dir=data_dir, plugins=plugins, ablate=ablate)
     from regsearch._opening import load_stored_study
 
     print_confirmation(load_stored_study(study, storage, study_name))
