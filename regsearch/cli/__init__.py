@@ -162,19 +162,6 @@ def _check_locations(storage: str | None, tracking_uri: str | None) -> None:
         raise StorageError(f"--tracking-uri {mask_url(uri)}: cannot use the MLflow tracking store: {exc}") from None
 
 
-def _setup_logging(debug: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    log = logging.getLogger("regsearch")
-    log.handlers[:] = [handler]
-    log.setLevel(logging.DEBUG if debug else logging.INFO)
-    log.propagate = False
-    if not debug:
-        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read by mlflow when it is imported
-        for noisy in ("mlflow", "alembic"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 @click.group(cls=RegsearchGroup, context_settings=CONTEXT)
 @click.option("--debug", is_flag=True, help="Show tracebacks and library logs.")
 @click.version_option(package_name="regsearch")
@@ -182,7 +169,9 @@ def _setup_logging(debug: bool) -> None:
 def cli(ctx: click.Context, debug: bool) -> None:
     """Search combinations of regularizers for a neural network with Optuna; every trial tracked in MLflow."""
     ctx.meta["debug"] = debug
-    _setup_logging(debug)
+    from regsearch._logs import log_to_stderr
+
+    log_to_stderr(logging.DEBUG if debug else logging.INFO)
 
 
 @cli.command()
