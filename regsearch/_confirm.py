@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -21,6 +21,7 @@ import optuna
 import torch
 from torch import nn
 
+from regsearch._ablate import ABLATION_ATTR, ablate, refuse_ablation
 from regsearch._errors import ConfigError
 from regsearch._records import (
     COMPLETE,
@@ -48,7 +49,7 @@ def confirm(study: str | StudySpec, *, top: int = 3, seeds: int | None = None, f
             study_name: str | None = None, tracking: bool = True, tracking_uri: str | None = None,
             data: TensorData | None = None, model: Callable[..., nn.Module] | None = None,
             data_dir: str | None = None, device: str = "auto", overrides: Iterable[tuple[str, Any]] = (),
-            plugins: Iterable[str] = ()) -> list[dict[str, Any]]:
+            plugins: Iterable[str] = (), ablate: bool = False) -> list[dict[str, Any]]:
     """Retrain a stored study's top `top` configurations, its recipe and its baseline with `seeds` fresh seeds
     (default 3), or in `folds`-fold cross-validation repeated `seeds` times (default once); returns one row per
     configuration, the winner (highest mean val_acc) first.
@@ -56,7 +57,7 @@ def confirm(study: str | StudySpec, *, top: int = 3, seeds: int | None = None, f
     A study is retrained as it stored itself: `study` may be its name alone, and a file, `overrides` or `plugins`
     that would change it are refused. `data` and `model` given in Python, and studies stored without that record,
     must be given as `optimize` ran them. The rows are also stored in the study's user attr `confirm` (shown by
-    `regsearch show`) and, when tracked, logged to MLflow.
+    `regsearch show`) and, when tracked, logged to MLflow. `ablate` then ablates the winner (`ablate_confirmed`).
     """
     from regsearch._experiment import prepare
     from regsearch._opening import load_stored_study
@@ -70,6 +71,8 @@ def confirm(study: str | StudySpec, *, top: int = 3, seeds: int | None = None, f
     stored = load_stored_study(question.name, storage)
     if question.stored is None:
         refuse_foreign_params(stored, question.spec)
+    if ablate:
+        refuse_ablation(stored, question.spec.search.baseline)
     exp = prepare(question.spec, data=data, model=model, data_dir=question.data_dir, device=device,
                   plugins=question.plugins)
     if question.stored is not None:
@@ -78,7 +81,10 @@ def confirm(study: str | StudySpec, *, top: int = 3, seeds: int | None = None, f
         from regsearch.tracking import default_tracking_uri
 
         tracking_uri = tracking_uri or default_tracking_uri()
-    return confirm_study(stored, exp, top, seeds, tracking_uri if tracking else None, folds)
+    rows = confirm_study(stored, exp, top, seeds, tracking_uri if tracking else None, folds)
+    if ablate:
+        ablate_confirmed(stored, exp, tracking_uri if tracking else None)
+    return rows
 
 
 def check_counts(top: int, seeds: int | None, folds: int | None = None) -> int:
@@ -102,15 +108,28 @@ def confirm_at_end(study: optuna.Study, exp: Experiment, stores: Any) -> None:
     done = study.user_attrs.get(CONFIRM_ATTR) or {}
     numbers = [t.number for t, _ in finalists(study, exp.spec, settings.top)]
     seeds = check_counts(settings.top, settings.seeds, settings.folds)
-    if (sorted(r["trial"] for r in done.get("rows", [])) == sorted(numbers) and done.get("folds") == settings.folds
-            and done.get("seeds") == confirm_seeds(exp.spec.seed, seeds * (settings.folds or 1), numbers)):
-        return
     uri = None
     if stores.tracking:
         from regsearch.tracking import default_tracking_uri
 
         uri = stores.tracking_uri or default_tracking_uri()
-    confirm_study(study, exp, settings.top, seeds, uri, settings.folds)
+    if not (sorted(r["trial"] for r in done.get("rows", [])) == sorted(numbers) and done.get("folds") == settings.folds
+            and done.get("seeds") == confirm_seeds(exp.spec.seed, seeds * (settings.folds or 1), numbers)):
+        confirm_study(study, exp, settings.top, seeds, uri, settings.folds)
+    if settings.ablate:
+        done, ablated = study.user_attrs[CONFIRM_ATTR], study.user_attrs.get(ABLATION_ATTR) or {}
+        winner = next(r for r in done["rows"] if r["winner"])
+        if winner["role"] == "baseline":  # the study's answer is "no regularizer": said, not an error at its end
+            logger.warning("search.confirm.ablate: the confirmed winner is the unregularized baseline (trial %d); "
+                           "there is no regularizer to ablate", winner["trial"])
+            return
+        winner = winner["trial"]
+        if (ablated.get("seeds"), ablated.get("folds"), ablated.get("winner")) != (done["seeds"], done.get("folds"),
+                                                                                     winner):
+            try:
+                ablate_confirmed(study, exp, uri)
+            except ConfigError as exc:  # a winner with every regularizer switched off: nothing to ablate, said
+                logger.warning("search.confirm.ablate: %s", exc)
 
 
 def confirm_study(study: optuna.Study, exp: Experiment, top: int, seeds: int, tracking_uri: str | None,
@@ -121,21 +140,46 @@ def confirm_study(study: optuna.Study, exp: Experiment, top: int, seeds: int, tr
     if not chosen:
         raise ConfigError(f"study {study.study_name!r} has no complete trial to confirm")
     fresh = confirm_seeds(exp.spec.seed, seeds * (folds or 1), [t.number for t, _ in chosen])
-    plan = [None] * seeds if folds is None else [  # per run: the fold's (train, val) rows of the pool, or none
-        rows for repeat in range(seeds) for rows in cv_folds(exp.data, folds, fresh[repeat * folds])]
+    plan = run_plan(exp, fresh, folds)
     logger.info("confirming %d configurations of study %s: %s each", len(chosen), study.study_name,
                 confirm_method(len(fresh), folds))
     rows = [_row(exp, trial, role, fresh, plan) for trial, role in chosen]
     rows.sort(key=lambda r: (-r["val_acc_mean"], r["val_loss_mean"], r["trial"]))
     for i, r in enumerate(rows):
         r["winner"] = i == 0
-    n_val = len(exp.data.y_val) if folds is None else min(len(val) for _, val in plan)
-    sentence = confirm_sentence(rows, len(fresh), n_val, folds)
+    sentence = confirm_sentence(rows, len(fresh), validation_rows(exp, plan), folds)
     study.set_user_attr(CONFIRM_ATTR, {"seeds": fresh, "folds": folds, "spread": "sd", "rows": rows,
                                        "sentence": sentence})
     if tracking_uri is not None:
         log_confirmation(study, tracking_uri, rows, fresh, sentence, folds)
     return rows
+
+
+def run_plan(exp: Experiment, seeds: Sequence[int], folds: int | None
+             ) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    """Per run of a confirmation (one per seed): the fold's (train, val) rows of the pooled splits, or None (the
+    study's own split); with folds, the seeds come `folds` to a cut, each cut drawn with its first seed."""
+    if folds is None:
+        return [None] * len(seeds)
+    return [rows for repeat in range(len(seeds) // folds) for rows in cv_folds(exp.data, folds, seeds[repeat * folds])]
+
+
+def validation_rows(exp: Experiment, plan: Sequence[tuple[torch.Tensor, torch.Tensor] | None]) -> int:
+    """The validation rows of one run (the smallest fold's): what one example is worth in `beyond_noise`."""
+    return len(exp.data.y_val) if plan[0] is None else min(len(val) for _, val in plan)
+
+
+def ablate_confirmed(study: optuna.Study, exp: Experiment, tracking_uri: str | None) -> dict[str, Any]:
+    """Ablate the study's stored confirmation with its seeds and folds (`regsearch._ablate`); stores it (user attr
+    `ablation`) and, with a URI, logs it."""
+    done = study.user_attrs[CONFIRM_ATTR]
+    plan = run_plan(exp, done["seeds"], done.get("folds"))
+    ablation = ablate(study, exp.spec, lambda trial, **build: trained_runs(exp, trial, done["seeds"], plan, **build),
+                      validation_rows(exp, plan))
+    study.set_user_attr(ABLATION_ATTR, ablation)
+    if tracking_uri is not None:
+        log_ablation(study, tracking_uri, ablation)
+    return ablation
 
 
 def finalists(study: optuna.Study, spec: StudySpec, top: int) -> list[tuple[optuna.trial.FrozenTrial, str]]:
@@ -193,11 +237,18 @@ def confirm_seeds(study_seed: int, n: int, avoid: Sequence[int] = ()) -> list[in
 def _row(exp: Experiment, trial: optuna.trial.FrozenTrial, role: str, seeds: Sequence[int],
          plan: Sequence[tuple[torch.Tensor, torch.Tensor] | None]) -> dict[str, Any]:
     """One configuration trained once per (seed, split): per-run metrics and their mean and (sample) sd."""
-    runs = [retrain_with_seed(exp if rows is None else replace(exp, data=fold_split(exp.data, *rows)), trial, seed)
-            for seed, rows in zip(seeds, plan, strict=True)]  # one fold's copy of the data at a time
-    row: dict[str, Any] = {"trial": trial.number, "role": role,
-                           "config": configuration(exp.spec, trial),
-                           "params": dict(trial.params), "single_run_val_acc": trial_val_acc(trial)}
+    return {"trial": trial.number, "role": role, "config": configuration(exp.spec, trial),
+            "params": dict(trial.params), "single_run_val_acc": trial_val_acc(trial),
+            **trained_runs(exp, trial, seeds, plan)}
+
+
+def trained_runs(exp: Experiment, trial: optuna.trial.FrozenTrial, seeds: Sequence[int],
+                 plan: Sequence[tuple[torch.Tensor, torch.Tensor] | None], **build: Any) -> dict[str, Any]:
+    """A stored configuration (changed by `build`: `retrain_with_seed`'s `on` and `params`) trained once per
+    (seed, split): each metric's per-run values, their mean and (sample) sd."""
+    runs = [retrain_with_seed(exp if rows is None else replace(exp, data=fold_split(exp.data, *rows)), trial, seed,
+                              **build) for seed, rows in zip(seeds, plan, strict=True)]  # one fold's copy at a time
+    row: dict[str, Any] = {}
     for key in _METRICS:
         values = [r[key] for r in runs]
         row[key] = values
@@ -207,10 +258,13 @@ def _row(exp: Experiment, trial: optuna.trial.FrozenTrial, role: str, seeds: Seq
     return row
 
 
-def retrain_with_seed(exp: Experiment, trial: optuna.trial.FrozenTrial, seed: int) -> dict[str, float | None]:
-    """A stored trial's configuration trained with another seed, in its precision: val, gap and test metrics."""
-    model, applied, lr = build_trial(exp, optuna.trial.FixedTrial(trial.params, number=trial.number), seed,
-                                     baseline=is_baseline(trial))
+def retrain_with_seed(exp: Experiment, trial: optuna.trial.FrozenTrial, seed: int, *,
+                      on: Collection[str] | None = None, params: Mapping[str, Any] | None = None
+                      ) -> dict[str, float | None]:
+    """A stored trial's configuration trained with another seed, in its precision: val, gap and test metrics.
+    `on` and `params` (an ablation) switch on those regularizers, with those parameters, instead of the trial's."""
+    fixed = optuna.trial.FixedTrial(dict(trial.params if params is None else params), number=trial.number)
+    model, applied, lr = build_trial(exp, fixed, seed, baseline=is_baseline(trial), on=on)
     autocast = stored_autocast(exp, trial)
     metrics = fit(model, exp.data, applied, training_for(exp, trial), lr=lr, device=exp.device, seed=seed,
                   autocast=autocast)
@@ -220,7 +274,8 @@ def retrain_with_seed(exp: Experiment, trial: optuna.trial.FrozenTrial, seed: in
 
 
 def log_confirmation(study: optuna.Study, tracking_uri: str, rows: Sequence[Mapping[str, Any]],
-                     seeds: Sequence[int], sentence: str, folds: int | None = None) -> None:
+                     seeds: Sequence[int], sentence: str, folds: int | None = None,
+                     parent_tag: str = "regsearch.confirm") -> None:
     """One MLflow run per configuration under the study's parent run (per-run metrics as steps, then the means);
     a tracking failure is one warning, never a lost confirmation (it is in the Optuna storage already)."""
     from regsearch._storage import mask_url
@@ -243,19 +298,33 @@ def log_confirmation(study: optuna.Study, tracking_uri: str, rows: Sequence[Mapp
 
         now = int(time.time() * 1000)
         for r in rows:
-            run = tracker.client.create_run(tracker.experiment_id, run_name=f"confirm-trial-{r['trial']}", tags={
+            run = tracker.client.create_run(tracker.experiment_id, run_name=r.get(
+                "run_name", f"confirm-trial-{r['trial']}"), tags={
                 "mlflow.parentRunId": parent, "regsearch.role": "confirm", "regsearch.study": study.study_name,
                 "regsearch.source_trial": str(r["trial"]), "regsearch.confirm_role": r["role"],
-                "regsearch.winner": str(r["winner"]).lower()})
+                "regsearch.winner": str(r["winner"]).lower(), **r.get("tags", {})})
             metrics = [Metric(k, float(v), now, step) for k in _METRICS for step, v in enumerate(r[k])
                        if v is not None]
             metrics += [Metric(f"{k}_{stat}", float(r[f"{k}_{stat}"]), now, 0) for k in _METRICS
                         for stat in ("mean", "sd") if r[f"{k}_{stat}"] is not None]
+            metrics += [Metric(k, float(v), now, 0) for k, v in r.get("extra_metrics", {}).items() if v is not None]
             params = {**r["params"], "seeds": list(seeds), "folds": folds or "none"}
             log_batches(tracker.client, run.info.run_id, params=params, metrics=metrics)
             tracker.client.set_terminated(run.info.run_id, status="FINISHED")
-        tracker.client.set_tag(parent, "regsearch.confirm", sentence)
+        tracker.client.set_tag(parent, parent_tag, sentence)
     except Exception as exc:
         logger.warning("%s: the confirmation was not (fully) logged: %s", where, error_gist(exc))
     finally:
         tracker.close()
+
+
+def log_ablation(study: optuna.Study, tracking_uri: str, ablation: Mapping[str, Any]) -> None:
+    """An ablation's configurations as runs under the study's parent run (`log_confirmation`'s), each tagged with
+    the regularizer it removed from the winner or added to the baseline (`regsearch.removed`, `regsearch.added`),
+    with its paired effects as metrics; the sentence is the parent's tag `regsearch.ablate`."""
+    runs = [{**r, "role": "ablation", "winner": False, "run_name": f"ablate-{r['direction']}-{r['regularizer']}",
+             "tags": {"regsearch.role": "ablate", f"regsearch.{r['direction']}": r["regularizer"]},
+             "extra_metrics": {f"{k}_effect_{stat}": r[f"{k}_effect_{stat}"] for k in ("val_acc", "test_acc", "gap_acc")
+                               for stat in ("mean", "sd")}} for r in ablation["rows"]]
+    log_confirmation(study, tracking_uri, runs, ablation["seeds"], ablation["sentence"], ablation["folds"],
+                     parent_tag="regsearch.ablate")

@@ -219,6 +219,8 @@ class ConfirmSpec(_Spec):
     times the cross-validation is repeated (default once)."""
     folds: Annotated[Whole | None, Field(ge=2)] = None
     """k-fold cross-validation of the finalists on the pooled training and validation rows (small data)."""
+    ablate: bool = False
+    """Retrain the winner without each of its regularizers, and the baseline with each alone (`regsearch.ablate`)."""
 
     @model_validator(mode="after")
     def _two_runs(self) -> Self:
@@ -259,6 +261,16 @@ class SearchSpec(_Spec):
     """Register the logged best model under this name in the MLflow Model Registry (a new version per study run)."""
     confirm: ConfirmSpec | None = None
     """Retrain the finalists with fresh seeds after the final report and choose on mean val_acc (None: off)."""
+    reference: bool = True
+    """On a table, fit HistGradientBoosting on the same training split and show it beside the winner."""
+
+    @model_validator(mode="after")
+    def _ablation_has_a_winner_and_a_baseline(self) -> Self:
+        if self.confirm is not None and self.confirm.ablate and (self.objective == "pareto" or not self.baseline):
+            raise ConfigError("search.confirm.ablate needs " + ("a single objective: a pareto study's confirmed winner "
+                              "is not what it chose" if self.objective == "pareto" else "search.baseline: true (each "
+                              "regularizer is also added to the unregularized baseline alone)"))
+        return self
 
     @model_validator(mode="after")
     def _one_objective(self) -> Self:

@@ -121,6 +121,42 @@ def _lost_a_race(exc: BaseException) -> bool:
     return any(word in text for word in _RACE_WORDS) or isinstance(exc, optuna.exceptions.StorageInternalError)
 
 
+MIN_FREE_BYTES = 1 << 20
+"""A local store on a disk with less free space than this is refused before training (it would fail midway)."""
+
+
+def local_store_problem(path: str | os.PathLike[str], *, folder: bool = False) -> str | None:
+    """Why a local store cannot be written at `path` (a file; a folder when `folder`), or None when it can.
+
+    Checked before any training: a missing or read-only folder, a path that is not a regular file (`/dev/full`
+    reads as endless zeros and takes every write as "disk full"; `/dev/null` keeps nothing), a full disk.
+    """
+    path = Path(path).expanduser()
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.exists():
+        if folder and not path.is_dir():
+            return f"{path} is not a folder"
+        if not folder and path.is_dir():
+            return f"{path} is a folder, not a file"
+        if not folder and not path.is_file():
+            return f"{path} is not a regular file"
+        if not os.access(path, os.W_OK | (os.X_OK if folder else 0)):
+            return f"cannot write to {path}"
+    if not parent.is_dir():
+        return f"folder {parent} does not exist"
+    # a new file, or the journal files SQLite writes next to its database, need a writable folder
+    where = path if folder and path.exists() else parent
+    if not os.access(where, os.W_OK | os.X_OK):
+        return f"cannot write to folder {where}"
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return None
+    if free < MIN_FREE_BYTES:
+        return f"no space left on the disk holding {where} ({free // 1024} KiB free)"
+    return None
+
+
 def open_storage(url: str | None = None, *, heartbeat_interval: int = 30, grace_period: int = 90,
                  create: bool = True) -> Any:
     """An Optuna storage: an RDB URL (sqlite:///, postgresql://, ...) or a journal file path.
@@ -138,11 +174,9 @@ def open_storage(url: str | None = None, *, heartbeat_interval: int = 30, grace_
             raise _no_stored_study(url if given else None, path)
         if path.exists() and not path.is_file():  # /dev/full reads as endless zeros: the journal never ends
             raise StorageError(f"--storage {url}: {path} is not a regular file")
-        folder = path.parent if str(path.parent) else Path(".")
-        if not folder.is_dir():
-            raise StorageError(f"--storage {url}: folder {folder} does not exist")
-        if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-            raise StorageError(f"--storage {url}: cannot write to {path}")
+        problem = local_store_problem(path)
+        if problem:
+            raise StorageError(f"--storage {url}: {problem}")
         if path.exists():
             _cut_torn_tail(url, path)
         try:

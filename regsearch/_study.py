@@ -37,6 +37,7 @@ from regsearch._records import (
     summary_sentence,
     trial_val_acc,
 )
+from regsearch._reference import reference_metrics, reference_summary, stored_reference
 from regsearch._registry import RegularizerRegistry
 from regsearch._session import Stores, attach, start_tracking
 from regsearch._spec import StudySpec, search_value
@@ -300,8 +301,10 @@ def _final_report(study: optuna.Study, exp: Experiment, objective: Objective, tr
     best = best_trial(study)
     if best is None:
         return
+    reference = stored_reference(study, exp.spec, exp.data)
     if exp.data.y_test is None:  # the user's own data without a test split: the sentence, without test accuracy
-        study.set_user_attr(SUMMARY_ATTR, summary_sentence(study, exp.spec, best, None))
+        study.set_user_attr(SUMMARY_ATTR, "\n".join([summary_sentence(study, exp.spec, best, None),
+                                                     *reference_summary(study, reference, best, None)]))
         return
     parent = tracker.parent_run_id() if tracker is not None else None
     done = study.user_attrs.get(TEST_ATTR) or {}
@@ -312,13 +315,15 @@ def _final_report(study: optuna.Study, exp: Experiment, objective: Objective, tr
     test_loss, test_acc = test_score(exp, model, autocast)
     study.set_user_attr(TEST_ATTR, {"trial": best.number, "test_acc": test_acc, "test_loss": test_loss,
                                     "mlflow_run_id": parent})
-    sentence = summary_sentence(study, exp.spec, best, test_acc)
+    sentence = "\n".join([summary_sentence(study, exp.spec, best, test_acc),
+                          *reference_summary(study, reference, best, test_acc)])
     study.set_user_attr(SUMMARY_ATTR, sentence)
     if tracker is None:
         return
     gaps = {f"best_{k}": v for k, v in best.user_attrs.get(METRIC_ATTR, {}).items() if k.startswith("gap")}
     tracker.log_summary({"best_val_acc": trial_val_acc(best), "best_test_acc": test_acc, "best_test_loss": test_loss,
-                         **gaps}, {"best_trial": str(best.number), "regsearch.summary": sentence})
+                         **gaps, **reference_metrics(reference)},
+                        {"best_trial": str(best.number), "regsearch.summary": sentence})
     predictor = Predictor.of(model, exp.data, autocast=autocast, batch_size=exp.spec.training.eval_batch_size)
     tracker.log_model(predictor, predictor.example(exp.data), _registration(exp.spec, study, best, test_acc))
 

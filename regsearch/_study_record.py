@@ -28,7 +28,7 @@ RECORD_ATTR = "regsearch.study"
 FREE_KEYS = frozenset({"name", "source", "description", "searched", "data.path", "data.test_path",
                        "search.n_trials", "search.confirm", "search.register_model", "search.max_consecutive_failures",
                        "search.heartbeat_interval", "search.grace_period", "search.sampler", "search.pruner",
-                       "search.objective", "search.max_gap"})
+                       "search.objective", "search.max_gap", "search.reference"})
 """Keys a resumed study may change: its budget, how it is searched and confirmed, where its files lie (the data's
 fingerprint checks those), and the objective and gap limit (refused on their own, with their own message)."""
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,25 +82,26 @@ def training_for(exp: Experiment, trial: Any) -> TrainingSpec:
     return training
 
 
-def build_trial(exp: Experiment, trial: Any, seed: int, *, baseline: bool = False
-                ) -> tuple[nn.Module, list[Applied], float]:
+def build_trial(exp: Experiment, trial: Any, seed: int, *, baseline: bool = False,
+                on: Collection[str] | None = None) -> tuple[nn.Module, list[Applied], float]:
     """Suggest this trial's parameters, build the model and let each switched-on regularizer change it.
 
-    The baseline trial (`baseline=True`) switches every regularizer off, also those the study pins on.
+    The baseline trial (`baseline=True`) switches every regularizer off, also those the study pins on. `on`, where
+    given, names the regularizers switched on instead of the trial's switches (an ablation's configurations).
     """
     torch.manual_seed(seed)
     model = new_model(exp, trial).to(exp.device)
     frozen = frozen_backbone(exp, model)
-    if baseline:
+    if baseline and on is None:
         return model, frozen, _lr(exp, trial, suggest_training(trial, exp.spec, baseline=True))
-    on = set(suggest_switches(trial, [r for r, _ in exp.regularizers]))
+    on = set(suggest_switches(trial, [r for r, _ in exp.regularizers])) if on is None else set(on)
     ctx = context(exp, model, trial.number, seed)
     applied = []
     for rspec, reg in exp.regularizers:
         if rspec.name in on:
             reg.context = ctx
             applied.append(Applied(reg, dict(reg.search_space(NamespacedTrial(trial, rspec.name)) or {})))
-    lr = _lr(exp, trial, suggest_training(trial, exp.spec))
+    lr = _lr(exp, trial, suggest_training(trial, exp.spec, baseline=baseline))
     for a in sorted(applied, key=lambda a: a.regularizer.transform_order):
         try:
             model = _contract.transformed_model(a.regularizer.transform_model(model, a.params))

@@ -737,6 +737,20 @@ CASES += [
 ]
 
 
+# --- what each regularizer is worth (issue 24): an ablation needs a single objective, a baseline, a regularizer --
+CASES += [
+    case("ablate-pareto-study", ["optimize", "--study", "digits", "--set", "search.objective=pareto", "--set",
+                                 "search.confirm.ablate=true"],
+         "search.confirm.ablate needs a single objective: a pareto study's confirmed winner is not what it chose"),
+    case("ablate-without-baseline", ["optimize", "--study", "digits", "--set", "search.baseline=false", "--set",
+                                     "search.confirm.ablate=true"],
+         "search.confirm.ablate needs search.baseline: true"),
+    case("ablate-no-regularized-winner", "confirm --study digits --ablate",
+         "--ablate: study 'digits' has no regularized configuration, only its baseline: nothing to remove",
+         keep=True),
+]
+
+
 # --------------------------------------------------------------------------------------------------------------
 # running a case
 

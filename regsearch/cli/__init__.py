@@ -162,19 +162,6 @@ def _check_locations(storage: str | None, tracking_uri: str | None) -> None:
         raise StorageError(f"--tracking-uri {mask_url(uri)}: cannot use the MLflow tracking store: {exc}") from None
 
 
-def _setup_logging(debug: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    log = logging.getLogger("regsearch")
-    log.handlers[:] = [handler]
-    log.setLevel(logging.DEBUG if debug else logging.INFO)
-    log.propagate = False
-    if not debug:
-        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read by mlflow when it is imported
-        for noisy in ("mlflow", "alembic"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 @click.group(cls=RegsearchGroup, context_settings=CONTEXT)
 @click.option("--debug", is_flag=True, help="Show tracebacks and library logs.")
 @click.version_option(package_name="regsearch")
@@ -182,7 +169,9 @@ def _setup_logging(debug: bool) -> None:
 def cli(ctx: click.Context, debug: bool) -> None:
     """Search combinations of regularizers for a neural network with Optuna; every trial tracked in MLflow."""
     ctx.meta["debug"] = debug
-    _setup_logging(debug)
+    from regsearch._logs import log_to_stderr
+
+    log_to_stderr(logging.DEBUG if debug else logging.INFO)
 
 
 @cli.command()
@@ -303,12 +292,15 @@ def show(study: str, storage: str | None, study_name: str | None, top: int) -> N
 @click.option("--folds", type=_Count(min=2), default=None, metavar="F",
               help="F-fold cross-validation on the pooled training and validation rows, for data whose validation "
                    "split is too small to choose with.")
+@click.option("--ablate", is_flag=True,
+              help="Then retrain the winner without each of its regularizers, and the baseline with each alone, "
+                   "with the same seeds (or folds): what each regularizer is worth, paired.")
 @set_option
 @data_dir_option
 @plugin_option
 def confirm(study: str, storage: str | None, study_name: str | None, tracking_uri: str | None, top: int,
-            seeds: int | None, folds: int | None, overrides: list[tuple[str, str]], data_dir: str | None,
-            plugins: tuple[str, ...]) -> None:
+            seeds: int | None, folds: int | None, ablate: bool, overrides: list[tuple[str, str]],
+            data_dir: str | None, plugins: tuple[str, ...]) -> None:
     """Retrain the top configurations, the recipe and the baseline with fresh seeds (or in k-fold
     cross-validation); choose on mean val_acc.
 
@@ -327,7 +319,7 @@ def confirm(study: str, storage: str | None, study_name: str | None, tracking_ur
     if problem:
         raise click.BadParameter(problem, param_hint="'--seeds'")
     run(study, top=top, seeds=seeds, folds=folds, storage=storage, study_name=study_name, tracking_uri=tracking_uri,
-        overrides=overrides, data_dir=data_dir, plugins=plugins)
+        overrides=overrides, data_dir=data_dir, plugins=plugins, ablate=ablate)
     from regsearch._opening import load_stored_study
 
     print_confirmation(load_stored_study(study, storage, study_name))

@@ -8,6 +8,7 @@ from typing import Any
 import click
 import optuna
 
+from regsearch._ablate import ABLATION_ATTR
 from regsearch._records import (
     CONFIRM_ATTR,
     FAIL_REASON_ATTR,
@@ -161,4 +162,26 @@ def print_confirmation(study: optuna.Study) -> None:
     for r in done["rows"]:
         click.echo(f"{'*' if r['winner'] else ' '}{r['trial']:>5}  {r['role']:<8}  {stat(r, 'val_acc'):<13}  "
                    f"{stat(r, 'test_acc'):<13}  {stat(r, 'gap_acc'):<13}  {r['config']}")
+    click.echo(done["sentence"])
+    print_ablation(study)
+
+
+def print_ablation(study: optuna.Study) -> None:
+    """The study's ablation of its confirmed winner, if it has one: a row per regularizer and direction."""
+    done = study.user_attrs.get(ABLATION_ATTR)
+    if not done:
+        return
+
+    def effect(row: dict[str, Any], key: str) -> str:
+        mean, sd = row.get(f"{key}_effect_mean"), row.get(f"{key}_effect_sd")
+        return "-" if mean is None else f"{100 * mean:+.1f} ± {100 * (sd or 0.0):.1f}"
+
+    click.echo(f"\nwhat each regularizer is worth, with it − without it (points, mean ± sd of paired differences "
+               f"over the confirmation's {confirm_method(len(done['seeds']), done.get('folds'))}; test read only):")
+    click.echo(f"{'regularizer':<12}  {'direction':<24}  {'val_acc':<12}  {'test_acc':<12}  {'gap_acc':<12}  verdict")
+    for r in done["rows"]:
+        where = (f"removed from trial {r['trial']}" if r["direction"] == "removed"
+                 else f"added to baseline {r['trial']}")
+        click.echo(f"{r['regularizer']:<12}  {where:<24}  {effect(r, 'val_acc'):<12}  {effect(r, 'test_acc'):<12}  "
+                   f"{effect(r, 'gap_acc'):<12}  {r['verdict']}")
     click.echo(done["sentence"])

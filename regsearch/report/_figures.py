@@ -11,6 +11,7 @@ from typing import Any
 
 import optuna
 
+from regsearch._ablate import ABLATION_ATTR
 from regsearch._records import CONFIRM_ATTR
 from regsearch.report._views import (
     Section,
@@ -239,6 +240,43 @@ def _confirmation(study: optuna.Study) -> Section:
     return _drawn(section, fig)
 
 
+def _ablation(study: optuna.Study) -> Section:
+    section = Section("ablation", "What each regularizer is worth",
+                      "Each regularizer of the confirmed winner: val_acc with it − without it, in points, as the mean "
+                      "± sd of the runs' paired differences, removed from the winner (bar) and added alone to the "
+                      "baseline (diamond); 'noise' where it is within noise (its sd, or one validation example).")
+    done = study.user_attrs.get(ABLATION_ATTR)
+    if not done or not done.get("rows"):
+        section.note = (f"Not ablated: `regsearch confirm --study {study.study_name} --ablate` retrains the "
+                        f"confirmed winner without each of its regularizers, and the baseline with each alone.")
+        return section
+    removed = [r for r in done["rows"] if r["direction"] == "removed"]
+    added = {r["regularizer"]: r for r in done["rows"] if r["direction"] == "added"}
+    fig = new_figure(1.2 + 0.6 * len(removed))
+    ax = fig.add_subplot()
+    for y, r in enumerate(reversed(removed)):
+        mean, sd = 100 * r["val_acc_effect_mean"], 100 * (r["val_acc_effect_sd"] or 0.0)
+        color = {"helps": "tab:green", "hurts": "tab:red"}.get(r["verdict"], "tab:gray")
+        ax.barh([y], [mean], height=0.5, xerr=[sd], color=color, alpha=0.7, capsize=5,
+                label="removed from the winner" if y == 0 else None)
+        other = added.get(r["regularizer"])
+        if other is not None:
+            ax.errorbar([100 * other["val_acc_effect_mean"]], [y + 0.35],
+                        xerr=[100 * (other["val_acc_effect_sd"] or 0.0)], fmt="D", color="black", capsize=3,
+                        label="added to the baseline" if y == 0 else None)
+        for where, row in ((y, r), (y + 0.35, other)):
+            if row is not None and row["verdict"] == "noise":
+                ax.annotate("noise", (100 * row["val_acc_effect_mean"], where), xytext=(6, 4),
+                            textcoords="offset points", fontsize="small", color="tab:gray")
+    ax.axvline(0.0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(removed)), [r["regularizer"] for r in reversed(removed)])
+    ax.set_xlabel("val_acc, with it − without it (points)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    section.note += " " + done.get("sentence", "")
+    return _drawn(section, fig)
+
+
 def _group(param: str) -> str:
     """The regularizer (or 'training', or 'choice <group>') a parameter belongs to."""
     if param.startswith("choice."):
@@ -381,4 +419,5 @@ def _label(choice: Any) -> str:
 def build_sections(study: optuna.Study) -> tuple[list[TrialView], list[Section]]:
     views = trial_views(study)
     return views, [_history(views, len(study.directions) > 1), _importance(study, views), _pareto(views),
-                   _curves(views), _effects(views), _confirmation(study)]
+                   _curves(views), _effects(views), _confirmation(study),
+                   _ablation(study)]

@@ -12,6 +12,7 @@ from typing import Any
 
 import optuna
 
+from regsearch._ablate import ABLATION_ATTR
 from regsearch._records import (
     CONFIRM_ATTR,
     MAX_GAP_ATTR,
@@ -25,6 +26,7 @@ from regsearch._records import (
     rank_key,
     trial_curve,
 )
+from regsearch._reference import REFERENCE_ATTR, reference_summary
 
 STATE = optuna.trial.TrialState
 
@@ -143,9 +145,16 @@ def summary_lines(study: optuna.Study, views: list[TrialView], top: int = 5) -> 
             lines.append(f"baseline (no regularization) trial {v.number}: {v.state.lower()}, val_acc "
                          f"{shown(v.val_acc)}, gap_acc {shown(v.gap_acc)}"
                          + (f", test accuracy {shown(v.test_acc)}" if v.test_acc is not None else ""))
+    found = best_trial(study)
+    if found is not None:  # the reference beside the network (tables), and what the winner falls below
+        tested = test.get("test_acc") if test.get("trial") == found.number else None
+        lines += reference_summary(study, study.user_attrs.get(REFERENCE_ATTR), found, tested)
     confirmed = study.user_attrs.get(CONFIRM_ATTR) or {}
     if confirmed.get("sentence"):
         lines.append(confirmed["sentence"])
+    ablated = study.user_attrs.get(ABLATION_ATTR) or {}
+    if ablated.get("sentence"):
+        lines.append(ablated["sentence"])
     return lines
 
 

@@ -11,6 +11,7 @@ import threading
 from multiprocessing.connection import Connection
 
 from regsearch import _thirdparty
+from regsearch._logs import log_to_stderr
 from regsearch._storage import mask_url
 from regsearch.tracking import _messages as m
 from regsearch.tracking._local import LocalTracking
@@ -32,14 +33,8 @@ def serve() -> None:
 
 
 def _set_up_logging(level: int) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logger.handlers[:] = [handler]
-    logger.setLevel(level)
-    logger.propagate = False
+    log_to_stderr(level)
     if level > logging.DEBUG:
-        for noisy in ("mlflow", "alembic"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
         # it logs each failed database call with its traceback before raising it; the warning here says it in a line
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 

@@ -6,14 +6,13 @@ import contextlib
 import logging
 import os
 import re
-import shutil
 import urllib.parse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from regsearch import _thirdparty
 from regsearch._errors import StorageError
-from regsearch._storage import mask_url, sqlite_path
+from regsearch._storage import local_store_problem, mask_url, sqlite_path
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -28,8 +27,6 @@ MODEL_ATTR = "mlflow_best_model"
 """A study attribute: {"uri", "run_id", "experiment_id"} of the best model logged on the study run."""
 
 
-MIN_FREE_BYTES = 1 << 20
-"""A local store on a disk with less free space than this is refused before training (it would fail midway)."""
 
 
 _STORE_LOCK_S = 600.0
@@ -107,36 +104,6 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{os.path.abspath('mlflow.db')}"
 
 
-def local_store_problem(path: str | os.PathLike[str], *, folder: bool = False) -> str | None:
-    """Why a local store cannot be written at `path` (a file; a folder when `folder`), or None when it can.
-
-    Checked before any training: a missing or read-only folder, a path that is not a regular file (`/dev/full`
-    reads as endless zeros and takes every write as "disk full"; `/dev/null` keeps nothing), a full disk.
-    """
-    path = Path(path).expanduser()
-    parent = path.parent if str(path.parent) else Path(".")
-    if path.exists():
-        if folder and not path.is_dir():
-            return f"{path} is not a folder"
-        if not folder and path.is_dir():
-            return f"{path} is a folder, not a file"
-        if not folder and not path.is_file():
-            return f"{path} is not a regular file"
-        if not os.access(path, os.W_OK | (os.X_OK if folder else 0)):
-            return f"cannot write to {path}"
-    if not parent.is_dir():
-        return f"folder {parent} does not exist"
-    # a new file, or the journal files SQLite writes next to its database, need a writable folder
-    where = path if folder and path.exists() else parent
-    if not os.access(where, os.W_OK | os.X_OK):
-        return f"cannot write to folder {where}"
-    try:
-        free = shutil.disk_usage(where).free
-    except OSError:
-        return None
-    if free < MIN_FREE_BYTES:
-        return f"no space left on the disk holding {where} ({free // 1024} KiB free)"
-    return None
 
 
 def local_tracking_path(uri: str) -> tuple[Path, bool] | None:
