@@ -125,11 +125,12 @@ MIN_FREE_BYTES = 1 << 20
 """A local store on a disk with less free space than this is refused before training (it would fail midway)."""
 
 
-def local_store_problem(path: str | os.PathLike[str], *, folder: bool = False) -> str | None:
+def local_store_problem(path: str | os.PathLike[str], *, folder: bool = False, space: bool = True) -> str | None:
     """Why a local store cannot be written at `path` (a file; a folder when `folder`), or None when it can.
 
     Checked before any training: a missing or read-only folder, a path that is not a regular file (`/dev/full`
-    reads as endless zeros and takes every write as "disk full"; `/dev/null` keeps nothing), a full disk.
+    reads as endless zeros and takes every write as "disk full"; `/dev/null` keeps nothing), a full disk (unless
+    not `space`).
     """
     path = Path(path).expanduser()
     parent = path.parent if str(path.parent) else Path(".")
@@ -148,6 +149,8 @@ def local_store_problem(path: str | os.PathLike[str], *, folder: bool = False) -
     where = path if folder and path.exists() else parent
     if not os.access(where, os.W_OK | os.X_OK):
         return f"cannot write to folder {where}"
+    if not space:
+        return None
     try:
         free = shutil.disk_usage(where).free
     except OSError:
@@ -174,7 +177,7 @@ def open_storage(url: str | None = None, *, heartbeat_interval: int = 30, grace_
             raise _no_stored_study(url if given else None, path)
         if path.exists() and not path.is_file():  # /dev/full reads as endless zeros: the journal never ends
             raise StorageError(f"--storage {url}: {path} is not a regular file")
-        problem = local_store_problem(path)
+        problem = local_store_problem(path, space=False)  # a full disk is said by what fails to be written
         if problem:
             raise StorageError(f"--storage {url}: {problem}")
         if path.exists():
