@@ -15,7 +15,7 @@ from regsearch._estimate import announce_slow_trials
 from regsearch._preflight import preflight
 from regsearch._registry import RegularizerRegistry, default_registry
 from regsearch._search_space import RecordingTrial
-from regsearch._spec import StudySpec
+from regsearch._spec import RESHUFFLE_GROUPS, StudySpec
 from regsearch._trainer import steps_per_epoch
 from regsearch._trial import Experiment, new_model, takes_trial
 from regsearch._weights import pretrained
@@ -40,6 +40,8 @@ def prepare(spec: StudySpec, *, data: TensorData | None = None, model: Callable[
     if data is None:
         data = _load_data(spec, data_dir)
     data = data.to(dev)
+    if spec.search.reshuffle and data.group_repeats:
+        raise ConfigError(RESHUFFLE_GROUPS)
     spec = epochs_from_steps(spec, len(data.y_train))
     if spec.search.confirm is not None and spec.search.confirm.folds is not None:
         check_folds(data, spec.search.confirm.folds)  # before the search, not after it

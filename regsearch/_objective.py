@@ -36,6 +36,7 @@ from regsearch._records import (
 )
 from regsearch._trainer import fit
 from regsearch._trial import Experiment, build_trial, test_score, training_for, trial_seed
+from regsearch.data._tensors import reshuffled
 
 if TYPE_CHECKING:
     from regsearch.tracking import Tracking
@@ -146,16 +147,17 @@ class Objective:
     def _train(self, trial: optuna.Trial, seed: int, run: _TrialRun) -> dict[str, float]:
         """Build, train and record the trial; raises TrialPruned when the pruner stops it."""
         baseline = is_baseline(trial)
+        data = reshuffled(self.exp.data, seed) if self.exp.spec.search.reshuffle else self.exp.data
         model, applied, lr = build_trial(self.exp, trial, seed, baseline=baseline)
         run.params({**trial.params, "seed": seed})
         training = training_for(self.exp, trial)  # with the trial's searched training keys
-        autocast = training_autocast(training, self.exp.device, model, self.exp.data)
+        autocast = training_autocast(training, self.exp.device, model, data)
         trial.set_user_attr(PRECISION_ATTR, precision_name(autocast))
         run.params({PRECISION_ATTR: precision_name(autocast)})
         epochs: list[int] = []
         started = time.perf_counter()
         try:
-            metrics = fit(model, self.exp.data, applied, training, lr=lr, device=self.exp.device,
+            metrics = fit(model, data, applied, training, lr=lr, device=self.exp.device,
                           seed=seed, on_epoch=lambda epoch, m: self._on_epoch(trial, run, epochs, epoch, m),
                           autocast=autocast)
         finally:  # the trainer's own time (its per-epoch evaluation included), beside the trial's wall time

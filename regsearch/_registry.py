@@ -19,7 +19,7 @@ from regsearch._options import call_with_options, checked_options
 from regsearch._regularizer import HOOKS, Regularizer
 
 ENTRY_POINT_GROUP = "regsearch.regularizers"
-EXTRAS = frozenset({"label_smoothing", "mixup", "cutout", "max_norm", "early_stopping", "swa", "gaussian_noise"})
+EXTRAS = frozenset({"label_smoothing", "mixup", "cutout", "cutmix", "max_norm", "swa", "gaussian_noise"})
 """The regularizers of the plugin package in this repository's plugins/ (named when one is missing)."""
 AUTOLOAD_ENV = "REGSEARCH_DISABLE_PLUGIN_AUTOLOAD"
 """Set to 1 to load only regsearch's own regularizers from entry points (third-party ones are skipped)."""

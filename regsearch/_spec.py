@@ -263,6 +263,9 @@ class SearchSpec(_Spec):
     """Retrain the finalists with fresh seeds after the final report and choose on mean val_acc (None: off)."""
     reference: bool = True
     """On a table, fit HistGradientBoosting on the same training split and show it beside the winner."""
+    reshuffle: bool = False
+    """Each trial trains and validates on its own seeded draw of the pooled training and validation rows (same
+    sizes, stratified), so the search cannot fit one split's noise; the confirmation keeps the study's split."""
 
     @model_validator(mode="after")
     def _ablation_has_a_winner_and_a_baseline(self) -> Self:
@@ -314,6 +317,16 @@ class StudySpec(_Spec):
     searched: Mapping[str, Any] = Field(default_factory=dict)
     """The searched `training.*` / `model.*` keys -> their Range or Choice; `training` and `model` hold each one's
     baseline value (mid-range, or the first choice)."""
+
+    @model_validator(mode="after")
+    def _reshuffle_keeps_no_groups(self) -> Self:
+        if self.search.reshuffle and self.data.group_repeats:
+            raise ConfigError(RESHUFFLE_GROUPS)
+        return self
+
+
+RESHUFFLE_GROUPS = ("search.reshuffle and data.group_repeats do not combine: a fresh split per trial would put copies "
+                    "of a row on both sides (drop one of the two)")
 
 
 def search_value(key: str, value: Any, where: str) -> Any:

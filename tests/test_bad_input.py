@@ -519,6 +519,8 @@ CASES = [
          "data.group_repeats: only a table has group_repeats (data.name is digits)"),
     case("table-group-repeats-not-a-switch", TABLE + "t.csv --set data.group_repeats=often",
          "data.group_repeats: expected true or false; got 'often'", files={"t.csv": table()}),
+    case("reshuffle-with-group-repeats", TABLE + "t.csv --set data.group_repeats=true --set search.reshuffle=true",
+         "search.reshuffle and data.group_repeats do not combine", files={"t.csv": table()}),
     case("table-target-with-digits-in-a-study-file", "optimize --study {tmp}/s.yaml",
          "s.yaml: data.target: only a table has target (data.name is digits)",
          files={"s.yaml": TINY_STUDY.replace("{name: digits}", "{name: digits, target: y}")}),

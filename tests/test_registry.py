@@ -38,7 +38,7 @@ def registry() -> RegularizerRegistry:
 
 
 def test_entry_points_register_the_builtins(registry):
-    assert registry.names() == ["augment", "batchnorm", "drop_path", "dropout", "l1", "l2"]
+    assert registry.names() == ["augment", "batchnorm", "drop_path", "dropout", "early_stopping", "l1", "l2"]
     assert registry.names("l*") == ["l1", "l2"]
 
 

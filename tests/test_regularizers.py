@@ -14,7 +14,7 @@ from regsearch._spec import TrainingSpec
 from regsearch.regularizers.dropout import ElementDropout
 from regsearch.surgery import Chain, trace
 
-BUILTINS = ["l1", "l2", "dropout", "batchnorm", "augment", "drop_path"]
+BUILTINS = ["l1", "l2", "dropout", "batchnorm", "augment", "drop_path", "early_stopping"]
 
 
 class TwoTowers(nn.Module):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 
 import numpy as np
@@ -353,3 +354,37 @@ def test_the_combination_says_when_every_dropout_site_is_off():
         k: log if k == "l2.weight_decay" else optuna.distributions.FloatDistribution(0.0, 0.5) if k == "dropout.2.p"
         else cat for k in on})
     assert combination(spec, trial) == ["dropout(2.p=0.25)", "l2(weight_decay=0.0001)"]
+
+
+RECORDING_PLUGIN = '''
+import json, os
+import regsearch
+
+@regsearch.register("NAME")
+class Rows(regsearch.Regularizer):
+    """Writes a fingerprint of the rows each trial trains on (their inputs, in order of the split)."""
+
+    def search_space(self, trial):
+        return {}
+
+    def on_train_start(self, state, params):
+        rows = sorted(round(float(x.sum()), 4) for batch in state.inputs() for x in batch)
+        with open(os.environ["ROWS_LOG"], "a") as log:
+            log.write(json.dumps(rows) + "\\n")
+'''
+
+
+@pytest.mark.parametrize("reshuffle", [False, True])
+def test_with_reshuffle_each_trial_trains_on_its_own_draw_of_the_same_rows(tmp_path, monkeypatch, reshuffle):
+    name = f"rows_{str(reshuffle).lower()}"  # one registry per process: a name per case
+    (tmp_path / "rows.py").write_text(RECORDING_PLUGIN.replace("NAME", name))
+    monkeypatch.setenv("ROWS_LOG", str(tmp_path / "rows.log"))
+    spec = spec_from_dict({"data": {"name": "digits", "train_size": 200}, "model": {"name": "mlp", "hidden": [8]},
+                           "training": {"epochs": 1}, "regularizers": {name: {"enabled": True}},
+                           "search": {"n_trials": 4, "reshuffle": reshuffle}, "plugins": [str(tmp_path / "rows.py")]},
+                          name="rows")
+    regsearch.optimize(spec, storage=str(tmp_path / "s.journal"), tracking=False)
+    trained = [json.loads(line) for line in (tmp_path / "rows.log").read_text().splitlines()]
+    assert len(trained) == 3 and all(len(rows) == len(trained[0]) for rows in trained)  # the baseline runs without
+    distinct = {tuple(rows) for rows in trained}
+    assert len(distinct) == (3 if reshuffle else 1)

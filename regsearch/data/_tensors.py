@@ -160,6 +160,19 @@ def cv_folds(data: TensorData, k: int, seed: int) -> list[tuple[torch.Tensor, to
                 for train, val in splitter.split(labels, labels, groups)]
 
 
+def reshuffled(data: TensorData, seed: int) -> TensorData:
+    """`data` with a fresh seeded draw of its pooled training and validation rows as the two splits (their sizes
+    kept, stratified by label where every class has two rows); test split and preprocessing kept."""
+    from sklearn.model_selection import train_test_split
+
+    labels = torch.cat([data.y_train, data.y_val]).cpu().numpy()
+    counts = np.unique(labels, return_counts=True)[1]
+    stratify = labels if 1 < len(counts) <= len(data.y_val) and int(counts.min()) >= 2 else None
+    train, val = train_test_split(np.arange(len(labels)), test_size=len(data.y_val), random_state=seed % 2**32,
+                                  stratify=stratify)
+    return fold_split(data, torch.from_numpy(train), torch.from_numpy(val))
+
+
 def fold_split(data: TensorData, train: torch.Tensor, val: torch.Tensor) -> TensorData:
     """`data` with one fold's rows of the pool as its training and validation splits (test split, statistics and
     preprocessor kept: they were fitted on the original training split)."""
