@@ -58,7 +58,9 @@ def confirm(study: str | StudySpec, *, top: int = 3, seeds: int | None = None, f
     A study is retrained as it stored itself: `study` may be its name alone, and a file, `overrides` or `plugins`
     that would change it are refused. `data` and `model` given in Python, and studies stored without that record,
     must be given as `optimize` ran them. The rows are also stored in the study's user attr `confirm` (shown by
-    `regsearch show`) and, when tracked, logged to MLflow. `ablate` then ablates the winner (`ablate_confirmed`).
+    `regsearch show`) and, when tracked, logged to MLflow. With seeds, the winner's models are averaged
+    (`regsearch._ensemble`): where they beat one model beyond noise, the ensemble is logged as the study's model.
+    `ablate` then ablates the winner (`ablate_confirmed`).
     """
     from regsearch._experiment import prepare
     from regsearch._opening import load_stored_study
@@ -135,7 +137,8 @@ def confirm_at_end(study: optuna.Study, exp: Experiment, stores: Any) -> None:
 
 def confirm_study(study: optuna.Study, exp: Experiment, top: int, seeds: int, tracking_uri: str | None,
                   folds: int | None = None) -> list[dict[str, Any]]:
-    """Confirm an open study's finalists in a prepared experiment; stores and (with a URI) logs the result."""
+    """Confirm an open study's finalists in a prepared experiment; stores and (with a URI) logs the result. With
+    seeds, the winner's models (only the best row's are held while the others train) form the ensemble."""
     seeds = check_counts(top, seeds, folds)
     chosen = finalists(study, exp.spec, top)
     if not chosen:
