@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from regsearch._ablate import ABLATION_ATTR, ablate, refuse_ablation
+from regsearch._ensemble import NO_ENSEMBLE_WITH_FOLDS, form_ensemble, keep_single, log_ensemble
 from regsearch._errors import ConfigError
 from regsearch._records import (
     COMPLETE,
@@ -57,7 +58,9 @@ def confirm(study: str | StudySpec, *, top: int = 3, seeds: int | None = None, f
     A study is retrained as it stored itself: `study` may be its name alone, and a file, `overrides` or `plugins`
     that would change it are refused. `data` and `model` given in Python, and studies stored without that record,
     must be given as `optimize` ran them. The rows are also stored in the study's user attr `confirm` (shown by
-    `regsearch show`) and, when tracked, logged to MLflow. `ablate` then ablates the winner (`ablate_confirmed`).
+    `regsearch show`) and, when tracked, logged to MLflow. With seeds, the winner's models are averaged
+    (`regsearch._ensemble`): where they beat one model beyond noise, the ensemble is logged as the study's model.
+    `ablate` then ablates the winner (`ablate_confirmed`).
     """
     from regsearch._experiment import prepare
     from regsearch._opening import load_stored_study
@@ -134,7 +137,8 @@ def confirm_at_end(study: optuna.Study, exp: Experiment, stores: Any) -> None:
 
 def confirm_study(study: optuna.Study, exp: Experiment, top: int, seeds: int, tracking_uri: str | None,
                   folds: int | None = None) -> list[dict[str, Any]]:
-    """Confirm an open study's finalists in a prepared experiment; stores and (with a URI) logs the result."""
+    """Confirm an open study's finalists in a prepared experiment; stores and (with a URI) logs the result. With
+    seeds, the winner's models (only the best row's are held while the others train) form the ensemble."""
     seeds = check_counts(top, seeds, folds)
     chosen = finalists(study, exp.spec, top)
     if not chosen:
@@ -143,16 +147,33 @@ def confirm_study(study: optuna.Study, exp: Experiment, top: int, seeds: int, tr
     plan = run_plan(exp, fresh, folds)
     logger.info("confirming %d configurations of study %s: %s each", len(chosen), study.study_name,
                 confirm_method(len(fresh), folds))
-    rows = [_row(exp, trial, role, fresh, plan) for trial, role in chosen]
-    rows.sort(key=lambda r: (-r["val_acc_mean"], r["val_loss_mean"], r["trial"]))
+    rows, kept = [], None  # kept: the models of the best row so far (seeds only), the winner's in the end
+    for trial, role in chosen:
+        models: list[nn.Module] | None = [] if folds is None else None
+        rows.append(_row(exp, trial, role, fresh, plan, keep=models))
+        if models is not None and (kept is None or _rank(rows[-1]) < _rank(kept[0])):
+            kept = (rows[-1], trial, models)
+    rows.sort(key=_rank)
     for i, r in enumerate(rows):
         r["winner"] = i == 0
     sentence = confirm_sentence(rows, len(fresh), validation_rows(exp, plan), folds)
+    ensemble = form_ensemble(exp, kept[1], kept[0], kept[2]) if kept is not None else None
+    if ensemble is None:
+        logger.info(NO_ENSEMBLE_WITH_FOLDS)
     study.set_user_attr(CONFIRM_ATTR, {"seeds": fresh, "folds": folds, "spread": "sd", "rows": rows,
-                                       "sentence": sentence})
+                                       "sentence": sentence, "ensemble": ensemble and ensemble[0]})
+    if ensemble is None or not ensemble[0]["beats"]:
+        keep_single(study)
     if tracking_uri is not None:
         log_confirmation(study, tracking_uri, rows, fresh, sentence, folds)
+        if ensemble is not None:
+            log_ensemble(study, exp, tracking_uri, *ensemble)
     return rows
+
+
+def _rank(row: Mapping[str, Any]) -> tuple:
+    """The confirmation's ranking (smaller is better): the higher mean val_acc, then the lower mean val_loss."""
+    return -row["val_acc_mean"], row["val_loss_mean"], row["trial"]
 
 
 def run_plan(exp: Experiment, seeds: Sequence[int], folds: int | None
@@ -235,17 +256,19 @@ def confirm_seeds(study_seed: int, n: int, avoid: Sequence[int] = ()) -> list[in
 
 
 def _row(exp: Experiment, trial: optuna.trial.FrozenTrial, role: str, seeds: Sequence[int],
-         plan: Sequence[tuple[torch.Tensor, torch.Tensor] | None]) -> dict[str, Any]:
-    """One configuration trained once per (seed, split): per-run metrics and their mean and (sample) sd."""
+         plan: Sequence[tuple[torch.Tensor, torch.Tensor] | None], keep: list[nn.Module] | None = None
+         ) -> dict[str, Any]:
+    """One configuration trained once per (seed, split): per-run metrics and their mean and (sample) sd; the
+    trained models are appended to `keep` where given."""
     return {"trial": trial.number, "role": role, "config": configuration(exp.spec, trial),
             "params": dict(trial.params), "single_run_val_acc": trial_val_acc(trial),
-            **trained_runs(exp, trial, seeds, plan)}
+            **trained_runs(exp, trial, seeds, plan, **({} if keep is None else {"keep": keep}))}
 
 
 def trained_runs(exp: Experiment, trial: optuna.trial.FrozenTrial, seeds: Sequence[int],
                  plan: Sequence[tuple[torch.Tensor, torch.Tensor] | None], **build: Any) -> dict[str, Any]:
-    """A stored configuration (changed by `build`: `retrain_with_seed`'s `on` and `params`) trained once per
-    (seed, split): each metric's per-run values, their mean and (sample) sd."""
+    """A stored configuration (changed by `build`: `retrain_with_seed`'s `on` and `params`; its `keep` keeps the
+    models) trained once per (seed, split): each metric's per-run values, their mean and (sample) sd."""
     runs = [retrain_with_seed(exp if rows is None else replace(exp, data=fold_split(exp.data, *rows)), trial, seed,
                               **build) for seed, rows in zip(seeds, plan, strict=True)]  # one fold's copy at a time
     row: dict[str, Any] = {}
@@ -259,16 +282,19 @@ def trained_runs(exp: Experiment, trial: optuna.trial.FrozenTrial, seeds: Sequen
 
 
 def retrain_with_seed(exp: Experiment, trial: optuna.trial.FrozenTrial, seed: int, *,
-                      on: Collection[str] | None = None, params: Mapping[str, Any] | None = None
-                      ) -> dict[str, float | None]:
+                      on: Collection[str] | None = None, params: Mapping[str, Any] | None = None,
+                      keep: list[nn.Module] | None = None) -> dict[str, float | None]:
     """A stored trial's configuration trained with another seed, in its precision: val, gap and test metrics.
-    `on` and `params` (an ablation) switch on those regularizers, with those parameters, instead of the trial's."""
+    `on` and `params` (an ablation) switch on those regularizers, with those parameters, instead of the trial's;
+    the trained model is appended to `keep` where given (the confirmation's ensemble)."""
     fixed = optuna.trial.FixedTrial(dict(trial.params if params is None else params), number=trial.number)
     model, applied, lr = build_trial(exp, fixed, seed, baseline=is_baseline(trial), on=on)
     autocast = stored_autocast(exp, trial)
     metrics = fit(model, exp.data, applied, training_for(exp, trial), lr=lr, device=exp.device, seed=seed,
                   autocast=autocast)
     test_acc = test_score(exp, model, autocast)[1] if exp.data.y_test is not None else None
+    if keep is not None:
+        keep.append(model)
     return {"val_acc": metrics["val_acc"], "gap_acc": metrics["gap_acc"], "val_loss": metrics["val_loss"],
             "test_acc": test_acc}
 

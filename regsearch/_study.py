@@ -46,6 +46,7 @@ from regsearch._threads import callers_threads, set_thread_budget, worker_share
 from regsearch._trial import Experiment, rebuild, retrain, stored_autocast, test_score
 from regsearch._workers import Job, Progress, run_trials, run_workers
 from regsearch.data._tensors import TensorData
+from regsearch.tracking._port import registration
 from regsearch.tracking._predictor import Predictor
 
 if TYPE_CHECKING:
@@ -325,14 +326,6 @@ def _final_report(study: optuna.Study, exp: Experiment, objective: Objective, tr
                          **gaps, **reference_metrics(reference)},
                         {"best_trial": str(best.number), "regsearch.summary": sentence})
     predictor = Predictor.of(model, exp.data, autocast=autocast, batch_size=exp.spec.training.eval_batch_size)
-    tracker.log_model(predictor, predictor.example(exp.data), _registration(exp.spec, study, best, test_acc))
+    tracker.log_model(predictor, predictor.example(exp.data),
+                      registration(exp.spec.search.register_model, study.study_name, best.number, test_acc))
 
-
-def _registration(spec: StudySpec, study: optuna.Study, best: optuna.trial.FrozenTrial, test_acc: float
-                  ) -> tuple[str, dict[str, str]] | None:
-    """(name, tags) of the registered model version the best model becomes, where the study asks for one."""
-    name = spec.search.register_model
-    if name is None:
-        return None
-    return name, {"regsearch.study": study.study_name, "regsearch.best_trial": str(best.number),
-                  "regsearch.test_acc": str(test_acc)}

@@ -56,8 +56,8 @@ def confirmed(tmp_path_factory, mlflow_store):
     shutil.copy(mlflow_store, folder / "mlflow.db")
     real = _confirm.retrain_with_seed
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_confirm, "retrain_with_seed", lambda exp, trial, seed: {
-            **real(exp, trial, seed), "test_acc": 1.0 if trial.number == bad else 0.0})
+        mp.setattr(_confirm, "retrain_with_seed", lambda exp, trial, seed, **kept: {
+            **real(exp, trial, seed, **kept), "test_acc": 1.0 if trial.number == bad else 0.0})
         result = CliRunner().invoke(cli, ["confirm", "--study", str(folder / "conf.yaml"), "--storage", storage,
                                           "--tracking-uri", f"sqlite:///{folder / 'mlflow.db'}", "--top", "2",
                                           "--seeds", "2"])

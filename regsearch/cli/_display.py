@@ -112,7 +112,8 @@ def print_mlflow_links(study: optuna.Study, tracking_uri: str | None) -> None:
         return
     model = study.user_attrs.get(MODEL_ATTR) or {}
     if model.get("run_id") == run_id:
-        click.echo(f"best model: {model['uri']} (mlflow.pyfunc.load_model)")
+        which = f"; the ensemble of trial {model['trial']}'s {model['ensemble']} models" if model.get("ensemble") else ""
+        click.echo(f"best model: {model['uri']} (mlflow.pyfunc.load_model{which})")
     uri = mask_url(tracking_uri or default_tracking_uri())
     if uri.startswith(("http://", "https://")) and model.get("experiment_id"):
         click.echo(f"study run: {uri.rstrip('/')}/#/experiments/{model['experiment_id']}/runs/{run_id}")
@@ -163,6 +164,8 @@ def print_confirmation(study: optuna.Study) -> None:
         click.echo(f"{'*' if r['winner'] else ' '}{r['trial']:>5}  {r['role']:<8}  {stat(r, 'val_acc'):<13}  "
                    f"{stat(r, 'test_acc'):<13}  {stat(r, 'gap_acc'):<13}  {r['config']}")
     click.echo(done["sentence"])
+    if done.get("ensemble"):
+        click.echo(done["ensemble"]["sentence"])
     print_ablation(study)
 
 

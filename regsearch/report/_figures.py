@@ -236,7 +236,8 @@ def _confirmation(study: optuna.Study) -> Section:
     ax.set_xlabel("accuracy")
     ax.grid(axis="x", alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
-    section.note += " " + done.get("sentence", "")
+    section.note += " " + done.get("sentence", "") + (" " + done["ensemble"]["sentence"] if done.get("ensemble")
+                                                      else "")
     return _drawn(section, fig)
 
 

@@ -152,6 +152,8 @@ def summary_lines(study: optuna.Study, views: list[TrialView], top: int = 5) -> 
     confirmed = study.user_attrs.get(CONFIRM_ATTR) or {}
     if confirmed.get("sentence"):
         lines.append(confirmed["sentence"])
+    if confirmed.get("ensemble"):
+        lines.append(confirmed["ensemble"]["sentence"])
     ablated = study.user_attrs.get(ABLATION_ATTR) or {}
     if ablated.get("sentence"):
         lines.append(ablated["sentence"])

@@ -98,13 +98,21 @@ class LocalTracking:
                 self.store.now_or_later(f"naming run {name}", log_batches, self.store.client, run_id,
                                         tags={"regsearch.role": "+".join(roles)})
 
-    def log_model(self, predictor: Predictor, example: Example, register: Registration | None = None) -> None:
-        """A pyfunc taking raw inputs (see `_pyfunc`) on the study run; with `register`, a registered version."""
-        if self.parent:
-            self.store.now_or_later("logging the best model", self._log_model, self.parent, predictor, example,
-                                    register)
+    def on_study_run(self, study: optuna.Study) -> str | None:
+        """Add to the study's run as it is (none is made, none reopened): what a later confirmation logs."""
+        self.study, self.parent = study, self.store.find_parent(study)
+        return self.parent
 
-    def _log_model(self, run_id: str, predictor: Predictor, example: Example, register: Registration | None) -> None:
+    def log_model(self, predictor: Predictor, example: Example, register: Registration | None = None, *,
+                  name: str = "best_model", about: Mapping[str, object] | None = None) -> None:
+        """A pyfunc taking raw inputs (see `_pyfunc`) on the study run, logged as `name`, which becomes the study's
+        model (`MODEL_ATTR`, with `about` added); with `register`, a registered version."""
+        if self.parent:
+            self.store.now_or_later(f"logging the {name.replace('_', ' ')}", self._log_model, self.parent,
+                                    predictor, example, register, name, about)
+
+    def _log_model(self, run_id: str, predictor: Predictor, example: Example, register: Registration | None,
+                   name: str = "best_model", about: Mapping[str, object] | None = None) -> None:
         import mlflow
 
         from regsearch.tracking._pyfunc import saving
@@ -113,15 +121,15 @@ class LocalTracking:
         try:
             mlflow.set_tracking_uri(self.uri)
             with mlflow.start_run(run_id=run_id, nested=True), saving():
-                info = mlflow.pyfunc.log_model(name="best_model", **model_save_options(predictor, example))
+                info = mlflow.pyfunc.log_model(name=name, **model_save_options(predictor, example))
         finally:
             mlflow.set_tracking_uri(previous)
         if self.study is not None:  # for the user, at the end of `optimize`
             self.study.set_user_attr(MODEL_ATTR, {"uri": info.model_uri, "run_id": run_id,
-                                                  "experiment_id": self.store.experiment_id})
+                                                  "experiment_id": self.store.experiment_id, **(about or {})})
         if register is not None:
-            self.store.now_or_later(f"registering the best model as {register[0]!r}", self._register, run_id,
-                                    info.model_id, *register)
+            self.store.now_or_later(f"registering the {name.replace('_', ' ')} as {register[0]!r}", self._register,
+                                    run_id, info.model_id, *register)
 
     def _register(self, run_id: str, model_id: str, name: str, tags: Mapping[str, str]) -> None:
         """A new version of the registered model `name` (made if missing) for the logged model `model_id`; not

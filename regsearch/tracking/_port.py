@@ -21,6 +21,16 @@ Registration = tuple[str, Mapping[str, str]]
 """(name, tags) of the registered model version the best model becomes."""
 
 
+def registration(name: str | None, study_name: str, trial: int, test_acc: float | None, **tags: str
+                 ) -> Registration | None:
+    """The `Registration` of a study's model (of trial `trial`, its test accuracy `test_acc`), where the study asks
+    for one (`name`: its `search.register_model`); `tags` are added to the version's own."""
+    if name is None:
+        return None
+    return name, {"regsearch.study": study_name, "regsearch.best_trial": str(trial),
+                  "regsearch.test_acc": str(test_acc), **tags}
+
+
 class Tracking(Protocol):
     """A study's runs in one MLflow store: a study run, a child run per trial (named by its trial number).
 

@@ -89,7 +89,10 @@ class Predictor:
         return torch.from_numpy(np.ascontiguousarray(array))
 
     def logits(self, raw: Any) -> torch.Tensor:
-        x = self.inputs(raw)
+        return self.outputs(self.inputs(raw))
+
+    def outputs(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's logits for inputs already made (`inputs`): in `batch_size` chunks, under `autocast`."""
         autocast = (torch.autocast("cpu", dtype=self.autocast) if self.autocast is not None
                     else contextlib.nullcontext())
         self.model.eval()
