@@ -3,10 +3,11 @@ baseline, trained again with seeds the ablation never used: its effect (with it 
 seeds) should fall inside the ablation's own interval, widened by the new run's sd and one validation example.
 
 Digits, a small study (8 trials of 15 epochs), `regsearch confirm --top 2 --seeds 3 --ablate`, then the separate
-run with 3 other seeds. The removed-from-the-winner direction is reported beside it, not judged: where it differs,
+run with 3 other seeds; `--table wine` or `--table adult` runs the `tabular` study (8 trials) on that shared UCI
+table instead (wine: a stratified quarter held out as its test file, as in search_value.py). The removed-from-the-winner direction is reported beside it, not judged: where it differs,
 the sentence calls it an interaction.
 
-usage: python benchmarks/ablation_agreement.py [--seeds 3]
+usage: python benchmarks/ablation_agreement.py [--seeds 3] [--table wine|adult]
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import _common as common  # noqa: E402
 def main() -> None:
     ap = common.parser(__doc__, "ablation_agreement")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--table", choices=("wine", "adult"), help="the tabular study on this shared table, not digits")
     args = ap.parse_args()
     seeds = 2 if args.quick else args.seeds
     budget = ["--n-trials", "3", "--set", "training.epochs=3", "--set", "data.train_size=300"] if args.quick else [
@@ -32,15 +34,24 @@ def main() -> None:
     exe = common.regsearch_exe()
     with tempfile.TemporaryDirectory() as folder:
         folder = os.path.realpath(folder)
+        study = ["--study", "digits"]
+        if args.table:
+            import search_value
+
+            pairs = search_value.data_overrides(args.table, Path(folder), args.quick)[0]
+            study = ["--study", "tabular", "--study-name", args.table,
+                     *[f"--set={k}={v}" for k, v in pairs], "--set", "search.confirm=null"]
+            budget = ["--n-trials", "3" if args.quick else "8"] + (["--set", "training.steps=60"] if args.quick else [])
         started = time.perf_counter()
-        subprocess.run([exe, "optimize", "--study", "digits", *budget], cwd=folder, check=True, capture_output=True)
+        subprocess.run([exe, "optimize", *study, *budget], cwd=folder, check=True, capture_output=True)
         searched = time.perf_counter() - started
+        name = args.table or "digits"
         started = time.perf_counter()
-        subprocess.run([exe, "confirm", "--study", "digits", "--top", "2", "--seeds", str(seeds), "--ablate"],
+        subprocess.run([exe, "confirm", "--study", name, "--top", "2", "--seeds", str(seeds), "--ablate"],
                        cwd=folder, check=True, capture_output=True)
         ablated = time.perf_counter() - started
         os.chdir(folder)
-        rows = separate_run(seeds)
+        rows = separate_run(seeds, name)
         os.chdir(common.REPO)
     measures = [("search", common.summary([searched]), "s"), ("confirm + ablate", common.summary([ablated]), "s")]
     for r in rows:
@@ -48,11 +59,11 @@ def main() -> None:
                       "val_acc points"),
                      (f"{r['regularizer']} alone, other seeds", common.summary(r["separate_runs"]), "val_acc points")]
     common.report("ablation_agreement", args, measures, {
-        "study": "digits " + " ".join(budget), "seeds": seeds, "rows": rows,
+        "study": f"{name} " + " ".join(budget), "seeds": seeds, "rows": rows,
         "all_agree": all(r["agrees"] for r in rows)})
 
 
-def separate_run(n: int) -> list[dict]:
+def separate_run(n: int, name: str) -> list[dict]:
     """Each regularizer of the ablated winner alone against the baseline, on `n` seeds the ablation did not use."""
     import statistics
 
@@ -62,8 +73,8 @@ def separate_run(n: int) -> list[dict]:
     from regsearch._opening import load_stored_study
     from regsearch._question import ask
 
-    question = ask("digits")  # the stored study, by its name alone
-    study = load_stored_study("digits", None)
+    question = ask(name)  # the stored study, by its name alone
+    study = load_stored_study(name, None)
     exp = prepare(question.spec)
     done = study.user_attrs[ABLATION_ATTR]
     seeds = [s for s in confirm_seeds(question.spec.seed + 1, n + len(done["seeds"])) if s not in done["seeds"]][:n]
