@@ -99,7 +99,7 @@ def test_output_piped_into_a_reader_that_left_early_is_not_an_error():
 def test_a_timeout_alone_replaces_the_study_files_trial_count(tmp_path):
     args = ["optimize", "--study", "digits", "--set", "search.n_trials=1", "--set", "training.epochs=1",
             "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
-    done = run(*args, "--timeout", "20", cwd=tmp_path)
+    done = run(*args, "--timeout", "10", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
 
     def finished() -> int:
@@ -107,7 +107,7 @@ def test_a_timeout_alone_replaces_the_study_files_trial_count(tmp_path):
         return sum(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for t in trials)
 
     searched = finished()
-    assert searched > 1, "the study stopped at the file's n_trials: 1 despite --timeout 20"
+    assert searched > 1, "the study stopped at the file's n_trials: 1 despite --timeout 10"
     capped = run(*args, "--timeout", "20", "--n-trials", str(searched + 1), cwd=tmp_path)
     assert capped.returncode == 0, capped.stderr
     assert finished() == searched + 1  # --n-trials and --timeout together: whichever comes first

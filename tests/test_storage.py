@@ -128,7 +128,8 @@ def _journal_bytes_per_trial(tmp_path, table: str, epochs: int) -> float:
     storage = str(tmp_path / f"e{epochs}.journal")
     regsearch.optimize("tabular", n_trials=2, tracking=False, storage=storage, device="cpu",
                        overrides=[("data.path", table), ("data.target", "quality"), ("training.epochs", str(epochs)),
-                                  ("training.batch_size", "512"), ("search.pruner.name", "none")])
+                                  ("training.batch_size", "512"), ("search.pruner.name", "none"),
+                                  ("regularizers.early_stopping.enabled", False), ("search.confirm", None)])
     trials = optuna.load_study(study_name="tabular", storage=open_storage(storage)).trials
     assert [len(t.intermediate_values) for t in trials] == [epochs, epochs]
     return (tmp_path / f"e{epochs}.journal").stat().st_size / len(trials)

@@ -51,7 +51,7 @@ def test_a_study_made_with_set_values_resumes_and_confirms_by_its_name_alone(tmp
     where = ["--storage", storage, "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
     made = invoke("optimize", "--study", "tabular", "--study-name", "wine", "--set", f"data.path={table}",
                   "--set", "data.target=quality", "--set", "training.steps=40", "--set", "search.pruner.name=none",
-                  "--n-trials", "3", *where)
+                  "--set", "search.confirm=null", "--n-trials", "3", *where)  # confirmed below, by its name
     assert made.exit_code == 0, made.output
     record = optuna.load_study(study_name="wine", storage=open_storage(storage)).user_attrs[RECORD_ATTR]
     assert record["raw"]["data"]["path"] == table and record["data"]["sizes"] == {"train": 320, "val": 80}
