@@ -4,7 +4,8 @@ seeds) should fall inside the ablation's own interval, widened by the new run's 
 
 Digits, a small study (8 trials of 15 epochs), `regsearch confirm --top 2 --seeds 3 --ablate`, then the separate
 run with 3 other seeds; `--table wine` or `--table adult` runs the `tabular` study (8 trials) on that shared UCI
-table instead (wine: a stratified quarter held out as its test file, as in search_value.py). The removed-from-the-winner direction is reported beside it, not judged: where it differs,
+table instead, with the study's own 20 trials (wine: a stratified quarter held out as its test file, as in
+search_value.py). The removed-from-the-winner direction is reported beside it, not judged: where it differs,
 the sentence calls it an interaction.
 
 usage: python benchmarks/ablation_agreement.py [--seeds 3] [--table wine|adult]
@@ -41,14 +42,16 @@ def main() -> None:
             pairs = search_value.data_overrides(args.table, Path(folder), args.quick)[0]
             study = ["--study", "tabular", "--study-name", args.table,
                      *[f"--set={k}={v}" for k, v in pairs], "--set", "search.confirm=null"]
-            budget = ["--n-trials", "3" if args.quick else "8"] + (["--set", "training.steps=60"] if args.quick else [])
+            budget = ["--n-trials", "3", "--set", "training.steps=60"] if args.quick else []  # the shipped 20 trials
         started = time.perf_counter()
         subprocess.run([exe, "optimize", *study, *budget], cwd=folder, check=True, capture_output=True)
         searched = time.perf_counter() - started
         name = args.table or "digits"
         started = time.perf_counter()
-        subprocess.run([exe, "confirm", "--study", name, "--top", "2", "--seeds", str(seeds), "--ablate"],
-                       cwd=folder, check=True, capture_output=True)
+        done = subprocess.run([exe, "confirm", "--study", name, "--top", "2", "--seeds", str(seeds), "--ablate"],
+                              cwd=folder, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"regsearch confirm --ablate: {done.stderr.strip()}")
         ablated = time.perf_counter() - started
         os.chdir(folder)
         rows = separate_run(seeds, name)

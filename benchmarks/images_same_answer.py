@@ -38,6 +38,7 @@ def child(kind: str, source: str, seed: int, cache: str, quick: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         study = regsearch.optimize("cifar", n_trials=1, storage=f"{tmp}/s.journal", device="cpu",
+                                   tracking=not quick,  # the smoke run checks the data paths, not MLflow
                                    tracking_uri=f"sqlite:///{tmp}/m.db", data_dir=source if kind == "binary" else None,
                                    overrides=overrides)
         trial = study.trials[0]
