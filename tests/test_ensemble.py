@@ -52,6 +52,8 @@ def optimized(tmp_path_factory, mlflow_store):
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(folder)
+        # an environment naming another store: --tracking-uri decides where the models are logged and registered
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'elsewhere.db'}")
         result = CliRunner().invoke(cli, ["optimize", "--study", "ens.yaml", "--storage", "ens.journal",
                                           "--tracking-uri", uri, "--register-model", "ens-digits"])
     assert result.exit_code == 0, result.output

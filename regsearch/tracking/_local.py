@@ -137,13 +137,21 @@ class LocalTracking:
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import ALREADY_EXISTS, RESOURCE_ALREADY_EXISTS, ErrorCode
 
+        import mlflow
+
         client = self.store.client
         try:
             client.create_registered_model(name)
         except MlflowException as exc:  # an earlier study (or another) registered it: this is a new version
             if exc.error_code not in (ErrorCode.Name(RESOURCE_ALREADY_EXISTS), ErrorCode.Name(ALREADY_EXISTS)):
                 raise
-        client.create_model_version(name, f"models:/{model_id}", run_id=run_id, tags=dict(tags), model_id=model_id)
+        previous = mlflow.get_tracking_uri()
+        try:  # MLflow resolves a `models:/` source through the process's tracking URI, not the client's
+            mlflow.set_tracking_uri(self.uri)
+            client.create_model_version(name, f"models:/{model_id}", run_id=run_id, tags=dict(tags),
+                                        model_id=model_id)
+        finally:
+            mlflow.set_tracking_uri(previous)
 
     def log_pareto_front(self, front: Sequence[Mapping[str, object]]) -> None:
         """`pareto_front.json` (one row per trial) and its size on the study run."""
