@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from regsearch._records import RUN_ID_ATTR, is_baseline
@@ -117,13 +118,8 @@ class LocalTracking:
 
         from regsearch.tracking._pyfunc import saving
 
-        previous = mlflow.get_tracking_uri()
-        try:
-            mlflow.set_tracking_uri(self.uri)
-            with mlflow.start_run(run_id=run_id, nested=True), saving():
-                info = mlflow.pyfunc.log_model(name=name, **model_save_options(predictor, example))
-        finally:
-            mlflow.set_tracking_uri(previous)
+        with _process_uri(self.uri), mlflow.start_run(run_id=run_id, nested=True), saving():
+            info = mlflow.pyfunc.log_model(name=name, **model_save_options(predictor, example))
         if self.study is not None:  # for the user, at the end of `optimize`
             self.study.set_user_attr(MODEL_ATTR, {"uri": info.model_uri, "run_id": run_id,
                                                   "experiment_id": self.store.experiment_id, **(about or {})})
@@ -137,21 +133,15 @@ class LocalTracking:
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import ALREADY_EXISTS, RESOURCE_ALREADY_EXISTS, ErrorCode
 
-        import mlflow
-
         client = self.store.client
         try:
             client.create_registered_model(name)
         except MlflowException as exc:  # an earlier study (or another) registered it: this is a new version
             if exc.error_code not in (ErrorCode.Name(RESOURCE_ALREADY_EXISTS), ErrorCode.Name(ALREADY_EXISTS)):
                 raise
-        previous = mlflow.get_tracking_uri()
-        try:  # MLflow resolves a `models:/` source through the process's tracking URI, not the client's
-            mlflow.set_tracking_uri(self.uri)
+        with _process_uri(self.uri):  # MLflow resolves a `models:/` source through it, not the client's URI
             client.create_model_version(name, f"models:/{model_id}", run_id=run_id, tags=dict(tags),
                                         model_id=model_id)
-        finally:
-            mlflow.set_tracking_uri(previous)
 
     def log_pareto_front(self, front: Sequence[Mapping[str, object]]) -> None:
         """`pareto_front.json` (one row per trial) and its size on the study run."""
@@ -191,3 +181,17 @@ class LocalTracking:
         finally:
             if self.warm_up is not None:
                 self.warm_up.clean()
+
+
+@contextlib.contextmanager
+def _process_uri(uri: str) -> Iterator[None]:
+    """MLflow's process-wide tracking URI set to `uri` for the block (its fluent API and the model registry read
+    it), and put back after."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
