@@ -15,7 +15,7 @@ from regsearch._errors import ConfigError, PluginError
 from regsearch._estimate import trial_seconds
 from regsearch._optim import build_optimizer
 from regsearch._registry import RegularizerRegistry
-from regsearch._regularizer import Applied, LoopState, NamespacedTrial
+from regsearch._regularizer import Applied, LoopState, NamespacedTrial, Regularizer
 from regsearch._search_space import RecordingTrial
 from regsearch._spec import RegularizerSpec
 from regsearch._threads import fastest_threads
@@ -46,12 +46,17 @@ class _Blame:
         return False
 
 
+def _live(exp: Experiment) -> list[tuple[RegularizerSpec, Regularizer]]:
+    """The study's regularizers but those switched off for good (`enabled: false`): no trial applies them."""
+    return [(rspec, reg) for rspec, reg in exp.regularizers if rspec.enabled != "off"]
+
+
 def _applied_all(exp: Experiment, registry: RegularizerRegistry) -> tuple[nn.Module, list[Applied]]:
-    """The model with every regularizer of the study switched on at mid-range values."""
+    """The model with every regularizer a trial can switch on, switched on at mid-range values."""
     model = new_model(exp, RecordingTrial()).to(exp.device)
     ctx = context(exp, model, 0, exp.spec.seed)
     applied = []
-    for rspec, reg in exp.regularizers:
+    for rspec, reg in _live(exp):
         with _Blame(_who(rspec, registry), f"regularizers.{rspec.name}") as blame:
             blame.hook = "search_space"
             reg.context = ctx
@@ -67,7 +72,7 @@ def _first_batch(exp: Experiment, registry: RegularizerRegistry, state: LoopStat
     """A real training batch, through every batch transform (each checked against the contract)."""
     batch = min(exp.spec.training.batch_size, len(exp.data.y_train))
     x, y = Batcher(exp.data).inputs(exp.data.x_train[:batch]), exp.data.y_train[:batch]
-    for (rspec, _), a in zip(exp.regularizers, applied):
+    for (rspec, _), a in zip(_live(exp), applied):
         if not a.overrides("transform_batch"):
             continue
         with _Blame(_who(rspec, registry), f"regularizers.{rspec.name}") as blame:
@@ -115,7 +120,7 @@ def _step(exp: Experiment, registry: RegularizerRegistry, model: nn.Module, appl
         with autocast_context(exp.device, autocast):
             out = model(x)
         loss = torch.nn.functional.cross_entropy(out.float(), y)
-        for (rspec, reg), a in zip(exp.regularizers, applied):
+        for (rspec, reg), a in zip(_live(exp), applied):
             try:
                 term = reg.penalty(model, a.params)
             except Exception as exc:

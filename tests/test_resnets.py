@@ -283,3 +283,20 @@ def test_a_searched_study_of_resnet18_with_drop_path_runs(cifar, tmp_path):
     rates = [t.params["drop_path.rate"] for t in done if t.params.get("drop_path.enabled")]
     assert rates and all(0.05 <= r <= 0.3 for r in rates)
     assert all(0.0 <= t.user_attrs["metrics"]["val_acc"] <= 1.0 for t in done)
+
+
+def test_a_regularizer_switched_off_for_good_is_not_checked_against_the_model(cifar, tmp_path):
+    """The images study's BatchNorm insertion has no site in a ResNet (each conv has its BatchNorm already):
+    `--set regularizers.batchnorm.enabled=false` switches it off instead of stopping the study."""
+    from regsearch._errors import ConfigError
+
+    regularizers = {"batchnorm": {"enabled": True}, "l2": {"weight_decay": 1e-4}}
+    spec = {"model": {"name": "resnet18", "width": 4}, "training": {"epochs": 1, "precision": "float32"},
+            "search": {"n_trials": 1, "baseline": False}, "regularizers": regularizers}
+    with pytest.raises(ConfigError, match="regularizers.batchnorm: no batchnorm site"):
+        regsearch.optimize(spec_from_dict(spec, name="on"), data=cifar, tracking=False,
+                           storage=str(tmp_path / "on.journal"))
+    regularizers["batchnorm"]["enabled"] = False
+    study = regsearch.optimize(spec_from_dict(spec, name="off"), data=cifar, tracking=False,
+                               storage=str(tmp_path / "off.journal"))
+    assert study.trials[0].state == optuna.trial.TrialState.COMPLETE
