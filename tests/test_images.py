@@ -284,6 +284,16 @@ class Pictures(torch.utils.data.Dataset):
         return image, torch.tensor(self.labels[i])
 
 
+def test_without_a_size_small_images_keep_theirs_and_photographs_become_64(cifar_trees, tmp_path):
+    tests = cifar_trees["root"] / "png" / "test"
+    assert load_images(tests).x_train.shape[1:] == (3, 32, 32)  # CIFAR's 32 px: not scaled up
+    listing = list_images(tests)
+    assert images_from_dataset(Pictures(listing.paths, listing.labels, "tensor")).x_train.shape[1:] == (3, 32, 32)
+    for i, (w, h) in enumerate([(300, 200), (120, 100), (90, 160), (40, 30)] * 2):
+        write(tmp_path / "photos" / "ab"[i % 2] / f"{i}.jpg", halves(w, h))
+    assert load_images(tmp_path / "photos", val_fraction=0.5).x_train.shape[1:] == (3, 64, 64)
+
+
 @pytest.mark.parametrize("kind", ["pil", "array", "tensor"])
 def test_a_dataset_goes_through_the_same_cache(cifar_trees, kind):
     listing = list_images(cifar_trees["root"] / "png" / "test")
@@ -367,7 +377,7 @@ def test_data_dir_names_the_image_folder_of_a_study_that_streams_it(cifar_trees,
     study = regsearch.optimize("images", n_trials=1, storage="s.journal", tracking_uri=f"sqlite:///{in_tmp}/m.db",
                                data_dir=str(cifar_trees["root"] / "png" / "test"), device="cpu",
                                overrides=[("data.image_size", "16"), ("training.steps", "2"),
-                                          ("data.in_memory", "false"),
+                                          ("data.in_memory", "false"), ("search.confirm", "null"),
                                           ("data.test_path", str(cifar_trees["root"] / "jpeg" / "test"))])
     assert study.trials[0].state.name == "COMPLETE"  # the whole study on splits streamed from the cache file
     assert "test_acc" in study.user_attrs["best_test"]
@@ -377,7 +387,7 @@ def test_the_shipped_study_file_reads(tmp_path):
     from regsearch._study_file import load_study
 
     spec = load_study("images", overrides=[("data.path", str(tmp_path))])
-    assert spec.data.name == "images" and spec.data.path == str(tmp_path) and spec.model.name == "cnn"
+    assert spec.data.name == "images" and spec.data.path == str(tmp_path) and spec.model.name == "resnet"
     assert (REPO / "studies" / "images.yaml").is_file()
 
 

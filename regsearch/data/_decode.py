@@ -20,6 +20,13 @@ import numpy as np
 SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 """Files with these suffixes (any case) are images; any other file in an image folder is skipped and counted."""
 
+LARGEST_DEFAULT = 64
+"""The default side when none is given: the images' own (their median shorter side), at most this; small images
+are never scaled up by default (that multiplies a step's cost and adds no detail)."""
+
+SIZE_SAMPLE = 64
+"""Images looked at (their headers only, evenly spaced over the listing) to find the default side."""
+
 RULE = "shorter-side-then-centre-crop/bilinear/v1"
 """Names the resize rule in the cache key: a change of the rule must not reuse pixels decoded by the old one."""
 
@@ -62,6 +69,32 @@ def fit(image: Any, decoding: Decoding) -> np.ndarray:
     pixels = np.asarray(image, dtype=np.uint8)
     pixels = pixels[:, :, None] if pixels.ndim == 2 else pixels
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+
+def default_size(images: Sequence[Any]) -> int:
+    """The side images are resized to when none is given: the median shorter side of up to `SIZE_SAMPLE` of them
+    (evenly spaced, so the same listing gives the same answer), at most `LARGEST_DEFAULT`."""
+    picks = [images[i * len(images) // SIZE_SAMPLE] for i in range(SIZE_SAMPLE)] if len(images) > SIZE_SAMPLE \
+        else list(images)
+    sides = sorted(side for side in map(_shorter_side, picks) if side is not None)
+    if not sides:  # none readable: the decode names the first bad one
+        return LARGEST_DEFAULT
+    return max(8, min(LARGEST_DEFAULT, sides[len(sides) // 2]))
+
+
+def _shorter_side(image: Any) -> int | None:
+    """An image's shorter side from its header (a file), its size (PIL) or its shape (an array); None: unreadable."""
+    from PIL import Image
+
+    try:
+        if isinstance(image, (str, os.PathLike)):
+            with Image.open(image) as opened:
+                return min(opened.size)
+        if isinstance(image, Image.Image):
+            return min(image.size)
+        return min(_hwc(image).shape[:2])
+    except (OSError, ValueError, TypeError, SyntaxError, Image.DecompressionBombError):
+        return None
 
 
 class UnreadableImage(Exception):

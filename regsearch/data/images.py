@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from regsearch._errors import DataError, unknown_name
-from regsearch.data._decode import SUFFIXES, Decoding, decode_item, is_image_file
+from regsearch.data._decode import SUFFIXES, Decoding, decode_item, default_size, is_image_file
 from regsearch.data._image_cache import CacheFile, cache_root, cached, decode_files
 from regsearch.data._streamed import StreamedImages
 from regsearch.data._tensors import TensorData
@@ -152,17 +152,19 @@ def decode_listing(listing: Listing, decoding: Decoding, workers: int | None = N
 
 
 def load_images(path: str | os.PathLike[str], *, test_path: str | os.PathLike[str] | None = None,
-                image_size: int = 64, channels: int = 3, val_fraction: float = 0.2, seed: int = 0,
+                image_size: int | None = None, channels: int = 3, val_fraction: float = 0.2, seed: int = 0,
                 train_size: int | None = None, group_repeats: bool = False, path_column: str = "path",
                 target: str = "label", in_memory: bool | None = None, workers: int | None = None) -> TensorData:
     """Images from a folder (`path/CLASS/IMAGE`) or a CSV/TSV of paths and labels, decoded once into the cache.
 
-    `test_path` (same layout) is the test split. `in_memory`: None holds the pixels in memory when they fit the
+    `test_path` (same layout) is the test split. `image_size` None: the images' own size (`default_size`: their
+    median shorter side, at most 64). `in_memory`: None holds the pixels in memory when they fit the
     memory budget, else streams batches from the cache file. `group_repeats` keeps byte-identical files on one
     side of the validation split.
     """
-    decoding = _checked(image_size, channels, val_fraction, train_size)
+    _checked(image_size, channels, val_fraction, train_size)
     listing = list_images(path, path_column=path_column, target=target)
+    decoding = _decoding(image_size, channels, listing.paths)
     train = decode_listing(listing, decoding, workers)
     test = None
     if test_path is not None:
@@ -173,24 +175,33 @@ def load_images(path: str | os.PathLike[str], *, test_path: str | os.PathLike[st
                       name=listing.where.stem or "images")
 
 
-def _checked(image_size: int, channels: int, val_fraction: float, train_size: int | None) -> Decoding:
+def _checked(image_size: int | None, channels: int, val_fraction: float, train_size: int | None) -> None:
     """The settings checked by the study spec's own rules (one validator for the study file and the API)."""
     from regsearch._spec import DataSpec
 
     DataSpec.from_mapping({"name": "images", "image_size": image_size, "channels": channels,
                            "val_fraction": val_fraction, "train_size": train_size}, "")
+
+
+def _decoding(image_size: int | None, channels: int, images: Any) -> Decoding:
+    """The decoding of `images` (paths or a Dataset's images): the size given, else their own (`default_size`)."""
+    if image_size is None:
+        image_size = default_size(images)
+        logger.info("images resized to %d x %d (their own size, at most 64; data.image_size sets another)",
+                    image_size, image_size)
     return Decoding(image_size, channels)
 
 
-def images_from_dataset(dataset: Any, *, test: Any = None, image_size: int = 64, channels: int = 3,
+def images_from_dataset(dataset: Any, *, test: Any = None, image_size: int | None = None, channels: int = 3,
                         val_fraction: float = 0.2, seed: int = 0, train_size: int | None = None,
                         group_repeats: bool = False, in_memory: bool | None = None,
                         cache_key: str | None = None) -> TensorData:
     """Images from a map-style Dataset of `(image, label)` items (PIL image, uint8 H×W×C array or C×H×W tensor;
     integer label), through the same cache. `cache_key` names the decoded pixels for reuse by later calls (change
     it when the dataset changes); without it the dataset is decoded on every call. `test`: a second such Dataset.
-    Class names are `dataset.classes` where it has them."""
-    decoding = _checked(image_size, channels, val_fraction, train_size)
+    Class names are `dataset.classes` where it has them; `image_size` None: as `load_images`."""
+    _checked(image_size, channels, val_fraction, train_size)
+    decoding = _decoding(image_size, channels, _Images(dataset))
     train, labels = _decode_dataset(dataset, decoding, cache_key, "train")
     held = None
     if test is not None:
@@ -201,6 +212,20 @@ def images_from_dataset(dataset: Any, *, test: Any = None, image_size: int = 64,
     return from_cache(train, labels, classes, decoding, test=held, val_fraction=val_fraction, seed=seed,
                       train_size=train_size, group_repeats=group_repeats, in_memory=in_memory,
                       name=type(dataset).__name__)
+
+
+class _Images:
+    """A Dataset's images as a sequence (for `default_size`); what is not an (image, label) pair is said later."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Any:
+        item = self.dataset[i]
+        return item[0] if isinstance(item, (tuple, list)) and len(item) == 2 else None
 
 
 def _decode_dataset(dataset: Any, decoding: Decoding, cache_key: str | None, part: str
