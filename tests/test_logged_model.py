@@ -236,7 +236,7 @@ def test_image_folder_model_from_the_cli_takes_image_files_and_returns_class_nam
         "optimize", "--study", "images", "--study-name", name, "--n-trials", "1", "--storage", "s.journal",
         "--tracking-uri", mlflow_server, "--device", "cpu", "--set", f"data.path={hymenoptera / 'train'}",
         "--set", f"data.test_path={hymenoptera / 'val'}", "--set", "data.image_size=32",
-        "--set", "training.steps=20"])
+        "--set", "training.steps=20", "--set", "search.confirm=null"])
     assert result.exit_code == 0, result.output
     study = optuna.load_study(study_name=name, storage=optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(in_tmp / "s.journal"))))
