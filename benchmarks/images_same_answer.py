@@ -88,7 +88,7 @@ def main() -> None:
     rows += [(f"{kind} trial time", common.summary([r["trial_s"] for r in runs[kind]]), "s") for kind in runs]
     extra = {"decode_process_s": decode, "png_trial_time_ratio": common.ratio(rows[4][1], rows[3][1]),
              "jpeg_trial_time_ratio": common.ratio(rows[5][1], rows[3][1]),
-             "note": "2 shared cores: other engineers' work ran at the same time", "runs": runs}
+             "note": "2 cores; the load average at start is in the header", "runs": runs}
     common.report("images_same_answer", a, rows, extra)
 
 

@@ -88,7 +88,7 @@ def main() -> None:
     rows += [(f"{kind} RssAnon", common.summary([r["rss_anon_mb"] for r in runs[kind]]), "MB") for kind in runs]
     extra = {"data": what, "pixels_mb": first["pixels_mb"], "first_load_with_decode_s": first["load_s"],
              "streamed_epoch_time_ratio": common.ratio(rows[0][1], rows[1][1]),
-             "note": "2 shared cores: other engineers' work ran at the same time; read the ratios", "runs": runs}
+             "note": "2 cores; the load average at start is in the header; read the ratios", "runs": runs}
     common.report("images_streaming", a, rows, extra)
 
 
