@@ -84,6 +84,9 @@ def _ablated(name: str, direction: str, source: optuna.trial.FrozenTrial, runs: 
     """One ablated configuration's row: its runs and, per metric, the paired effect (with it − without it)."""
     row: dict[str, Any] = {"regularizer": name, "direction": direction, "trial": source.number, "params": params,
                            **runs}
+    # a run that diverged has no metrics: counted on its side, left out of the paired differences
+    row["diverged_with"] = sum(v is None for v in with_it["val_acc"])
+    row["diverged_without"] = sum(v is None for v in without["val_acc"])
     for key in EFFECTS:
         pairs = [(a, b) for a, b in zip(with_it[key], without[key], strict=True) if a is not None and b is not None]
         diffs = [a - b for a, b in pairs]
@@ -94,12 +97,33 @@ def _ablated(name: str, direction: str, source: optuna.trial.FrozenTrial, runs: 
 
 
 def verdict(row: Mapping[str, Any], n_val: int) -> str:
-    """helps, hurts or noise: the val_acc effect against `beyond_noise` (its paired sd, one validation example)."""
+    """helps, hurts or noise: more runs diverging without it (helps) or with it (hurts); else the val_acc effect
+    against `beyond_noise` (its paired sd, one validation example)."""
+    with_it, without = row.get("diverged_with", 0), row.get("diverged_without", 0)
+    if with_it != without:
+        return "helps" if without > with_it else "hurts"
     mean, sd = row["val_acc_effect_mean"], row["val_acc_effect_sd"] or 0.0
+    if mean is None:
+        return "noise"
     return "helps" if beyond_noise(mean, sd, n_val) else "hurts" if beyond_noise(-mean, sd, n_val) else "noise"
 
 
+def diverged_words(row: Mapping[str, Any]) -> str:
+    """Where runs diverged on one side of a row more than on the other: how many, in words; else ""."""
+    with_it, without = row.get("diverged_with", 0), row.get("diverged_without", 0)
+    if with_it == without:
+        return ""
+    runs = len(row["val_acc"])
+    return f"{without} of {runs} runs diverge without it" if without > with_it else \
+        f"{with_it} of {runs} runs diverge with it"
+
+
 def _effect(row: Mapping[str, Any], n_val: int) -> str:
+    diverged = diverged_words(row)
+    if diverged:
+        return f"({diverged}{'' if verdict(row, n_val) == 'helps' else ': hurts here'})"
+    if row["val_acc_effect_mean"] is None:
+        return "(no run trained on both sides)"
     shown = f"{100 * row['val_acc_effect_mean']:+.1f} ± {100 * (row['val_acc_effect_sd'] or 0.0):.1f}"
     said = {"helps": "", "hurts": " (hurts here)", "noise": " (noise)"}[verdict(row, n_val)]
     return shown + (" points" if not said else "") + said
@@ -109,7 +133,9 @@ def ablation_sentence(rows: Sequence[Mapping[str, Any]], winner: int, runs: int,
                       folds: int | None = None) -> str:
     """The ablation in words: each regularizer's val_acc effect when removed from the winner, the largest first,
     with its verdict; then each one whose two directions disagree (an interaction)."""
-    removed = sorted((r for r in rows if r["direction"] == "removed"), key=lambda r: -abs(r["val_acc_effect_mean"]))
+    removed = sorted((r for r in rows if r["direction"] == "removed"),  # the largest first, a divergence largest
+                     key=lambda r: (-abs(r.get("diverged_without", 0) - r.get("diverged_with", 0)),
+                                    -abs(r["val_acc_effect_mean"] or 0.0)))
     added = {r["regularizer"]: r for r in rows if r["direction"] == "added"}
     over = f"{runs} seeds" if folds is None else f"{runs} folds"
     sentence = (f"What each regularizer is worth to trial {winner} (val_acc with it − without it, paired over {over}, "

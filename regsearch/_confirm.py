@@ -11,6 +11,7 @@ finalists validates each configuration on every row of the pooled training and v
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
@@ -23,7 +24,7 @@ from torch import nn
 
 from regsearch._ablate import ABLATION_ATTR, ablate, refuse_ablation
 from regsearch._ensemble import NO_ENSEMBLE_WITH_FOLDS, form_ensemble, keep_single, log_ensemble
-from regsearch._errors import ConfigError
+from regsearch._errors import ConfigError, TrialDiverged
 from regsearch._records import (
     COMPLETE,
     CONFIRM_ATTR,
@@ -157,8 +158,9 @@ def confirm_study(study: optuna.Study, exp: Experiment, top: int, seeds: int, tr
     for i, r in enumerate(rows):
         r["winner"] = i == 0
     sentence = confirm_sentence(rows, len(fresh), validation_rows(exp, plan), folds)
-    ensemble = form_ensemble(exp, kept[1], kept[0], kept[2]) if kept is not None else None
-    if ensemble is None:
+    whole = kept is not None and not kept[0]["diverged"] and len(kept[2]) >= 2  # one model per seed, all trained
+    ensemble = form_ensemble(exp, kept[1], kept[0], kept[2]) if whole else None
+    if folds is not None:
         logger.info(NO_ENSEMBLE_WITH_FOLDS)
     study.set_user_attr(CONFIRM_ATTR, {"seeds": fresh, "folds": folds, "spread": "sd", "rows": rows,
                                        "sentence": sentence, "ensemble": ensemble and ensemble[0]})
@@ -172,8 +174,11 @@ def confirm_study(study: optuna.Study, exp: Experiment, top: int, seeds: int, tr
 
 
 def _rank(row: Mapping[str, Any]) -> tuple:
-    """The confirmation's ranking (smaller is better): the higher mean val_acc, then the lower mean val_loss."""
-    return -row["val_acc_mean"], row["val_loss_mean"], row["trial"]
+    """The confirmation's ranking (smaller is better): a configuration none of whose runs diverged first, then the
+    higher mean val_acc, then the lower mean val_loss."""
+    acc, loss = row["val_acc_mean"], row["val_loss_mean"]
+    return (bool(row.get("diverged")), math.inf if acc is None else -acc, math.inf if loss is None else loss,
+            row["trial"])
 
 
 def run_plan(exp: Experiment, seeds: Sequence[int], folds: int | None
@@ -271,7 +276,7 @@ def trained_runs(exp: Experiment, trial: optuna.trial.FrozenTrial, seeds: Sequen
     models) trained once per (seed, split): each metric's per-run values, their mean and (sample) sd."""
     runs = [retrain_with_seed(exp if rows is None else replace(exp, data=fold_split(exp.data, *rows)), trial, seed,
                               **build) for seed, rows in zip(seeds, plan, strict=True)]  # one fold's copy at a time
-    row: dict[str, Any] = {}
+    row: dict[str, Any] = {"diverged": sum(bool(r.get("diverged")) for r in runs)}
     for key in _METRICS:
         values = [r[key] for r in runs]
         row[key] = values
@@ -286,12 +291,18 @@ def retrain_with_seed(exp: Experiment, trial: optuna.trial.FrozenTrial, seed: in
                       keep: list[nn.Module] | None = None) -> dict[str, float | None]:
     """A stored trial's configuration trained with another seed, in its precision: val, gap and test metrics.
     `on` and `params` (an ablation) switch on those regularizers, with those parameters, instead of the trial's;
-    the trained model is appended to `keep` where given (the confirmation's ensemble)."""
+    the trained model is appended to `keep` where given (the confirmation's ensemble). A run that diverges is
+    one warning and metrics of None, with `diverged` set: what that configuration does is a result too."""
     fixed = optuna.trial.FixedTrial(dict(trial.params if params is None else params), number=trial.number)
     model, applied, lr = build_trial(exp, fixed, seed, baseline=is_baseline(trial), on=on)
     autocast = stored_autocast(exp, trial)
-    metrics = fit(model, exp.data, applied, training_for(exp, trial), lr=lr, device=exp.device, seed=seed,
-                  autocast=autocast)
+    try:
+        metrics = fit(model, exp.data, applied, training_for(exp, trial), lr=lr, device=exp.device, seed=seed,
+                      autocast=autocast)
+    except TrialDiverged as exc:
+        what = f"trial {trial.number}" if on is None else f"trial {trial.number} with {' + '.join(on) or 'nothing'}"
+        logger.warning("%s diverged with seed %d (%s); counted as a diverged run", what, seed, exc)
+        return {"val_acc": None, "gap_acc": None, "val_loss": None, "test_acc": None, "diverged": True}
     test_acc = test_score(exp, model, autocast)[1] if exp.data.y_test is not None else None
     if keep is not None:
         keep.append(model)

@@ -274,7 +274,7 @@ def paired_sd(a: dict[str, Any], b: dict[str, Any]) -> float:
     runs_a, runs_b = a.get("val_acc") or [], b.get("val_acc") or []
     if len(runs_a) == len(runs_b) >= 2 and None not in runs_a and None not in runs_b:
         return statistics.stdev(x - y for x, y in zip(runs_a, runs_b))
-    return math.hypot(a["val_acc_sd"], b["val_acc_sd"])
+    return math.hypot(a["val_acc_sd"] or 0.0, b["val_acc_sd"] or 0.0)
 
 
 def confirm_method(runs: int, folds: int | None) -> str:
@@ -289,16 +289,25 @@ def confirm_sentence(rows: list[dict[str, Any]], runs: int, n_val: int, folds: i
     recipe (else the baseline) beyond noise (`beyond_noise`); differences in points, ± their sd (`paired_sd`).
     `runs`: trainings per configuration (seeds, or folds × repeats); `n_val`: validation rows of one run."""
     winner = next(r for r in rows if r["winner"])
-    test = (f" (test {winner['test_acc_mean']:.3f} ± {winner['test_acc_sd']:.3f})"
+    test = (f" (test {winner['test_acc_mean']:.3f} ± {winner['test_acc_sd'] or 0.0:.3f})"
             if winner.get("test_acc_mean") is not None else "")
     over = f"{runs} seeds" if folds is None else f"{runs} folds" if runs == folds else \
         f"{runs} folds ({runs // folds} × {folds}-fold)"
-    sentence = (f"Confirmed over {f'{runs} fresh seeds' if folds is None else over} (mean ± sd): {_who(winner)} has "
-                f"the best mean validation accuracy, {winner['val_acc_mean']:.3f} ± {winner['val_acc_sd']:.3f}{test}")
+    method = f"{runs} fresh seeds" if folds is None else over
+    if winner["val_acc_mean"] is None:
+        return f"Confirmed over {method}: every run of every configuration diverged; nothing is confirmed."
+    sentence = (f"Confirmed over {method} (mean ± sd): {_who(winner)} has the best mean validation accuracy, "
+                f"{winner['val_acc_mean']:.3f} ± {winner['val_acc_sd'] or 0.0:.3f}{test}")
+    if winner.get("diverged"):
+        sentence += f", though {winner['diverged']} of its {runs} runs diverged, as every configuration's did"
+    lost = [r for r in rows if r.get("diverged")]
+    if lost:
+        sentence += " (runs that diverged: " + ", ".join(f"trial {r['trial']} {r['diverged']} of {runs}"
+                                                         for r in lost) + ")"
     reference = next((r for r in rows if r["role"] == "recipe"), None) or next(
         (r for r in rows if r["role"] == "baseline"), None)
     searched = [r for r in rows if r["role"] == "searched"]  # rows come best first
-    if reference is None or not searched:
+    if reference is None or not searched or None in (reference["val_acc_mean"], searched[0]["val_acc_mean"]):
         return sentence + "."
     best = searched[0]
     points = 100 * (best["val_acc_mean"] - reference["val_acc_mean"])

@@ -189,3 +189,81 @@ def test_with_folds_each_ablated_configuration_trains_on_the_confirmations_folds
         if r["direction"] == "removed":
             assert r["val_acc_effect"] == [w - x for w, x in zip(winner["val_acc"], r["val_acc"], strict=True)]
     assert "paired over 2 folds" in done["sentence"] and done["sentence"] in result.output
+
+
+FLIP_STUDY = textwrap.dedent("""\
+    seed: 0
+    data: {name: cifar10, train_size: 1000, val_fraction: 0.2}
+    model: {name: cnn, channels: [16, 32, 64], hidden: 64}
+    training: {epochs: 30, batch_size: 64, lr: 0.05, precision: float32}
+    search:
+      n_trials: 2
+      pruner: {name: none}
+      first_trial: {augment.enabled: true}
+    regularizers:
+      augment: {translate: 4}
+    """)
+
+
+@pytest.mark.slow  # about a minute of real training
+def test_flip_and_translate_help_on_the_cifar_sample_beyond_noise(cifar_sample, tmp_path, restore_logging):
+    """1,000 of the real CIFAR images, a small CNN trained long enough to memorise them: flip and translate are
+    worth points in both directions, and the verdict says so."""
+    (tmp_path / "flip.yaml").write_text(FLIP_STUDY)
+    storage = str(tmp_path / "flip.journal")
+    regsearch.optimize(str(tmp_path / "flip.yaml"), storage=storage, tracking=False, data_dir=str(cifar_sample))
+    regsearch.confirm("flip", storage=storage, top=1, seeds=2, ablate=True, tracking=False,
+                      data_dir=str(cifar_sample))
+    study = optuna.load_study(study_name="flip", storage=regsearch._storage.open_storage(storage))
+    rows = {(r["regularizer"], r["direction"]): r for r in study.user_attrs[ABLATION_ATTR]["rows"]}
+    assert set(rows) == {("augment", "removed"), ("augment", "added")}
+    for row in rows.values():
+        assert row["val_acc_effect_mean"] > 0 and row["verdict"] == "helps", row
+    assert "augment +" in study.user_attrs[ABLATION_ATTR]["sentence"]
+
+
+NEEDS_BATCHNORM = textwrap.dedent("""
+    import torch
+    from torch import nn
+
+    import regsearch
+
+    @regsearch.register("needs_bn")
+    class NeedsBatchNorm(regsearch.Regularizer):
+        '''A penalty that is NaN in a model without BatchNorm: a network that trains only with it.'''
+
+        def search_space(self, trial):
+            return {}
+
+        def penalty(self, model, params):
+            has_bn = any(isinstance(m, nn.BatchNorm1d) for m in model.modules())
+            weight = next(model.parameters())
+            return weight.sum() * (0.0 if has_bn else float("nan"))
+    """)
+
+
+@pytest.mark.slow  # about twenty seconds of real training
+def test_a_configuration_that_diverges_is_a_result_not_a_crash(tmp_path, restore_logging):
+    """Removing BatchNorm from a winner that cannot train without it diverges in every run: the ablation says
+    BatchNorm is needed (and the plugin added alone diverges), the confirmation and its ensemble are kept."""
+    plugin = tmp_path / "needs_bn.py"
+    plugin.write_text(NEEDS_BATCHNORM)
+    study_file = tmp_path / "div.yaml"
+    study_file.write_text(STUDY.replace("lr: 0.005", "lr: 0.05").replace("dropout.enabled: true", "needs_bn.enabled: true")
+                          .replace("dropout: {p: 0.9}", "needs_bn: {}"))
+    storage = str(tmp_path / "div.journal")
+    regsearch.optimize(str(study_file), storage=storage, tracking=False, plugins=[str(plugin)])
+    rows = regsearch.confirm("div", storage=storage, top=1, seeds=2, ablate=True, tracking=False,
+                             plugins=[str(plugin)])
+    assert rows[0]["role"] == "recipe" and rows[0]["diverged"] == 0 and rows[0]["val_acc_mean"] > 0.5
+    study = optuna.load_study(study_name="div", storage=regsearch._storage.open_storage(storage))
+    done = study.user_attrs[ABLATION_ATTR]
+    got = {(r["regularizer"], r["direction"]): r for r in done["rows"]}
+    removed, alone = got["batchnorm", "removed"], got["needs_bn", "added"]
+    assert removed["val_acc"] == [None, None] and removed["diverged"] == 2 and removed["verdict"] == "helps"
+    assert alone["diverged"] == 2 and alone["verdict"] == "hurts"
+    assert got["batchnorm", "added"]["diverged"] == got["needs_bn", "removed"]["diverged"] == 0
+    assert done["sentence"].startswith("What each regularizer is worth to trial 1 (val_acc with it − without it, "
+                                       "paired over 2 seeds, mean ± sd): batchnorm (2 of 2 runs diverge without it)")
+    assert "needs_bn: added alone to the baseline, (2 of 2 runs diverge with it: hurts here)" in done["sentence"]
+    assert study.user_attrs[CONFIRM_ATTR]["ensemble"] is not None  # the winner's two models trained

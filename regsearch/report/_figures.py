@@ -11,7 +11,7 @@ from typing import Any
 
 import optuna
 
-from regsearch._ablate import ABLATION_ATTR
+from regsearch._ablate import ABLATION_ATTR, diverged_words
 from regsearch._records import CONFIRM_ATTR
 from regsearch.report._views import (
     Section,
@@ -223,8 +223,9 @@ def _confirmation(study: optuna.Study) -> Section:
         color = "tab:red" if r["winner"] else "tab:blue"
         runs = [v for v in r["val_acc"] if v is not None]
         ax.scatter(runs, [y] * len(runs), s=14, color=color, alpha=0.45, zorder=3)
-        ax.errorbar([r["val_acc_mean"]], [y], xerr=[r["val_acc_sd"] or 0.0], fmt="o", color=color, capsize=4,
-                    zorder=4, label="val_acc, mean ± sd" if y == 0 else None)
+        if r["val_acc_mean"] is not None:  # else every run of it diverged
+            ax.errorbar([r["val_acc_mean"]], [y], xerr=[r["val_acc_sd"] or 0.0], fmt="o", color=color, capsize=4,
+                        zorder=4, label="val_acc, mean ± sd" if y == 0 else None)
         if r.get("test_acc_mean") is not None:
             ax.scatter([r["test_acc_mean"]], [y], marker="D", s=36, color="tab:gray", zorder=4,
                        label="test_acc, mean" if y == 0 else None)
@@ -256,18 +257,19 @@ def _ablation(study: optuna.Study) -> Section:
     fig = new_figure(1.2 + 0.6 * len(removed))
     ax = fig.add_subplot()
     for y, r in enumerate(reversed(removed)):
-        mean, sd = 100 * r["val_acc_effect_mean"], 100 * (r["val_acc_effect_sd"] or 0.0)
+        mean, sd = 100 * (r["val_acc_effect_mean"] or 0.0), 100 * (r["val_acc_effect_sd"] or 0.0)
         color = {"helps": "tab:green", "hurts": "tab:red"}.get(r["verdict"], "tab:gray")
         ax.barh([y], [mean], height=0.5, xerr=[sd], color=color, alpha=0.7, capsize=5,
                 label="removed from the winner" if y == 0 else None)
         other = added.get(r["regularizer"])
-        if other is not None:
+        if other is not None and other["val_acc_effect_mean"] is not None:
             ax.errorbar([100 * other["val_acc_effect_mean"]], [y + 0.35],
                         xerr=[100 * (other["val_acc_effect_sd"] or 0.0)], fmt="D", color="black", capsize=3,
                         label="added to the baseline" if y == 0 else None)
         for where, row in ((y, r), (y + 0.35, other)):
-            if row is not None and row["verdict"] == "noise":
-                ax.annotate("noise", (100 * row["val_acc_effect_mean"], where), xytext=(6, 4),
+            said = "noise" if row is not None and row["verdict"] == "noise" else diverged_words(row) if row else ""
+            if said:
+                ax.annotate(said, (100 * (row["val_acc_effect_mean"] or 0.0), where), xytext=(6, 4),
                             textcoords="offset points", fontsize="small", color="tab:gray")
     ax.axvline(0.0, color="black", linewidth=0.8)
     ax.set_yticks(range(len(removed)), [r["regularizer"] for r in reversed(removed)])
