@@ -5,10 +5,11 @@ seeds) should fall inside the ablation's own interval, widened by the new run's 
 Digits, a small study (8 trials of 15 epochs), `regsearch confirm --top 2 --seeds 3 --ablate`, then the separate
 run with 3 other seeds; `--table wine` or `--table adult` runs the `tabular` study (8 trials) on that shared UCI
 table instead, with the study's own 20 trials (wine: a stratified quarter held out as its test file, as in
-search_value.py). The removed-from-the-winner direction is reported beside it, not judged: where it differs,
+search_value.py); `--cifar` runs the `cifar` study (its 12-epoch trials, 6 of them) on the CIFAR-10 sample
+(`--data`). The removed-from-the-winner direction is reported beside it, not judged: where it differs,
 the sentence calls it an interaction.
 
-usage: python benchmarks/ablation_agreement.py [--seeds 3] [--table wine|adult]
+usage: python benchmarks/ablation_agreement.py [--seeds 3] [--table wine|adult | --cifar]
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def main() -> None:
     ap = common.parser(__doc__, "ablation_agreement")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--table", choices=("wine", "adult"), help="the tabular study on this shared table, not digits")
+    ap.add_argument("--cifar", action="store_true", help="the cifar study on the CIFAR-10 sample, not digits")
     args = ap.parse_args()
     seeds = 2 if args.quick else args.seeds
     budget = ["--n-trials", "3", "--set", "training.epochs=3", "--set", "data.train_size=300"] if args.quick else [
@@ -43,18 +45,24 @@ def main() -> None:
             study = ["--study", "tabular", "--study-name", args.table,
                      *[f"--set={k}={v}" for k, v in pairs], "--set", "search.confirm=null"]
             budget = ["--n-trials", "3", "--set", "training.steps=60"] if args.quick else []  # the shipped 20 trials
+        data_dir: list[str] = []
+        if args.cifar:
+            data_dir = ["--data-dir", str(args.data)]
+            study = ["--study", "cifar", "--set", "search.confirm=null"]
+            budget = ["--n-trials", "2", "--set", "training.epochs=2", "--set", "data.train_size=400"] if args.quick \
+                else ["--n-trials", "6"]
         started = time.perf_counter()
-        subprocess.run([exe, "optimize", *study, *budget], cwd=folder, check=True, capture_output=True)
+        subprocess.run([exe, "optimize", *study, *budget, *data_dir], cwd=folder, check=True, capture_output=True)
         searched = time.perf_counter() - started
-        name = args.table or "digits"
+        name = args.table or ("cifar" if args.cifar else "digits")
         started = time.perf_counter()
-        done = subprocess.run([exe, "confirm", "--study", name, "--top", "2", "--seeds", str(seeds), "--ablate"],
-                              cwd=folder, capture_output=True, text=True)
+        done = subprocess.run([exe, "confirm", "--study", name, "--top", "2", "--seeds", str(seeds), "--ablate",
+                               *data_dir], cwd=folder, capture_output=True, text=True)
         if done.returncode:
             raise SystemExit(f"regsearch confirm --ablate: {done.stderr.strip()}")
         ablated = time.perf_counter() - started
         os.chdir(folder)
-        rows = separate_run(seeds, name)
+        rows = separate_run(seeds, name, str(args.data) if args.cifar else None)
         os.chdir(common.REPO)
     measures = [("search", common.summary([searched]), "s"), ("confirm + ablate", common.summary([ablated]), "s")]
     for r in rows:
@@ -66,7 +74,7 @@ def main() -> None:
         "all_agree": all(r["agrees"] for r in rows)})
 
 
-def separate_run(n: int, name: str) -> list[dict]:
+def separate_run(n: int, name: str, data_dir: str | None) -> list[dict]:
     """Each regularizer of the ablated winner alone against the baseline, on `n` seeds the ablation did not use."""
     import statistics
 
@@ -78,7 +86,7 @@ def separate_run(n: int, name: str) -> list[dict]:
 
     question = ask(name)  # the stored study, by its name alone
     study = load_stored_study(name, None)
-    exp = prepare(question.spec)
+    exp = prepare(question.spec, data_dir=data_dir)
     done = study.user_attrs[ABLATION_ATTR]
     seeds = [s for s in confirm_seeds(question.spec.seed + 1, n + len(done["seeds"])) if s not in done["seeds"]][:n]
     plan = run_plan(exp, seeds, None)
