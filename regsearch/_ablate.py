@@ -56,6 +56,9 @@ def ablate(study: optuna.Study, spec: StudySpec, train: Callable[..., dict[str, 
         raise ConfigError(f"--ablate: the confirmed winner of study {study.study_name!r} is the unregularized "
                           f"baseline (trial {base['trial']}): it has no regularizer to remove (the confirmation is "
                           f"stored)")
+    if winner.get("val_acc_mean") is None:
+        raise ConfigError(f"--ablate: every run of study {study.study_name!r}'s confirmation diverged: there is no "
+                          f"trained winner to ablate (the confirmation is stored)")
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     won, baseline = trials[winner["trial"]], trials[base["trial"]]
     names = switched_on(spec.regularizers, won.params)
@@ -102,9 +105,10 @@ def verdict(row: Mapping[str, Any], n_val: int) -> str:
     with_it, without = row.get("diverged_with", 0), row.get("diverged_without", 0)
     if with_it != without:
         return "helps" if without > with_it else "hurts"
-    mean, sd = row["val_acc_effect_mean"], row["val_acc_effect_sd"] or 0.0
-    if mean is None:
+    mean, sd = row["val_acc_effect_mean"], row["val_acc_effect_sd"]
+    if mean is None or sd is None and len(row["val_acc"]) > 1:  # one pair left of several: no spread to judge by
         return "noise"
+    sd = sd or 0.0
     return "helps" if beyond_noise(mean, sd, n_val) else "hurts" if beyond_noise(-mean, sd, n_val) else "noise"
 
 

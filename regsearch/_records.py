@@ -307,8 +307,11 @@ def confirm_sentence(rows: list[dict[str, Any]], runs: int, n_val: int, folds: i
     reference = next((r for r in rows if r["role"] == "recipe"), None) or next(
         (r for r in rows if r["role"] == "baseline"), None)
     searched = [r for r in rows if r["role"] == "searched"]  # rows come best first
-    if reference is None or not searched or None in (reference["val_acc_mean"], searched[0]["val_acc_mean"]):
+    if reference is None or not searched:
         return sentence + "."
+    if reference.get("diverged") or searched[0].get("diverged"):  # a mean of the runs that trained compares nothing
+        return sentence + "; no searched configuration is compared with the " + \
+            ("recipe" if reference["role"] == "recipe" else "unregularized baseline") + " where runs diverged."
     best = searched[0]
     points = 100 * (best["val_acc_mean"] - reference["val_acc_mean"])
     spread = 100 * paired_sd(best, reference)

@@ -170,13 +170,15 @@ def data_fingerprint(data: Any) -> dict[str, Any]:
         rows = x[:: max(1, len(x) // 4096)].detach().cpu().float()
         per = rows.mean(dim=(0, 2, 3)) if rows.ndim == 4 else rows.mean(dim=0) if rows.ndim == 2 else rows.mean()
         means[split] = [round(float(v), 6) for v in per.reshape(-1)]
-    return {"sizes": sizes, "labels": labels.hexdigest(), "means": means}
+    return {"sizes": sizes, "labels": labels.hexdigest(), "means": means, "shape": list(data.input_shape)}
 
 
 def data_difference(stored: Mapping[str, Any], now: Mapping[str, Any]) -> str | None:
     """What differs between two `data_fingerprint`s, in words; None when they match."""
     if stored.get("sizes") != now.get("sizes"):
         return f"its splits held {_sizes(stored)}; this run's hold {_sizes(now)}"
+    if "shape" in stored and stored["shape"] != now.get("shape"):
+        return f"its inputs had shape {tuple(stored['shape'])}; this run's have {tuple(now.get('shape') or ())}"
     if stored.get("labels") != now.get("labels"):
         return "its splits hold other rows (their labels differ: another file, val_fraction, seed or group_repeats)"
     for split, values in (stored.get("means") or {}).items():
@@ -194,7 +196,7 @@ def _sizes(fingerprint: Mapping[str, Any]) -> str:
 def refuse_other_data(name: str, stored: StudyRecord, data: Any) -> None:
     if stored.data is None:
         return
-    problem = data_difference(stored.data, data_fingerprint(data))
+    problem = _old_image_size(stored, data) or data_difference(stored.data, data_fingerprint(data))
     if problem:
         raise ConfigError(f"study {name!r} was trained on other data: {problem}. Give the data it was made with, or "
                           f"another --study-name to start a new study")
@@ -234,3 +236,14 @@ def refuse_foreign_params(study: optuna.Study, spec: StudySpec) -> None:
             raise ConfigError(f"trial {trial.number} of study {study.study_name!r} searched the regularizer "
                               f"{foreign[0]!r}, which this run does not have: give the --plugin and --set values "
                               f"the study was run with")
+
+
+def _old_image_size(stored: StudyRecord, data: Any) -> str | None:
+    """An images study recorded before the fingerprint held the input shape, made without data.image_size: its
+    images were resized to 64, the default then; this version keeps smaller ones at their own size."""
+    decoding = getattr(data, "decoding", None)
+    given = ((stored.spec or {}).get("data") or {}).get("image_size")
+    if "shape" in stored.data or decoding is None or given is not None or decoding.size == 64:
+        return None
+    return (f"its images were resized to 64 x 64 (the default when it was made), this run's to {decoding.size} x "
+            f"{decoding.size} (their own size, today's default), and a study's image_size cannot change")

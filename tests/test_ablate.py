@@ -139,6 +139,26 @@ def test_the_sentence_names_each_effect_with_its_verdict_and_says_where_the_dire
     assert sentence.endswith("for batchnorm: added alone to the baseline, +0.1 ± 0.1 (noise).")
     # one validation example is the floor of noise: 1 point on 100 rows
     assert verdict(effect("l2", "removed", [0.008, 0.0081]), 100) == "noise"
+    # one pair left of two (the same seed diverged on both sides) has no spread: noise, whatever its size
+    one_left = {**effect("l2", "removed", [0.05, 0.05]), "val_acc_effect_sd": None, "val_acc": [None, 0.7],
+                "diverged_with": 1, "diverged_without": 1}
+    assert verdict(one_left, 1000) == "noise"
+
+
+def test_the_confirmation_compares_no_configuration_whose_runs_diverged():
+    from regsearch._records import confirm_sentence
+
+    def row(trial, role, runs, winner=False):
+        known = [v for v in runs if v is not None]
+        return {"trial": trial, "role": role, "config": "x", "winner": winner, "val_acc": runs,
+                "val_acc_mean": sum(known) / len(known), "val_acc_sd": None if len(known) < 2 else 0.01,
+                "diverged": runs.count(None)}
+
+    rows = [row(1, "recipe", [0.70, 0.71], winner=True), row(5, "searched", [None, 0.90])]
+    sentence = confirm_sentence(rows, 2, 1000)
+    assert "beats" not in sentence and sentence.endswith(
+        "(runs that diverged: trial 5 1 of 2); no searched configuration is compared with the recipe where runs "
+        "diverged.")
 
 
 @pytest.mark.slow  # about half a minute of real training

@@ -292,6 +292,19 @@ def test_without_a_size_small_images_keep_theirs_and_photographs_become_64(cifar
     for i, (w, h) in enumerate([(300, 200), (120, 100), (90, 160), (40, 30)] * 2):
         write(tmp_path / "photos" / "ab"[i % 2] / f"{i}.jpg", halves(w, h))
     assert load_images(tmp_path / "photos", val_fraction=0.5).x_train.shape[1:] == (3, 64, 64)
+    assert images_from_dataset(Four(), val_fraction=0.5).x_train.shape[1:] == (3, 20, 20)
+
+
+class Four(torch.utils.data.Dataset):
+    """Four 20-pixel tensors; reading past the end is an error other than IndexError, as many Datasets' is."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i):
+        if not 0 <= i < 4:
+            raise RuntimeError(f"item {i} read past the end")
+        return torch.full((3, 20, 20), 60 * i, dtype=torch.uint8), i % 2
 
 
 @pytest.mark.parametrize("kind", ["pil", "array", "tensor"])

@@ -189,3 +189,31 @@ def test_a_study_stored_before_records_still_reads_resumes_and_confirms(tmp_path
         with pytest.raises(ConfigError, match=r"trial 3 of study 'old' searched the regularizer 'shake', which "
                                               r"this run does not have"):
             run()
+
+
+def test_an_images_study_recorded_at_the_old_default_size_is_refused_not_resumed_at_another(tmp_path):
+    """Before images kept their own size, a study without data.image_size decoded them at 64: resuming it on
+    32-pixel images now would silently train at another size (their means barely move when scaled)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from PIL import Image
+
+    from regsearch._study_record import data_fingerprint, refuse_other_data
+    from regsearch.data.images import load_images
+
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        folder = tmp_path / "photos" / "ab"[i % 2]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    data = load_images(tmp_path / "photos", val_fraction=0.5)
+    now = data_fingerprint(data)
+    assert now["shape"] == [3, 32, 32]
+    old = {k: v for k, v in now.items() if k != "shape"}  # a record written before the shape was kept
+    with pytest.raises(ConfigError, match=r"its images were resized to 64 x 64 \(the default when it was made\), "
+                                          r"this run's to 32 x 32"):
+        refuse_other_data("photos", SimpleNamespace(data=old, spec={"data": {"image_size": None}}), data)
+    refuse_other_data("photos", SimpleNamespace(data=old, spec={"data": {"image_size": 32}}), data)  # it was given
+    with pytest.raises(ConfigError, match=r"its inputs had shape \(3, 64, 64\); this run's have \(3, 32, 32\)"):
+        refuse_other_data("photos", SimpleNamespace(data={**now, "shape": [3, 64, 64]}, spec={}), data)

@@ -74,8 +74,9 @@ def fit(image: Any, decoding: Decoding) -> np.ndarray:
 def default_size(images: Sequence[Any]) -> int:
     """The side images are resized to when none is given: the median shorter side of up to `SIZE_SAMPLE` of them
     (evenly spaced, so the same listing gives the same answer), at most `LARGEST_DEFAULT`."""
-    picks = [images[i * len(images) // SIZE_SAMPLE] for i in range(SIZE_SAMPLE)] if len(images) > SIZE_SAMPLE \
-        else list(images)
+    n = len(images)
+    picks = [images[i * n // SIZE_SAMPLE] for i in range(SIZE_SAMPLE)] if n > SIZE_SAMPLE else \
+        [images[i] for i in range(n)]
     sides = sorted(side for side in map(_shorter_side, picks) if side is not None)
     if not sides:  # none readable: the decode names the first bad one
         return LARGEST_DEFAULT
