@@ -396,7 +396,10 @@ def test_sigint_and_sigterm_fail_the_running_trial_and_rerunning_resumes(tmp_pat
 
     hold.touch()
     for sig, code, said in ((signal.SIGINT, 130, "interrupted; "), (signal.SIGTERM, 143, "interrupted by SIGTERM; ")):
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+        # SIGINT as a terminal delivers it: a suite started in the background (`pytest &`) passes SIGINT ignored
+        # to its children, and Python then installs no KeyboardInterrupt handler
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             number = hold_next_trial(hold, proc, timeout=120)
             proc.send_signal(sig)

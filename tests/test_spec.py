@@ -16,7 +16,7 @@ def test_shipped_studies_are_found_by_name_and_valid():
     for name in found:
         spec = load_study(name, table if name == "tabular" else ())
         assert spec.name == name and spec.description
-        assert {r.name for r in spec.regularizers} >= {"l1", "l2", "dropout", "batchnorm"}
+        assert {r.name for r in spec.regularizers} >= {"l2", "dropout", "batchnorm"}
 
 
 def test_defaults_fill_what_a_file_leaves_out():
