@@ -51,12 +51,13 @@ def _live(exp: Experiment) -> list[tuple[RegularizerSpec, Regularizer]]:
     return [(rspec, reg) for rspec, reg in exp.regularizers if rspec.enabled != "off"]
 
 
-def _applied_all(exp: Experiment, registry: RegularizerRegistry) -> tuple[nn.Module, list[Applied]]:
-    """The model with every regularizer a trial can switch on, switched on at mid-range values."""
+def _applied_all(exp: Experiment, registry: RegularizerRegistry, live: list[tuple[RegularizerSpec, Regularizer]]
+                 ) -> tuple[nn.Module, list[Applied]]:
+    """The model with every regularizer a trial can switch on (`live`), switched on at mid-range values."""
     model = new_model(exp, RecordingTrial()).to(exp.device)
     ctx = context(exp, model, 0, exp.spec.seed)
     applied = []
-    for rspec, reg in _live(exp):
+    for rspec, reg in live:
         with _Blame(_who(rspec, registry), f"regularizers.{rspec.name}") as blame:
             blame.hook = "search_space"
             reg.context = ctx
@@ -67,12 +68,13 @@ def _applied_all(exp: Experiment, registry: RegularizerRegistry) -> tuple[nn.Mod
     return model, applied
 
 
-def _first_batch(exp: Experiment, registry: RegularizerRegistry, state: LoopState, applied: list[Applied]
+def _first_batch(exp: Experiment, registry: RegularizerRegistry, state: LoopState,
+                 live: list[tuple[RegularizerSpec, Regularizer]], applied: list[Applied]
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """A real training batch, through every batch transform (each checked against the contract)."""
     batch = min(exp.spec.training.batch_size, len(exp.data.y_train))
     x, y = Batcher(exp.data).inputs(exp.data.x_train[:batch]), exp.data.y_train[:batch]
-    for (rspec, _), a in zip(_live(exp), applied):
+    for (rspec, _), a in zip(live, applied, strict=True):
         if not a.overrides("transform_batch"):
             continue
         with _Blame(_who(rspec, registry), f"regularizers.{rspec.name}") as blame:
@@ -90,7 +92,8 @@ def preflight(exp: Experiment, registry: RegularizerRegistry) -> float | None:
     A plugin that breaks the contract (bad search space, a hook raising, a penalty that is not a scalar on the
     training device) is reported here, naming the plugin, instead of failing every trial.
     """
-    model, applied = _applied_all(exp, registry)
+    live = _live(exp)
+    model, applied = _applied_all(exp, registry, live)
     autocast = training_autocast(exp.spec.training, exp.device, model, exp.data)
     try:
         optimizer = build_optimizer(model, applied, exp.spec.training, exp.spec.training.lr.low)
@@ -99,9 +102,9 @@ def preflight(exp: Experiment, registry: RegularizerRegistry) -> float | None:
                           f"{type(exc).__name__}: {exc}") from exc
     state = LoopState(model=model, optimizer=optimizer, epochs=exp.spec.training.epochs,
                       num_classes=exp.data.num_classes)
-    x, y = _first_batch(exp, registry, state, applied)
+    x, y = _first_batch(exp, registry, state, live, applied)
     model.train()
-    step = _step(exp, registry, model, applied, autocast, x, y)
+    step = _step(exp, registry, model, live, applied, autocast, x, y)
     step()
     seconds = None
     if exp.device.type == "cpu":
@@ -112,7 +115,8 @@ def preflight(exp: Experiment, registry: RegularizerRegistry) -> float | None:
     return seconds
 
 
-def _step(exp: Experiment, registry: RegularizerRegistry, model: nn.Module, applied: list[Applied],
+def _step(exp: Experiment, registry: RegularizerRegistry, model: nn.Module,
+          live: list[tuple[RegularizerSpec, Regularizer]], applied: list[Applied],
           autocast: torch.dtype | None, x: torch.Tensor, y: torch.Tensor) -> Callable[[], float]:
     """One timed forward and backward pass, every penalty checked against the contract."""
     def step() -> float:
@@ -120,7 +124,7 @@ def _step(exp: Experiment, registry: RegularizerRegistry, model: nn.Module, appl
         with autocast_context(exp.device, autocast):
             out = model(x)
         loss = torch.nn.functional.cross_entropy(out.float(), y)
-        for (rspec, reg), a in zip(_live(exp), applied):
+        for (rspec, reg), a in zip(live, applied, strict=True):
             try:
                 term = reg.penalty(model, a.params)
             except Exception as exc:

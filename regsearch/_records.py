@@ -309,13 +309,12 @@ def confirm_sentence(rows: list[dict[str, Any]], runs: int, n_val: int, folds: i
     searched = [r for r in rows if r["role"] == "searched"]  # rows come best first
     if reference is None or not searched:
         return sentence + "."
+    named = "the recipe" if reference["role"] == "recipe" else "the unregularized baseline"
     if reference.get("diverged") or searched[0].get("diverged"):  # a mean of the runs that trained compares nothing
-        return sentence + "; no searched configuration is compared with the " + \
-            ("recipe" if reference["role"] == "recipe" else "unregularized baseline") + " where runs diverged."
+        return sentence + f"; no searched configuration is compared with {named} where runs diverged."
     best = searched[0]
     points = 100 * (best["val_acc_mean"] - reference["val_acc_mean"])
     spread = 100 * paired_sd(best, reference)
-    named = "the recipe" if reference["role"] == "recipe" else "the unregularized baseline"
     if beyond_noise(points / 100, spread / 100, n_val):
         return sentence + (f"; trial {best['trial']} ({best['config']}) beats {named} (trial {reference['trial']}) "
                            f"by {points:.1f} ± {spread:.1f} points over {over}.")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from regsearch._errors import DataError, unknown_name
-from regsearch.data._decode import SUFFIXES, Decoding, decode_item, default_size, is_image_file
+from regsearch.data._decode import LARGEST_DEFAULT, SUFFIXES, Decoding, decode_item, default_size, is_image_file
 from regsearch.data._image_cache import CacheFile, cache_root, cached, decode_files
 from regsearch.data._streamed import StreamedImages
 from regsearch.data._tensors import TensorData
@@ -187,8 +187,8 @@ def _decoding(image_size: int | None, channels: int, images: Any) -> Decoding:
     """The decoding of `images` (paths or a Dataset's images): the size given, else their own (`default_size`)."""
     if image_size is None:
         image_size = default_size(images)
-        logger.info("images resized to %d x %d (their own size, at most 64; data.image_size sets another)",
-                    image_size, image_size)
+        logger.info("images resized to %d x %d (their own size, at most %d; data.image_size sets another)",
+                    image_size, image_size, LARGEST_DEFAULT)
     return Decoding(image_size, channels)
 
 

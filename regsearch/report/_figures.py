@@ -267,7 +267,9 @@ def _ablation(study: optuna.Study) -> Section:
                         xerr=[100 * (other["val_acc_effect_sd"] or 0.0)], fmt="D", color="black", capsize=3,
                         label="added to the baseline" if y == 0 else None)
         for where, row in ((y, r), (y + 0.35, other)):
-            said = "noise" if row is not None and row["verdict"] == "noise" else diverged_words(row) if row else ""
+            if row is None:
+                continue
+            said = "noise" if row["verdict"] == "noise" else diverged_words(row)
             if said:
                 ax.annotate(said, (100 * (row["val_acc_effect_mean"] or 0.0), where), xytext=(6, 4),
                             textcoords="offset points", fontsize="small", color="tab:gray")
