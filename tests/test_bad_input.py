@@ -625,6 +625,10 @@ CASES = [
          files=photos()),
     case("images-size-absurd", IMAGES + "photos --set data.image_size=100000",
          "data.image_size: must be <= 1024; got 100000", files=photos()),
+    case("images-resnet18-with-batchnorm-insertion-left-on", IMAGES + "photos --set model.name=resnet18",
+         "regularizers.batchnorm: no batchnorm site matches Linear, Conv1d, Conv2d, Conv3d in this model: each of "
+         "its 20 such layers is already followed by a BatchNorm (set regularizers.batchnorm.enabled=false)",
+         files=photos()),
     case("images-channels-two", IMAGES + "photos --set data.channels=2", "data.channels: unknown value",
          files=photos()),
     case("images-size-with-digits", "optimize --study digits --set data.image_size=32",

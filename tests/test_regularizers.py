@@ -297,7 +297,9 @@ def test_dropout_on_a_resnet_goes_after_each_activation_and_before_the_classifie
 
 def test_batchnorm_on_a_resnet_finds_no_site_and_says_so():
     """Every convolution of a ResNet is already followed by a BatchNorm and the classifier is the output layer."""
-    with pytest.raises(ConfigError, match=r"no batchnorm site matches Linear, Conv1d, Conv2d, Conv3d in this model"):
+    with pytest.raises(ConfigError, match=r"no batchnorm site matches Linear, Conv1d, Conv2d, Conv3d in this model: "
+                                          r"each of its \d+ such layers is already followed by a BatchNorm \(set "
+                                          r"regularizers.batchnorm.enabled=false\)"):
         apply("batchnorm", small_resnet(), torch.randn(2, 3, 16, 16))
 
 

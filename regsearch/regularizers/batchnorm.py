@@ -11,6 +11,9 @@ from regsearch._options import Names
 from regsearch._regularizer import Regularizer
 from regsearch.surgery import ACTIVATIONS, LAYERS, Site, insert_after, original, select
 
+MODULES_SHOWN = 12
+"""How many of the model's modules a no-site error lists; a ResNet has dozens."""
+
 
 def batchnorm_for(site: Site) -> nn.Module:
     """BatchNorm1d/2d/3d from the site's output: (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W)."""
@@ -43,8 +46,15 @@ class BatchNorm(Regularizer):
         usable = [s for s in chosen if s.name != output and not (s.next_type or "").startswith("BatchNorm")]
         if not usable:
             asked = ", ".join([*self.types, *self.sites]) or "nothing"
+            normed = [s for s in chosen if s.name != output]
+            if normed:  # every chosen layer has its BatchNorm already (a ResNet, say): nothing left to search
+                raise ConfigError(f"no batchnorm site matches {asked} in this model: each of its {len(normed)} "
+                                  f"such layers is already followed by a BatchNorm (set "
+                                  f"regularizers.{self.name or 'batchnorm'}.enabled=false)")
+            shown = ", ".join(f"{s.name} ({s.type_name})" for s in all_sites[:MODULES_SHOWN])
+            more = f" and {len(all_sites) - MODULES_SHOWN} more" if len(all_sites) > MODULES_SHOWN else ""
             raise ConfigError(f"no batchnorm site matches {asked} in this model (the output layer is never a "
-                              f"site); modules: {', '.join(f'{s.name} ({s.type_name})' for s in all_sites)}")
+                              f"site); modules: {shown}{more}")
         return usable
 
     def search_space(self, trial: Any) -> dict[str, Any]:
