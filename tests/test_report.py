@@ -298,3 +298,28 @@ def test_chromium_renders_the_report_with_every_image_decoded(digits_html, tmp_p
     pixels = Image.open(shot).convert("L")
     dark = sum(pixels.histogram()[:128])  # text, axes, markers
     assert dark > 0.005 * pixels.width * pixels.height, "the page rendered (nearly) blank"
+
+
+def test_the_confirmation_legend_survives_a_bottom_row_whose_runs_all_diverged(monkeypatch):
+    """The baseline drawn at the bottom diverged in every run: the bars and diamonds of the rows above still get
+    their legend entries, once each."""
+    from regsearch._records import CONFIRM_ATTR
+    from regsearch.report import _figures
+
+    drawn = []
+    monkeypatch.setattr(_figures, "png_bytes", lambda fig: drawn.append(fig) or b"png")
+    study = optuna.create_study(study_name="legend")
+
+    def row(trial, role, val, winner=False):
+        known = [v for v in val if v is not None]
+        return {"trial": trial, "role": role, "config": "augment + l2", "winner": winner, "val_acc": val,
+                "val_acc_mean": sum(known) / len(known) if known else None, "val_acc_sd": 0.01 if known else None,
+                "test_acc_mean": 0.7 if known else None, "diverged": val.count(None)}
+
+    study.set_user_attr(CONFIRM_ATTR, {"rows": [row(1, "recipe", [0.73, 0.74], winner=True),
+                                                row(4, "searched", [0.70, 0.71]),
+                                                row(0, "baseline", [None, None])], "sentence": ""})
+    section = _figures._confirmation(study)
+    assert section.png == b"png"
+    legend = drawn[0].axes[0].get_legend()
+    assert sorted(t.get_text() for t in legend.get_texts()) == ["test_acc, mean", "val_acc, mean ± sd"]

@@ -15,7 +15,7 @@ import regsearch
 from regsearch import ConfigError
 from regsearch._experiment import prepare
 from regsearch._regularizer import NamespacedTrial
-from regsearch._spec import TrainingSpec, spec_from_dict
+from regsearch._spec import spec_from_dict
 from regsearch._trainer import fit
 from regsearch._trial import build_trial
 from regsearch._weights import FrozenBackbone, load_weights, read_state_dict

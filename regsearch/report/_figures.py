@@ -219,16 +219,24 @@ def _confirmation(study: optuna.Study) -> Section:
     rows = done["rows"]
     fig = new_figure(1.0 + 0.55 * len(rows))
     ax = fig.add_subplot()
+    unlabelled = {"val_acc, mean ± sd", "test_acc, mean"}  # each legend entry once, on the first row that has it
+
+    def label(text: str) -> str | None:
+        if text not in unlabelled:
+            return None
+        unlabelled.remove(text)
+        return text
+
     for y, r in enumerate(reversed(rows)):
         color = "tab:red" if r["winner"] else "tab:blue"
         runs = [v for v in r["val_acc"] if v is not None]
         ax.scatter(runs, [y] * len(runs), s=14, color=color, alpha=0.45, zorder=3)
         if r["val_acc_mean"] is not None:  # else every run of it diverged
             ax.errorbar([r["val_acc_mean"]], [y], xerr=[r["val_acc_sd"] or 0.0], fmt="o", color=color, capsize=4,
-                        zorder=4, label="val_acc, mean ± sd" if y == 0 else None)
+                        zorder=4, label=label("val_acc, mean ± sd"))
         if r.get("test_acc_mean") is not None:
             ax.scatter([r["test_acc_mean"]], [y], marker="D", s=36, color="tab:gray", zorder=4,
-                       label="test_acc, mean" if y == 0 else None)
+                       label=label("test_acc, mean"))
     labels = [f"{'* ' if r['winner'] else ''}trial {r['trial']} ({r['role']}): {r['config']}" for r in reversed(rows)]
     # two lines of 70 characters: a configuration's searched width or epochs come last and must show
     wrapped = [textwrap.wrap(label, 70) for label in labels]
