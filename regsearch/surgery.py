@@ -81,6 +81,16 @@ def select(sites: Sequence[Site], *, types: Iterable[str] = (), patterns: Iterab
     return [s for s in chosen if not any(fnmatch.fnmatchcase(s.name, p) for p in exclude)]
 
 
+MODULES_SHOWN = 12
+"""How many of a model's modules a no-site error lists; a ResNet has dozens."""
+
+
+def listed(sites: Sequence[Site]) -> str:
+    """The sites as `name (Type)` for an error message: the first MODULES_SHOWN, then how many more."""
+    shown = ", ".join(f"{s.name} ({s.type_name})" for s in sites[:MODULES_SHOWN])
+    return shown + (f" and {len(sites) - MODULES_SHOWN} more" if len(sites) > MODULES_SHOWN else "")
+
+
 def insert_after(model: nn.Module, site: str, module: nn.Module) -> nn.Module:
     """Insert `module` right after the module named `site`; returns the (same) root model."""
     target = model.get_submodule(site)

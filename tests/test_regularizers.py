@@ -303,6 +303,14 @@ def test_batchnorm_on_a_resnet_finds_no_site_and_says_so():
         apply("batchnorm", small_resnet(), torch.randn(2, 3, 16, 16))
 
 
+def test_a_site_pattern_that_matches_nothing_lists_the_first_modules_and_counts_the_rest():
+    """A ResNet has dozens of modules: the one-line error names the first 12 and says how many it left out."""
+    with pytest.raises(ConfigError, match=r"modules: conv1 \(Conv2d\), bn1 \(BatchNorm2d\), relu \(ReLU\), .* and "
+                                          r"\d+ more$") as raised:
+        apply("dropout", small_resnet(), torch.randn(2, 3, 16, 16), types=[], sites=["encoder.*"])
+    assert str(raised.value).count("(") == 12 + 1  # the 12 modules listed and the sentence's own aside
+
+
 def test_l1_and_l2_on_a_resnet_reach_every_conv_and_the_classifier_but_no_norm_or_bias():
     model = small_resnet()
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]

@@ -9,10 +9,7 @@ from torch import nn
 from regsearch._errors import ConfigError
 from regsearch._options import Names
 from regsearch._regularizer import Regularizer
-from regsearch.surgery import ACTIVATIONS, LAYERS, Site, insert_after, original, select
-
-MODULES_SHOWN = 12
-"""How many of the model's modules a no-site error lists; a ResNet has dozens."""
+from regsearch.surgery import ACTIVATIONS, LAYERS, Site, insert_after, listed, original, select
 
 
 def batchnorm_for(site: Site) -> nn.Module:
@@ -43,18 +40,16 @@ class BatchNorm(Regularizer):
         chosen = select(all_sites, types=self.types, patterns=self.sites, exclude=self.exclude)
         layers = [s for s in all_sites if s.type_name in LAYERS]
         output = layers[-1].name if layers else None
-        usable = [s for s in chosen if s.name != output and not (s.next_type or "").startswith("BatchNorm")]
+        hidden = [s for s in chosen if s.name != output]
+        usable = [s for s in hidden if not (s.next_type or "").startswith("BatchNorm")]
         if not usable:
             asked = ", ".join([*self.types, *self.sites]) or "nothing"
-            normed = [s for s in chosen if s.name != output]
-            if normed:  # every chosen layer has its BatchNorm already (a ResNet, say): nothing left to search
-                raise ConfigError(f"no batchnorm site matches {asked} in this model: each of its {len(normed)} "
+            if hidden:  # every chosen layer has its BatchNorm already (a ResNet, say): nothing left to search
+                raise ConfigError(f"no batchnorm site matches {asked} in this model: each of its {len(hidden)} "
                                   f"such layers is already followed by a BatchNorm (set "
                                   f"regularizers.{self.name or 'batchnorm'}.enabled=false)")
-            shown = ", ".join(f"{s.name} ({s.type_name})" for s in all_sites[:MODULES_SHOWN])
-            more = f" and {len(all_sites) - MODULES_SHOWN} more" if len(all_sites) > MODULES_SHOWN else ""
             raise ConfigError(f"no batchnorm site matches {asked} in this model (the output layer is never a "
-                              f"site); modules: {shown}{more}")
+                              f"site); modules: {listed(all_sites)}")
         return usable
 
     def search_space(self, trial: Any) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from regsearch._errors import ConfigError
 from regsearch._options import Names
 from regsearch._ranges import parse_range
 from regsearch._regularizer import Regularizer
-from regsearch.surgery import ACTIVATIONS, Site, insert_after, select
+from regsearch.surgery import ACTIVATIONS, Site, insert_after, listed, select
 
 
 class ElementDropout(nn.Dropout):
@@ -57,8 +57,7 @@ class Dropout(Regularizer):
         if not usable:
             asked = ", ".join([*self.types, *self.sites]) or "nothing"
             raise ConfigError(f"no dropout site matches {asked} in this model (sites must not be the output "
-                              f"layer or directly before a BatchNorm); modules: "
-                              f"{', '.join(f'{s.name} ({s.type_name})' for s in self.context.sites)}")
+                              f"layer or directly before a BatchNorm); modules: {listed(self.context.sites)}")
         return usable
 
     def search_space(self, trial: Any) -> dict[str, Any]:
